@@ -1,0 +1,191 @@
+"""Every metric the exporter emits, defined once, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["gauge", "counter", "histogram"]
+# How prometheus_client's multiprocess mode merges one gauge across worker files.
+MultiprocessMode = Literal["livesum", "livemax", "max"]
+
+DEFAULT_NAMESPACE = "sqlalchemy"
+
+# Pool waits are usually sub-millisecond; the tail that matters is the pool timeout (30 s default).
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+# Holding times and transactions: from a fast query to a stuck request.
+USE_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# Opening a connection: TCP + TLS + auth, usually a few ms, slow when the server is struggling.
+CREATE_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+STATEMENT_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+BucketSet = Literal["wait", "use", "create", "statement"]
+DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
+    "wait": WAIT_BUCKETS,
+    "use": USE_BUCKETS,
+    "create": CREATE_BUCKETS,
+    "statement": STATEMENT_BUCKETS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric family: its name without namespace, type, help and labels beyond `pool`."""
+
+    key: str
+    suffix: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: BucketSet | None = None
+    mp_mode: MultiprocessMode = "livesum"
+    pool_label: bool = True
+
+    def name(self, namespace: str) -> str:
+        return f"{namespace}_{self.suffix}" if namespace else self.suffix
+
+    @property
+    def labelnames(self) -> tuple[str, ...]:
+        return (("pool",) if self.pool_label else ()) + self.labels
+
+
+def _g(key: str, suffix: str, help: str, labels: tuple[str, ...] = (), mp: MultiprocessMode = "livesum") -> MetricSpec:
+    return MetricSpec(key, suffix, "gauge", help, labels, mp_mode=mp)
+
+
+def _c(key: str, suffix: str, help: str, labels: tuple[str, ...] = ()) -> MetricSpec:
+    return MetricSpec(key, suffix, "counter", help, labels)
+
+
+def _h(key: str, suffix: str, help: str, buckets: BucketSet, labels: tuple[str, ...] = ()) -> MetricSpec:
+    return MetricSpec(key, suffix, "histogram", help, labels, buckets=buckets)
+
+
+CATALOG: tuple[MetricSpec, ...] = (
+    # State, read from the pool itself at scrape time.
+    _g("connections", "pool_connections", "Connections held by the pool, by state (used = checked out).", ("state",)),
+    _g("max_connections", "pool_max_connections", "Most connections the pool may open (pool_size + max_overflow)."),
+    _g("size", "pool_size", "Configured pool_size: connections kept open when idle."),
+    _g("overflow", "pool_overflow_connections", "Connections open beyond pool_size right now."),
+    _g("timeout", "pool_timeout_seconds", "Configured time a caller waits for a connection before failing.", mp="max"),
+    _g("pending", "pool_pending_requests", "Callers waiting for a connection right now."),
+    _g(
+        "oldest_pending",
+        "pool_oldest_pending_seconds",
+        "Age of the longest-waiting caller (0 when none).",
+        mp="livemax",
+    ),
+    _g(
+        "oldest_checkout",
+        "pool_oldest_checkout_seconds",
+        "Age of the longest-held connection (0 when none).",
+        mp="livemax",
+    ),
+    # Events.
+    _c("checkouts", "pool_checkouts_total", "Connections handed out by the pool."),
+    _c("timeouts", "pool_timeouts_total", "Callers that gave up waiting for a connection (pool limit reached)."),
+    _c("created", "pool_connections_created_total", "DBAPI connections opened."),
+    _c("closed", "pool_connections_closed_total", "DBAPI connections closed (including detached ones)."),
+    _c("connect_errors", "pool_connect_errors_total", "Failures to get a connection, by exception class.", ("error",)),
+    _c("invalidations", "pool_invalidations_total", "Connections invalidated, by kind (hard or soft).", ("kind",)),
+    _c("disconnects", "pool_disconnects_total", "Connections the database dropped (pre-ping included)."),
+    _c("leaked", "pool_connections_leaked_total", "Connections reclaimed by the garbage collector, never returned."),
+    _h("wait", "pool_wait_seconds", "Time from asking for a connection to having one, creation included.", "wait"),
+    _h("use", "pool_use_seconds", "Time a connection was held: checkout to return.", "use"),
+    _h("create", "pool_create_seconds", "Time to open a new DBAPI connection.", "create"),
+    _c("transactions", "transactions_total", "Transactions ended, by outcome (commit or rollback).", ("outcome",)),
+    _h(
+        "transaction_seconds",
+        "transaction_seconds",
+        "Transaction time from BEGIN to COMMIT/ROLLBACK.",
+        "use",
+        ("outcome",),
+    ),
+    _c("savepoints", "savepoints_total", "Savepoints ended, by outcome (release or rollback).", ("outcome",)),
+    _h(
+        "statement_seconds", "statement_seconds", "Statement execution time, by operation.", "statement", ("operation",)
+    ),
+    _c("statement_errors", "statement_errors_total", "Statements that raised, by exception class.", ("error",)),
+    _c("sessions", "session_scopes_total", "session_scope/session_dependency exits, by outcome.", ("outcome",)),
+    _c("errors", "exporter_errors_total", "Failures inside the exporter's own listeners (never raised to the app)."),
+    MetricSpec(
+        "build_info",
+        "exporter_build_info",
+        "gauge",
+        "Exporter version; always 1.",
+        ("version",),
+        mp_mode="max",
+        pool_label=False,
+    ),
+)
+
+BY_KEY: dict[str, MetricSpec] = {spec.key: spec for spec in CATALOG}
+
+OPERATIONS: tuple[str, ...] = ("select", "insert", "update", "delete", "other")
+TRANSACTION_OUTCOMES: tuple[str, ...] = ("commit", "rollback")
+SAVEPOINT_OUTCOMES: tuple[str, ...] = ("release", "rollback")
+SESSION_OUTCOMES: tuple[str, ...] = ("commit", "rollback", "cancelled")
+INVALIDATION_KINDS: tuple[str, ...] = ("hard", "soft")

@@ -1,0 +1,620 @@
+"""instrument()/uninstrument(): wire one engine's pool, dialect and connection events to PoolStats."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import NullPool, Pool, QueuePool
+
+from . import catalog
+from .naming import pool_name, safe_url
+from .stats import Checkout, PoolStats, bump
+
+if TYPE_CHECKING:
+    from .collector import PoolCollector
+
+log = logging.getLogger("exporter")
+perf_counter = time.perf_counter
+
+_HANDLES: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()
+_HANDLES_LOCK = threading.Lock()
+# Attribute names we set on SQLAlchemy Connection objects; prefixed to stay out of their way.
+_TX_START = "_pool_exporter_tx_start"
+_STMT_START = "_pool_exporter_stmt_start"
+_ERROR_LOG_EVERY = 60.0
+_OPERATIONS = {"select": "select", "insert": "insert", "update": "update", "delete": "delete"}
+
+
+class PoolReading(NamedTuple):
+    """The pool's own numbers at one instant; None where the pool class has no such notion."""
+
+    pool_class: str
+    used: int
+    idle: int | None
+    size: int | None
+    max: int | None
+    overflow: int | None
+    timeout: float | None
+    pending: int
+    oldest_pending: float
+    oldest_checkout: float
+
+
+def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
+    """Read live state where it lives: QueuePool counts itself; other pools through our checkouts."""
+    now = perf_counter()
+    pending = len(stats.waiting)
+    oldest_pending = stats.oldest_pending(now)
+    oldest_checkout = stats.oldest_checkout(now)
+    if isinstance(pool, QueuePool):
+        size = pool.size()
+        max_overflow: int = pool._max_overflow
+        return PoolReading(
+            type(pool).__name__,
+            used=pool.checkedout(),
+            idle=pool.checkedin(),
+            size=size,
+            max=size + max_overflow if max_overflow >= 0 else None,
+            overflow=max(0, pool.overflow()),
+            timeout=pool.timeout(),
+            pending=pending,
+            oldest_pending=oldest_pending,
+            oldest_checkout=oldest_checkout,
+        )
+    return PoolReading(
+        type(pool).__name__,
+        used=len(stats.checkouts),
+        idle=0 if isinstance(pool, NullPool) else None,
+        size=None,
+        max=None,
+        overflow=None,
+        timeout=None,
+        pending=pending,
+        oldest_pending=oldest_pending,
+        oldest_checkout=oldest_checkout,
+    )
+
+
+def _stack() -> traceback.StackSummary:
+    # Source lines are looked up only if a warning is ever printed.
+    return traceback.StackSummary.extract(traceback.walk_stack(None), lookup_lines=False)
+
+
+class PoolHandle:
+    """What instrument() attached to one engine; uninstrument() takes all of it off again."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        name: str,
+        registry: CollectorRegistry,
+        namespace: str,
+        buckets: dict[str, Sequence[float]],
+        leak_threshold: float | None,
+        statements: bool,
+        transactions: bool,
+    ) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.registry = registry
+        self.url = safe_url(engine.url)
+        self.leak_threshold = leak_threshold
+        self.stats = PoolStats(buckets)
+        self._engine = weakref.ref(engine)
+        self._listeners: list[tuple[str, Callable[..., Any]]] = []
+        self._connecting: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._error_logged: dict[str, float] = {}
+        self._wrapped: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self._leak_warned: dict[Any, float] = {}
+        self._collector: PoolCollector | None = None
+        self._watchdog: _LeakWatchdog | None = None
+        self.active = True
+        self._wire(engine, statements=statements, transactions=transactions)
+
+    # -- wiring ---------------------------------------------------------------------------------
+
+    def _wire(self, engine: Engine, *, statements: bool, transactions: bool) -> None:
+        listen = self._listen
+        # Pool events registered on the Engine follow it to the pool that dispose() creates.
+        listen(engine, "checkin", self._make_on_checkin())
+        listen(engine, "detach", self._on_detach)
+        listen(engine, "connect", self._on_connect)
+        listen(engine, "close", self._on_close)
+        listen(engine, "close_detached", self._on_close_detached)
+        listen(engine, "invalidate", self._on_invalidate)
+        listen(engine, "soft_invalidate", self._on_soft_invalidate)
+        listen(engine, "do_connect", self._on_do_connect)
+        listen(engine, "handle_error", self._on_handle_error)
+        listen(engine, "engine_disposed", self._on_engine_disposed)
+        if transactions:
+            listen(engine, "begin", self._on_begin)
+            listen(engine, "commit", self._on_commit)
+            listen(engine, "rollback", self._on_rollback)
+            listen(engine, "release_savepoint", self._on_release_savepoint)
+            listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
+        if statements:
+            listen(engine, "before_cursor_execute", self._on_before_cursor_execute)
+            listen(engine, "after_cursor_execute", self._on_after_cursor_execute)
+        # No event fires when a caller starts waiting, so the pool's one entry point is wrapped.
+        self._wrap_pool(engine.pool)
+
+    def _listen(self, target: Engine, name: str, fn: Callable[..., Any]) -> None:
+        event.listen(target, name, fn)
+        self._listeners.append((name, fn))
+
+    def _wrap_pool(self, pool: Pool) -> None:
+        if pool in self._wrapped:
+            return
+        original = pool.connect
+        pool.connect = self._make_connect(original)  # type: ignore[method-assign]
+        self._wrapped.add(pool)
+
+    def _make_connect(self, original: Callable[[], Any]) -> Callable[[], Any]:
+        stats = self.stats
+        waiting = stats.waiting
+        checkouts = stats.checkouts
+        wait = stats.wait
+        tokens = itertools.count()
+        capture = self.leak_threshold is not None
+        ref = weakref.ref
+        on_timeout = self._on_timeout
+        on_connect_error = self._on_connect_error
+        fail = self._fail
+
+        def connect() -> Any:
+            t0 = perf_counter()
+            token = next(tokens)
+            waiting[token] = t0
+            try:
+                fairy = original()
+            except sa_exc.TimeoutError:
+                waiting.pop(token, None)
+                on_timeout()
+                raise
+            except Exception as exc:
+                waiting.pop(token, None)
+                on_connect_error(exc)
+                raise
+            except BaseException:  # cancelled while waiting: not an error of the pool
+                waiting.pop(token, None)
+                raise
+            try:
+                del waiting[token]
+                t1 = perf_counter()
+                wait.observe(t1 - t0)
+                stack = _stack() if capture else None
+                checkouts[fairy._connection_record] = Checkout(t1, ref(fairy), stack)
+            except Exception as exc:
+                fail("checkout", exc)
+            return fairy
+
+        connect.__wrapped__ = original  # type: ignore[attr-defined]
+        return connect
+
+    def _make_on_checkin(self) -> Callable[[Any, Any], None]:
+        stats = self.stats
+        checkouts = stats.checkouts
+        use = stats.use
+        leak_warned = self._leak_warned
+        fail = self._fail
+        on_reclaimed = self._on_reclaimed
+
+        def on_checkin(dbapi_connection: Any, record: Any) -> None:
+            try:
+                entry = checkouts.pop(record, None)
+                if entry is None:
+                    return
+                use.observe(perf_counter() - entry.started)
+                if entry.fairy() is None:
+                    on_reclaimed(entry)
+                if leak_warned:
+                    self._leak_returned(record, entry)
+            except Exception as exc:
+                fail("checkin", exc)
+
+        return on_checkin
+
+    # -- pool events ----------------------------------------------------------------------------
+
+    def _on_detach(self, dbapi_connection: Any, record: Any) -> None:
+        try:
+            entry = self.stats.checkouts.pop(record, None)
+            if entry is None:
+                return
+            self.stats.use.observe(perf_counter() - entry.started)
+            if entry.fairy() is None:
+                self._on_reclaimed(entry)
+            if self._leak_warned:
+                self._leak_returned(record, entry)
+        except Exception as exc:
+            self._fail("detach", exc)
+
+    def _on_reclaimed(self, entry: Checkout) -> None:
+        self.stats.leaked += 1
+        where = "".join(entry.stack.format()) if entry.stack else ""
+        log.warning(
+            "pool %s: a connection was never returned and the garbage collector reclaimed it%s",
+            self.name,
+            f"; it was checked out at:\n{where}" if where else "",
+            extra={"pool": self.name},
+        )
+
+    def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        try:
+            self._connecting[record] = perf_counter()
+        except Exception as exc:
+            self._fail("do_connect", exc)
+
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        try:
+            self.stats.created += 1
+            started = self._connecting.pop(record, None)
+            if started is not None:
+                self.stats.create.observe(perf_counter() - started)
+        except Exception as exc:
+            self._fail("connect", exc)
+
+    def _on_close(self, dbapi_connection: Any, record: Any) -> None:
+        self.stats.closed += 1
+
+    def _on_close_detached(self, dbapi_connection: Any) -> None:
+        self.stats.closed += 1
+
+    def _on_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+        self.stats.invalidations["hard"] += 1
+
+    def _on_soft_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+        self.stats.invalidations["soft"] += 1
+
+    def _on_engine_disposed(self, engine: Engine) -> None:
+        try:
+            self._wrap_pool(engine.pool)
+        except Exception as exc:
+            self._fail("engine_disposed", exc)
+
+    def _on_timeout(self) -> None:
+        try:
+            self.stats.timeouts += 1
+            r = self.read()
+            if r is None:
+                return
+            log.warning(
+                "pool %s: timed out waiting for a connection: size=%s used=%s idle=%s overflow=%s "
+                "pending=%s timeout=%ss",
+                self.name,
+                r.size,
+                r.used,
+                r.idle,
+                r.overflow,
+                r.pending,
+                r.timeout,
+                extra={
+                    "pool": self.name,
+                    "size": r.size,
+                    "used": r.used,
+                    "idle": r.idle,
+                    "overflow": r.overflow,
+                    "pending": r.pending,
+                    "timeout": r.timeout,
+                },
+            )
+        except Exception as exc:
+            self._fail("timeout", exc)
+
+    def _on_connect_error(self, error: BaseException) -> None:
+        try:
+            bump(self.stats.connect_errors, type(error).__name__)
+        except Exception as exc:
+            self._fail("connect_error", exc)
+
+    # -- engine events --------------------------------------------------------------------------
+
+    def _on_handle_error(self, ctx: Any) -> None:
+        try:
+            if ctx.is_disconnect and (ctx.connection is not None or ctx.is_pre_ping):
+                self.stats.disconnects += 1
+            # Failures to connect are counted where they surface, in the pool's connect().
+            if ctx.connection is not None and not ctx.is_pre_ping:
+                bump(self.stats.statement_errors, type(ctx.original_exception).__name__)
+        except Exception as exc:
+            self._fail("handle_error", exc)
+
+    def _on_begin(self, conn: Any) -> None:
+        setattr(conn, _TX_START, perf_counter())
+
+    def _end_transaction(self, conn: Any, outcome: str) -> None:
+        try:
+            started = getattr(conn, _TX_START, None)
+            if started is None:
+                return
+            setattr(conn, _TX_START, None)
+            self.stats.transaction_histogram(outcome).observe(perf_counter() - started)
+        except Exception as exc:
+            self._fail(outcome, exc)
+
+    def _on_commit(self, conn: Any) -> None:
+        self._end_transaction(conn, "commit")
+
+    def _on_rollback(self, conn: Any) -> None:
+        self._end_transaction(conn, "rollback")
+
+    def _on_release_savepoint(self, conn: Any, name: str, context: Any) -> None:
+        self.stats.savepoints["release"] += 1
+
+    def _on_rollback_savepoint(self, conn: Any, name: str, context: Any) -> None:
+        self.stats.savepoints["rollback"] += 1
+
+    def _on_before_cursor_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        setattr(conn, _STMT_START, perf_counter())
+
+    def _on_after_cursor_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        try:
+            started = getattr(conn, _STMT_START, None)
+            if started is None:
+                return
+            # The four verbs are all six letters long: one slice, one dict lookup.
+            op = _OPERATIONS.get(statement[:64].lstrip()[:6].lower(), "other")
+            self.stats.statement_histogram(op).observe(perf_counter() - started)
+        except Exception as exc:
+            self._fail("statement", exc)
+
+    # -- our own failures -----------------------------------------------------------------------
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        """Count and log a bug of ours; never let it reach the application."""
+        self.stats.errors += 1
+        now = time.monotonic()
+        if now - self._error_logged.get(where, -_ERROR_LOG_EVERY) >= _ERROR_LOG_EVERY:
+            self._error_logged[where] = now
+            log.error(
+                "pool %s: exporter listener %r failed (counted; the app is unaffected)",
+                self.name,
+                where,
+                exc_info=exc,
+                extra={"pool": self.name},
+            )
+
+    # -- leak detection -------------------------------------------------------------------------
+
+    def check_leaks(self) -> int:
+        """Warn once for each connection held longer than the leak threshold; return how many."""
+        threshold = self.leak_threshold
+        if threshold is None:
+            return 0
+        now = perf_counter()
+        found = 0
+        for record, entry in tuple(self.stats.checkouts.items()):
+            held = now - entry.started
+            if held < threshold or self._leak_warned.get(record) == entry.started:
+                continue
+            self._leak_warned[record] = entry.started
+            found += 1
+            where = "".join(entry.stack.format()) if entry.stack else "(stack not captured)\n"
+            log.warning(
+                "pool %s: connection held for %.1fs, longer than the leak threshold of %gs; checked out at:\n%s",
+                self.name,
+                held,
+                threshold,
+                where,
+                extra={"pool": self.name, "held_seconds": round(held, 3)},
+            )
+        return found
+
+    def _leak_returned(self, record: Any, entry: Checkout) -> None:
+        if self._leak_warned.get(record) == entry.started:
+            del self._leak_warned[record]
+            log.info(
+                "pool %s: connection reported as a possible leak came back after %.1fs",
+                self.name,
+                perf_counter() - entry.started,
+                extra={"pool": self.name},
+            )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine()
+
+    def read(self) -> PoolReading | None:
+        """The pool's live numbers now, or None once the engine is gone."""
+        engine = self._engine()
+        if engine is None:
+            return None
+        return read_pool(engine.pool, self.stats)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready view of configuration, live numbers and totals (the successor of status())."""
+        r = self.read()
+        s = self.stats
+        live: dict[str, Any] = r._asdict() if r is not None else {}
+        return {
+            "name": self.name,
+            "url": self.url,
+            "alive": r is not None,
+            **live,
+            "checkouts": s.wait.count,
+            "timeouts": s.timeouts,
+            "connections_created": s.created,
+            "connections_closed": s.closed,
+            "connect_errors": dict(s.connect_errors),
+            "invalidations": dict(s.invalidations),
+            "disconnects": s.disconnects,
+            "leaked": s.leaked,
+            "transactions": {k: h.count for k, h in s.transaction.items()},
+            "exporter_errors": s.errors,
+        }
+
+    def status_fields(self) -> dict[str, Any]:
+        """pool/size/used/idle/overflow/pending, for structured log lines."""
+        r = self.read()
+        if r is None:
+            return {"pool": self.name}
+        return {
+            "pool": self.name,
+            "size": r.size,
+            "used": r.used,
+            "idle": r.idle,
+            "overflow": r.overflow,
+            "pending": r.pending,
+        }
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def uninstrument(self) -> None:
+        """Remove every listener, wrapper and collector entry this handle added; idempotent."""
+        if not self.active:
+            return
+        self.active = False
+        engine = self._engine()
+        if engine is not None:
+            for name, fn in self._listeners:
+                with contextlib.suppress(sa_exc.InvalidRequestError):
+                    event.remove(engine, name, fn)
+        self._listeners.clear()
+        for pool in list(self._wrapped):
+            if "connect" in vars(pool):
+                del pool.connect
+        self._wrapped = weakref.WeakSet()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        if self._collector is not None:
+            self._collector.remove(self)
+            self._collector = None
+        from .multiprocess import detach_handle
+
+        detach_handle(self)
+        with _HANDLES_LOCK:
+            if engine is not None and _HANDLES.get(engine) is self:
+                del _HANDLES[engine]
+
+
+class _LeakWatchdog:
+    """A daemon thread that checks one handle for over-held connections."""
+
+    def __init__(self, handle: PoolHandle, interval: float) -> None:
+        self._handle = weakref.ref(handle)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), name="pool-exporter-leaks", daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            handle = self._handle()
+            if handle is None or not handle.active:
+                return
+            try:
+                handle.check_leaks()
+            except Exception as exc:
+                handle._fail("leak_watchdog", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _sync_engine(engine: Engine | AsyncEngine) -> Engine:
+    if isinstance(engine, AsyncEngine):
+        return engine.sync_engine
+    if isinstance(engine, Engine):
+        return engine
+    raise TypeError(f"instrument() takes a SQLAlchemy Engine or AsyncEngine, not {type(engine).__name__}")
+
+
+def _check_buckets(name: str, values: Sequence[float]) -> tuple[float, ...]:
+    bounds = tuple(float(v) for v in values)
+    if not bounds or any(b <= a for a, b in itertools.pairwise(bounds)) or bounds[0] <= 0:
+        raise ValueError(f"buckets[{name!r}] must be positive and strictly increasing, got {list(values)!r}")
+    return bounds
+
+
+def instrument(
+    engine: Engine | AsyncEngine,
+    *,
+    name: str | None = None,
+    registry: CollectorRegistry | None = None,
+    namespace: str = catalog.DEFAULT_NAMESPACE,
+    buckets: dict[str, Sequence[float]] | None = None,
+    leak_threshold: float | None = None,
+    statements: bool = True,
+    transactions: bool = True,
+    multiprocess: bool | None = None,
+) -> PoolHandle:
+    """Export one engine's pool, connections and transactions; a second call returns the same handle.
+
+    `name` becomes the `pool` label (default `host:port/database`). `buckets` overrides histogram
+    bounds by set (`wait`, `use`, `create`, `statement`). `leak_threshold` (seconds) warns, with the
+    checkout's stack, about connections held longer. `multiprocess` defaults to whether
+    PROMETHEUS_MULTIPROC_DIR is set; then numbers also go to the shared directory for a sidecar.
+    """
+    from .collector import collector_for
+    from .multiprocess import attach_handle, multiprocess_enabled
+
+    sync = _sync_engine(engine)
+    with _HANDLES_LOCK:
+        existing = _HANDLES.get(sync)
+        if existing is not None and existing.active:
+            return existing
+        if leak_threshold is not None and not leak_threshold > 0:
+            raise ValueError(f"leak_threshold must be a positive number of seconds, got {leak_threshold!r}")
+        if not isinstance(namespace, str) or not all(c.isalnum() or c == "_" for c in namespace):
+            raise ValueError(f"namespace must be letters, digits and underscores, got {namespace!r}")
+        bounds: dict[str, Sequence[float]] = {**catalog.DEFAULT_BUCKETS}
+        for key, values in (buckets or {}).items():
+            if key not in catalog.DEFAULT_BUCKETS:
+                raise ValueError(f"unknown bucket set {key!r}; expected one of {sorted(catalog.DEFAULT_BUCKETS)}")
+            bounds[key] = _check_buckets(key, values)
+        registry = REGISTRY if registry is None else registry
+        collector = collector_for(registry, namespace)
+        handle_name = collector.unique_name(name, pool_name(sync.url))
+        handle = PoolHandle(
+            sync,
+            name=handle_name,
+            registry=registry,
+            namespace=namespace,
+            buckets=bounds,
+            leak_threshold=leak_threshold,
+            statements=statements,
+            transactions=transactions,
+        )
+        collector.add(handle)
+        handle._collector = collector
+        _HANDLES[sync] = handle
+    if leak_threshold is not None:
+        handle._watchdog = _LeakWatchdog(handle, min(max(leak_threshold / 4, 0.05), 1.0))
+    if multiprocess if multiprocess is not None else multiprocess_enabled():
+        attach_handle(handle)
+    return handle
+
+
+def uninstrument(engine: Engine | AsyncEngine) -> None:
+    """Undo instrument() on this engine; a no-op if it was not instrumented."""
+    handle = _HANDLES.get(_sync_engine(engine))
+    if handle is not None:
+        handle.uninstrument()
+
+
+def handle_for(engine: Engine | AsyncEngine) -> PoolHandle | None:
+    """The active handle of an engine, if it is instrumented."""
+    handle = _HANDLES.get(_sync_engine(engine))
+    return handle if handle is not None and handle.active else None
+
+
+def handles() -> list[PoolHandle]:
+    """Every active handle in this process whose engine is still alive."""
+    with _HANDLES_LOCK:
+        return [h for h in _HANDLES.values() if h.active]

@@ -1,0 +1,67 @@
+"""One walk over a pool's reading and stats, shared by the scrape collector and the multiprocess writer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from . import catalog
+
+if TYPE_CHECKING:
+    from .instrument import PoolReading
+    from .stats import Histogram, PoolStats
+
+Labels = tuple[str, ...]
+
+# Catalog key of each single-valued gauge, by PoolReading field.
+_GAUGES: tuple[tuple[str, str], ...] = (
+    ("max", "max_connections"),
+    ("size", "size"),
+    ("overflow", "overflow"),
+    ("timeout", "timeout"),
+    ("pending", "pending"),
+    ("oldest_pending", "oldest_pending"),
+    ("oldest_checkout", "oldest_checkout"),
+)
+
+
+def gauges(r: PoolReading) -> Iterator[tuple[str, Labels, float]]:
+    """(catalog key, labels after `pool`, value) for every gauge the pool class can answer."""
+    yield "connections", ("used",), r.used
+    if r.idle is not None:
+        yield "connections", ("idle",), r.idle
+    for field, key in _GAUGES:
+        value = getattr(r, field)
+        if value is not None:
+            yield key, (), value
+
+
+def counters(s: PoolStats) -> Iterator[tuple[str, Labels, int]]:
+    yield "checkouts", (), s.wait.count
+    yield "timeouts", (), s.timeouts
+    yield "created", (), s.created
+    yield "closed", (), s.closed
+    yield "disconnects", (), s.disconnects
+    yield "leaked", (), s.leaked
+    yield "errors", (), s.errors
+    for key, by_label in (
+        ("invalidations", s.invalidations),
+        ("connect_errors", s.connect_errors),
+        ("statement_errors", s.statement_errors),
+        ("savepoints", s.savepoints),
+        ("sessions", s.sessions),
+    ):
+        for label, n in tuple(by_label.items()):
+            yield key, (label,), n
+    for outcome in catalog.TRANSACTION_OUTCOMES:
+        yield "transactions", (outcome,), s.transaction_histogram(outcome).count
+
+
+def histograms(s: PoolStats) -> Iterator[tuple[str, Labels, Histogram]]:
+    yield "wait", (), s.wait
+    yield "use", (), s.use
+    yield "create", (), s.create
+    for outcome in catalog.TRANSACTION_OUTCOMES:
+        yield "transaction_seconds", (outcome,), s.transaction_histogram(outcome)
+    for operation, hist in tuple(s.statement.items()):
+        yield "statement_seconds", (operation,), hist
