@@ -334,7 +334,10 @@ class PoolHandle:
             self._fail("handle_error", exc)
 
     def _on_begin(self, conn: Any) -> None:
-        setattr(conn, _TX_START, perf_counter())
+        try:
+            setattr(conn, _TX_START, perf_counter())
+        except Exception as exc:
+            self._fail("begin", exc)
 
     def _end_transaction(self, conn: Any, outcome: str) -> None:
         try:
@@ -359,7 +362,10 @@ class PoolHandle:
         self.stats.savepoints["rollback"] += 1
 
     def _on_before_cursor_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        setattr(conn, _STMT_START, perf_counter())
+        try:
+            setattr(conn, _STMT_START, perf_counter())
+        except Exception as exc:
+            self._fail("statement", exc)
 
     def _on_after_cursor_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         try:
@@ -617,4 +623,4 @@ def handle_for(engine: Engine | AsyncEngine) -> PoolHandle | None:
 def handles() -> list[PoolHandle]:
     """Every active handle in this process whose engine is still alive."""
     with _HANDLES_LOCK:
-        return [h for h in _HANDLES.values() if h.active]
+        return [h for h in _HANDLES.values() if h.active and h.engine is not None]
