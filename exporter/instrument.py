@@ -62,13 +62,15 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
     if isinstance(pool, QueuePool):
         size = pool.size()
         max_overflow: int = pool._max_overflow
+        used = pool.checkedout()
+        idle = _idle_open(pool)
         return PoolReading(
             type(pool).__name__,
-            used=pool.checkedout(),
-            idle=pool.checkedin(),
+            used=used,
+            idle=idle,
             size=size,
             max=size + max_overflow if max_overflow >= 0 else None,
-            overflow=max(0, pool.overflow()),
+            overflow=max(0, used + idle - size),
             timeout=pool.timeout(),
             pending=pending,
             oldest_pending=oldest_pending,
@@ -86,6 +88,26 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
         oldest_pending=oldest_pending,
         oldest_checkout=oldest_checkout,
     )
+
+
+def _idle_open(pool: QueuePool) -> int:
+    """Idle slots that hold an open DBAPI connection.
+
+    `checkedin()` counts slots, and a slot comes back empty after a hard invalidation, a detach
+    or a garbage-collected async connection (it reconnects at its next checkout): counting it
+    would report connections the database no longer has.
+    """
+    queue: Any = pool._pool
+    items = getattr(queue, "queue", None)  # sqlalchemy.util.queue.Queue: a deque
+    if items is None:
+        # AsyncAdaptedQueue creates its asyncio.Queue lazily; not created yet means empty.
+        if "_queue" not in vars(queue):
+            return 0
+        items = getattr(queue._queue, "_queue", None)
+    if items is None:
+        return pool.checkedin()
+    # tuple() copies the deque in one C call, so a concurrent get/put cannot break the walk.
+    return sum(1 for record in tuple(items) if record.dbapi_connection is not None)
 
 
 def _stack() -> traceback.StackSummary:
