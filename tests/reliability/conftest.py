@@ -1,0 +1,417 @@
+"""Real parts for the fault suite: a throwaway PostgreSQL cluster, fresh registries, a secret scan.
+
+The cluster is this suite's own (its own data directory and port), so restarting or killing it
+harms nothing else. PostgreSQL refuses to run as root: as root every server command runs as the
+`postgres` user through `runuser`, in a directory that user owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import io
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+import exporter
+
+# Set in every scenario's URL; nothing we emit may ever contain it.
+SECRET = "Hunter2-XyZZy-91c5"
+USER = "app"
+DB = "app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pg_bin(tool: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
+    if found:
+        return found[-1]
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"PostgreSQL server binary {tool!r} not installed")
+    return path
+
+
+@dataclass
+class Cluster:
+    """One throwaway PostgreSQL server on 127.0.0.1, started and stopped by the suite."""
+
+    root: Path
+    port: int
+    as_postgres: bool
+    starts: int = 0
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = list(args)
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+
+    def init(self) -> None:
+        self._run(_pg_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+
+    def start(self) -> None:
+        opts = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+        )
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-o", opts, "start")
+        self.starts += 1
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def url(self, *, app: str | None = None, driver: str = "postgresql+asyncpg") -> str:
+        return f"{driver}://{USER}:{SECRET}@127.0.0.1:{self.port}/{DB}"
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def pool_name(self) -> str:
+        return f"127.0.0.1:{self.port}/{DB}"
+
+    async def admin(self, sql: str, *args: Any) -> Any:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    async def backends(self, app: str) -> list[int]:
+        rows = await self.admin(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()", app
+        )
+        return [r["pid"] for r in rows]
+
+    async def terminate(self, pids: list[int]) -> None:
+        """pg_terminate_backend each pid and wait until the server has really dropped them."""
+        for pid in pids:
+            rows = await self.admin("SELECT pg_terminate_backend($1) AS ok", pid)
+            assert rows[0]["ok"] is True
+        for _ in range(500):
+            rows = await self.admin("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids)
+            if rows[0]["n"] == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"backends {pids} still alive")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """A fresh PostgreSQL cluster for the whole run, on its own port, torn down at the end."""
+    as_postgres = os.geteuid() == 0
+    root = Path(tempfile.mkdtemp(prefix="pool-exporter-pg-"))
+    if as_postgres:
+        shutil.chown(root, user="postgres")
+    c = Cluster(root, free_port(), as_postgres)
+    try:
+        c.init()
+        c.start()
+        asyncio.run(_bootstrap(c))
+        yield c
+    finally:
+        if c.running():
+            with contextlib.suppress(Exception):
+                c.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _bootstrap(c: Cluster) -> None:
+    conn = await asyncpg.connect(c.admin_dsn)
+    try:
+        await conn.execute(f"CREATE ROLE {USER} LOGIN PASSWORD '{SECRET}'")
+        await conn.execute(f"CREATE DATABASE {DB} OWNER {USER}")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def live_cluster(cluster: Cluster) -> Cluster:
+    """The cluster, started again if an earlier test left it stopped."""
+    if not cluster.running():
+        cluster.start()
+    return cluster
+
+
+# -- engines ---------------------------------------------------------------------------------------
+
+_apps = itertools.count(1)
+
+
+@pytest.fixture
+async def make_engine(live_cluster: Cluster) -> AsyncIterator[Callable[..., tuple[AsyncEngine, str]]]:
+    """asyncpg engines on the cluster whose connections carry a unique application_name."""
+    made: list[AsyncEngine] = []
+
+    def make(url: str | None = None, **kwargs: Any) -> tuple[AsyncEngine, str]:
+        app = f"rel_{os.getpid()}_{next(_apps)}"
+        connect_args = kwargs.pop("connect_args", {})
+        connect_args.setdefault("server_settings", {})["application_name"] = app
+        engine = create_async_engine(url or live_cluster.url(), connect_args=connect_args, **kwargs)
+        made.append(engine)
+        return engine, app
+
+    yield make
+    for engine in made:
+        exporter.uninstrument(engine)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(engine.dispose(), 10)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+def sample() -> Callable[..., float | None]:
+    """`sample(registry, name, **labels)`: one sample's value, None when absent."""
+    return value
+
+
+# -- what really happened --------------------------------------------------------------------------
+
+
+@dataclass
+class Witness:
+    """A second, trivially simple listener set: SQLAlchemy's own events, counted with no logic."""
+
+    events: Counter[str] = field(default_factory=Counter)
+
+    def attach(self, engine: AsyncEngine) -> Witness:
+        sync = engine.sync_engine
+        for name in ("checkout", "checkin", "connect", "close", "close_detached", "detach", "invalidate"):
+            event.listen(sync, name, self._counter(name))
+        event.listen(sync, "soft_invalidate", self._counter("soft_invalidate"))
+        event.listen(sync, "handle_error", self._on_error)
+        return self
+
+    def _counter(self, name: str) -> Callable[..., None]:
+        def count(*args: Any) -> None:
+            self.events[name] += 1
+
+        return count
+
+    def _on_error(self, ctx: Any) -> None:
+        if ctx.is_disconnect:
+            self.events["disconnect_pre_ping" if ctx.is_pre_ping else "disconnect"] += 1
+
+
+@pytest.fixture
+def witness() -> Callable[[AsyncEngine], Witness]:
+    return lambda engine: Witness().attach(engine)
+
+
+def error_class(exc: BaseException) -> str:
+    """The class name the pool raised: SQLAlchemy wraps DBAPI errors after the pool, so unwrap."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        return type(exc.orig).__name__
+    return type(exc).__name__
+
+
+@pytest.fixture
+def unwrap() -> Callable[[BaseException], str]:
+    return error_class
+
+
+async def assert_at_rest(handle: exporter.PoolHandle, registry: CollectorRegistry, cluster: Cluster, app: str) -> None:
+    """Nothing held, gauges at zero, and the open-connection count equal to the server's own count."""
+    assert handle.stats.waiting == {}
+    assert handle.stats.checkouts == {}
+    name = handle.name
+    assert value(registry, "sqlalchemy_pool_connections", pool=name, state="used") == 0
+    assert value(registry, "sqlalchemy_pool_pending_requests", pool=name) == 0
+    assert value(registry, "sqlalchemy_pool_oldest_pending_seconds", pool=name) == 0
+    assert value(registry, "sqlalchemy_pool_oldest_checkout_seconds", pool=name) == 0
+    assert (value(registry, "sqlalchemy_pool_overflow_connections", pool=name) or 0) >= 0
+    idle = value(registry, "sqlalchemy_pool_connections", pool=name, state="idle")
+    created = value(registry, "sqlalchemy_pool_connections_created_total", pool=name)
+    closed = value(registry, "sqlalchemy_pool_connections_closed_total", pool=name)
+    assert created is not None and closed is not None and idle is not None
+    assert created - closed == idle, (created, closed, idle)
+    # The server's count is the final word on what is open.
+    for _ in range(200):
+        if len(await cluster.backends(app)) == idle:
+            break
+        await asyncio.sleep(0.01)
+    assert len(await cluster.backends(app)) == idle
+
+
+@pytest.fixture
+def at_rest() -> Callable[..., Any]:
+    return assert_at_rest
+
+
+# -- secrets: every byte we emit is scanned -------------------------------------------------------
+
+
+class _AllFields(logging.Formatter):
+    """Render a record with every structured field and the traceback, so a secret cannot hide."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extras = {k: v for k, v in record.__dict__.items() if k not in _PLAIN}
+        return f"{text} {json.dumps(extras, default=repr)}"
+
+
+_PLAIN = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+
+@dataclass
+class Emitted:
+    """Everything the exporter produced during one test: log lines, pages, scrapes."""
+
+    chunks: list[bytes] = field(default_factory=list)
+
+    def add(self, data: bytes | str) -> None:
+        self.chunks.append(data.encode() if isinstance(data, str) else data)
+
+
+@pytest.fixture(autouse=True)
+def emitted(request: pytest.FixtureRequest) -> Iterator[Emitted]:
+    """Capture the exporter's logs at DEBUG; after the test, no emitted byte may hold the password."""
+    out = Emitted()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(_AllFields("%(levelname)s %(name)s %(message)s"))
+    logger = logging.getLogger("exporter")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield out
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    out.add(stream.getvalue())
+    for handle in exporter.handles():
+        out.add(json.dumps(handle.snapshot(), default=repr))
+        out.add(generate_latest(handle.registry))
+    hits = [c for c in out.chunks if SECRET.encode() in c or SECRET.encode().hex().encode() in c]
+    assert not hits, f"the database password leaked into emitted output: {hits[0][:2000]!r}"
+
+
+@pytest.fixture
+def secret() -> str:
+    return SECRET
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, step: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(step)
+
+
+# -- scraping while faults happen -----------------------------------------------------------------
+
+
+@dataclass
+class Scrapes:
+    ok: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def scrape_loop(emitted: Emitted) -> Callable[..., Any]:
+    """`async with scrape_loop(registry) as s:` scrapes the registry every 20 ms until the block ends."""
+
+    @contextlib.asynccontextmanager
+    async def loop(registry: CollectorRegistry, every: float = 0.02) -> AsyncIterator[Scrapes]:
+        result = Scrapes()
+        stop = asyncio.Event()
+
+        async def run() -> None:
+            while not stop.is_set():
+                try:
+                    body = generate_latest(registry)
+                    assert b"sqlalchemy_pool_connections" in body
+                    result.ok += 1
+                    emitted.add(body)
+                except Exception as exc:
+                    result.failed += 1
+                    result.errors.append(repr(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every)
+
+        task = asyncio.create_task(run())
+        try:
+            yield result
+        finally:
+            stop.set()
+            await task
+
+    return loop
+
+
+_OURS = str(Path(exporter.__file__).parent)
+
+
+def is_raised_by_us(exc: BaseException) -> bool:
+    """Whether an exception (or one it chains) was raised inside the exporter's own code.
+
+    Our pool wrapper re-raises what the pool raised, so the frame that matters is the innermost.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        last = None
+        while tb is not None:
+            last = tb
+            tb = tb.tb_next
+        if last is not None and last.tb_frame.f_code.co_filename.startswith(_OURS):
+            return True
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+@pytest.fixture
+def raised_by_us() -> Callable[[BaseException], bool]:
+    return is_raised_by_us
