@@ -1,0 +1,1 @@
+"""Grafana dashboard generator, Prometheus alert rules and the PNG rendering for the pool metrics."""
