@@ -9,7 +9,8 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -25,6 +26,11 @@ from .stats import Checkout, PoolStats, bump
 
 if TYPE_CHECKING:
     from .collector import PoolCollector
+
+try:  # installed with sqlalchemy[asyncio]; sync-only installs may lack it
+    from greenlet import getcurrent as _getcurrent  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover
+    _getcurrent = None
 
 log = logging.getLogger("exporter")
 perf_counter = time.perf_counter
@@ -112,7 +118,23 @@ def _idle_open(pool: QueuePool) -> int:
 
 def _stack() -> traceback.StackSummary:
     # Source lines are looked up only if a warning is ever printed.
-    return traceback.StackSummary.extract(traceback.walk_stack(None), lookup_lines=False)
+    return traceback.StackSummary.extract(_frames(), lookup_lines=False)
+
+
+def _frames() -> Iterator[tuple[FrameType, int]]:
+    """This thread's frames, innermost first, continued across greenlet switches.
+
+    An AsyncEngine runs the pool inside a greenlet that SQLAlchemy spawned; the application code
+    that asked for the connection is on the stack of the greenlet that spawned it.
+    """
+    yield from traceback.walk_stack(None)
+    if _getcurrent is None:
+        return
+    parent = _getcurrent().parent
+    while parent is not None:
+        if parent.gr_frame is not None:
+            yield from traceback.walk_stack(parent.gr_frame)
+        parent = parent.parent
 
 
 class PoolHandle:
