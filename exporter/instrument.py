@@ -116,6 +116,20 @@ def _idle_open(pool: QueuePool) -> int:
     return sum(1 for record in tuple(items) if record.dbapi_connection is not None)
 
 
+def error_class(exc: BaseException) -> str:
+    """The `error` label: the exception's class, or the driver's when an adapter raised a bare `Error`.
+
+    SQLAlchemy's async adapters (asyncpg) turn every server error they have no mapping for, such as
+    InvalidCatalogNameError, CannotConnectNowError or TooManyConnectionsError, into one generic
+    `Error` chained to the driver's exception; that name alone would tell an operator nothing.
+    """
+    name = type(exc).__name__
+    cause = exc.__cause__
+    if name == "Error" and cause is not None:
+        return type(cause).__name__
+    return name
+
+
 def _stack() -> traceback.StackSummary:
     # Source lines are looked up only if a warning is ever printed.
     return traceback.StackSummary.extract(_frames(), lookup_lines=False)
@@ -361,7 +375,7 @@ class PoolHandle:
 
     def _on_connect_error(self, error: BaseException) -> None:
         try:
-            bump(self.stats.connect_errors, type(error).__name__)
+            bump(self.stats.connect_errors, error_class(error))
         except Exception as exc:
             self._fail("connect_error", exc)
 
@@ -373,7 +387,7 @@ class PoolHandle:
                 self.stats.disconnects += 1
             # Failures to connect are counted where they surface, in the pool's connect().
             if ctx.connection is not None and not ctx.is_pre_ping:
-                bump(self.stats.statement_errors, type(ctx.original_exception).__name__)
+                bump(self.stats.statement_errors, error_class(ctx.original_exception))
         except Exception as exc:
             self._fail("handle_error", exc)
 

@@ -242,9 +242,15 @@ def witness() -> Callable[[AsyncEngine], Witness]:
 
 
 def error_class(exc: BaseException) -> str:
-    """The class name the pool raised: SQLAlchemy wraps DBAPI errors after the pool, so unwrap."""
+    """The error label an operator should see for what the app caught.
+
+    SQLAlchemy wraps DBAPI errors after the pool (unwrap `.orig`); the asyncpg adapter raises a bare
+    `Error` for server errors it has no class for, chained to the driver's own (use that one).
+    """
     if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
-        return type(exc.orig).__name__
+        exc = exc.orig
+    if type(exc).__name__ == "Error" and exc.__cause__ is not None:
+        exc = exc.__cause__
     return type(exc).__name__
 
 

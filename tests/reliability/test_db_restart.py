@@ -30,7 +30,6 @@ class Load:
         self.timeouts = 0
         self.invalidated = 0
         self.other: Counter[str] = Counter()
-        self.close_errors = 0
         self.seen: list[BaseException] = []
 
     async def once(self) -> None:
@@ -61,7 +60,10 @@ class Load:
                 await conn.close()
             except Exception as exc:  # the app's own close can fail on a dead socket, with or without us
                 self.seen.append(exc)
-                self.close_errors += 1
+                if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+                    self.invalidated += 1
+                else:
+                    self.other["close:" + type(exc).__name__] += 1
 
     async def run(self, workers: int, until: float) -> None:
         async def worker() -> None:
