@@ -1,0 +1,127 @@
+"""`pool-exporter serve|demo`: flags override POOL_EXPORTER_* settings; a bad one exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import logs
+from ._version import __version__
+from .settings import DEFAULT_PORT, SettingError, Settings, load
+
+PROG = "pool-exporter"
+
+# (setting, metavar, help); every flag is read as text and validated by Settings, so a bad value
+# gives the same one-line message whether it came from a flag or from the environment.
+FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("host", "ADDR", "address to listen on (default 0.0.0.0)"),
+    ("port", "PORT", f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)"),
+    ("metrics_path", "PATH", "path of the metrics endpoint (default /metrics)"),
+    ("database_url", "URL", "serve: PostgreSQL for the server view; demo: database (prefer the env var)"),
+    ("multiproc_dir", "DIR", "multiprocess directory (default $PROMETHEUS_MULTIPROC_DIR)"),
+    ("namespace", "NAME", "metric name prefix (default sqlalchemy)"),
+    ("buckets", "SPEC", "histogram bounds, e.g. 'wait=0.001,0.01,0.1;use=0.1,1'"),
+    ("leak_threshold", "SECONDS", "warn about connections held longer (demo)"),
+    ("probe_interval", "SECONDS", "seconds between server-view polls (default 15)"),
+    ("log_level", "LEVEL", "DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)"),
+    ("log_format", "FORMAT", "text or json (default text)"),
+    ("auth_token", "TOKEN", "require this bearer token, except on /healthz (prefer the env var)"),
+    ("basic_auth_user", "USER", "require basic auth with this user, except on /healthz"),
+    ("basic_auth_password", "PASSWORD", "password for --basic-auth-user (prefer the env var)"),
+    ("tls_cert", "FILE", "PEM certificate: serve HTTPS"),
+    ("tls_key", "FILE", "PEM private key for --tls-cert"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other bad input; `--help` still shows the usage.
+        self.exit(2, f"{PROG}: {message} (see {PROG} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    group = common.add_argument_group("settings (each also POOL_EXPORTER_<NAME>; flags win)")
+    for name, metavar, help_text in FLAGS:
+        group.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=help_text)
+
+    parser = _Parser(prog=PROG, description="Prometheus metrics for SQLAlchemy connection pools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser(
+        "serve",
+        parents=[common],
+        help="sidecar: serve a multiprocess directory's merged metrics (+ PostgreSQL's view)",
+        description="Serve the merged metrics of a prometheus_client multiprocess directory written by "
+        "instrumented workers; with --database-url, also PostgreSQL's own view of its connections.",
+    )
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run an instrumented demo app with built-in load and the exporter",
+        description="Run a small instrumented aiohttp app on SQLite (or POOL_EXPORTER_DATABASE_URL), "
+        "a load generator, and the exporter endpoint.",
+    )
+    demo.add_argument("--duration", metavar="SECONDS", help="stop by itself after this many seconds")
+    demo.add_argument("--workers", metavar="N", default="1", help="app processes (N > 1: multiprocess mode)")
+    demo.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--app-port", help=argparse.SUPPRESS)
+    return parser
+
+
+def _positive(name: str, value: str | None, *, integer: bool = False) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        raise SettingError(name, f"expected a {'whole ' if integer else ''}number, got {value!r}") from None
+    if number <= 0:
+        raise SettingError(name, f"must be greater than 0, got {value!r}")
+    return number
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load(**{name: getattr(args, name) for name, _, _ in FLAGS})
+        logs.setup(settings.log_level, settings.log_format, settings.secrets())
+        if args.command == "serve":
+            return _serve(settings)
+        duration = _positive("duration", args.duration)
+        workers = int(_positive("workers", args.workers, integer=True) or 1)
+        return _demo(settings, duration, workers, args)
+    except SettingError as exc:
+        print(f"{PROG}: {exc.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(settings: Settings) -> int:
+    from .service import StartupError, run_serve
+
+    try:
+        return asyncio.run(run_serve(settings))
+    except StartupError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _demo(settings: Settings, duration: float | None, workers: int, args: argparse.Namespace) -> int:
+    from .service import StartupError, run_demo, run_demo_worker
+
+    try:
+        if args.worker_process:
+            return asyncio.run(run_demo_worker(settings, int(args.app_port)))
+        return asyncio.run(run_demo(settings, duration=duration, workers=workers))
+    except StartupError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

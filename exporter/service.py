@@ -1,0 +1,272 @@
+"""The long-running commands behind the CLI: `serve` (the sidecar) and `demo` (app + load + exporter)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TextIO
+
+from aiohttp.web import Application
+from prometheus_client import REGISTRY, CollectorRegistry
+from sqlalchemy.engine import URL
+
+from . import demo, web
+from .auth import Auth
+from .instrument import instrument
+from .loadgen import LoadGenerator, LoadPlan
+from .naming import safe_url
+from .settings import SettingError, Settings
+
+log = logging.getLogger("exporter")
+
+
+class StartupError(RuntimeError):
+    """Something outside the settings stopped us from starting (one printable line)."""
+
+
+def auth_from(settings: Settings) -> Auth:
+    return Auth(
+        token=settings.auth_token.get_secret_value() if settings.auth_token else None,
+        user=settings.basic_auth_user,
+        password=settings.basic_auth_password.get_secret_value() if settings.basic_auth_password else None,
+    )
+
+
+def auth_headers(auth: Auth) -> dict[str, str]:
+    """What our own load generator sends to get past `auth`."""
+    import base64
+
+    if auth.token is not None:
+        return {"Authorization": f"Bearer {auth.token}"}
+    if auth.user is not None and auth.password is not None:
+        raw = base64.b64encode(f"{auth.user}:{auth.password}".encode()).decode()
+        return {"Authorization": f"Basic {raw}"}
+    return {}
+
+
+async def listen(
+    app: Application, settings: Settings, *, port: int | None = None, reuse_port: bool | None = None
+) -> web.Server:
+    """Start serving `app`; a bind failure is a bad host/port setting."""
+    server = web.Server(
+        app,
+        settings.host,
+        settings.port if port is None else port,
+        ssl_context=settings.ssl_context(),
+        reuse_port=reuse_port,
+    )
+    try:
+        await server.start()
+    except socket.gaierror as exc:
+        raise SettingError("host", f"cannot resolve {settings.host!r}: {exc.strerror}") from None
+    except OSError as exc:
+        raise SettingError("port", f"cannot listen on {settings.host}:{server.port}: {exc.strerror}") from None
+    return server
+
+
+async def wait_for_stop(duration: float | None) -> None:
+    """Until SIGTERM/SIGINT, or `duration` seconds."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), duration)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+async def _prepare_database(url: URL) -> None:
+    engine = demo.create_engine(url)
+    try:
+        await demo.create_schema(engine)
+    except Exception as exc:
+        raise StartupError(f"cannot reach the database {safe_url(url)}: {type(exc).__name__}: {exc}") from None
+    finally:
+        await engine.dispose()
+
+
+def _banner(out: TextIO, url: URL, base: str, metrics_path: str, duration: float | None, workers: int) -> None:
+    lines = [
+        f"pool-exporter demo: {safe_url(url)} (pool_size={demo.POOL_SIZE}, max_overflow={demo.MAX_OVERFLOW}, "
+        f"pool_timeout={demo.POOL_TIMEOUT}s, {workers} worker{'s' if workers > 1 else ''})",
+        f"  overview  {base}/",
+        f"  metrics   {base}{metrics_path}",
+        f"  pools     {base}/pools",
+        f"  try       curl -s {base}{metrics_path} | grep -E 'pool_(connections|timeouts|checkouts)'",
+        "  load      commits, rollbacks, slow transactions, a burst that exhausts the pool every 5 s,"
+        " a leaked connection every 15 s",
+        f"  stopping  {'after ' + format(duration, 'g') + ' s' if duration else 'on Ctrl-C'}",
+    ]
+    print("\n".join(lines), file=out, flush=True)
+
+
+async def run_demo(settings: Settings, *, duration: float | None, workers: int = 1, out: TextIO = sys.stdout) -> int:
+    """The single-process demo, or `workers` app processes writing a multiprocess directory."""
+    workdir = Path(tempfile.mkdtemp(prefix="pool-exporter-demo-"))
+    try:
+        url = demo.async_url(settings.url(), workdir)
+        await _prepare_database(url)
+        if workers > 1:
+            return await _run_demo_workers(settings, url, workdir, duration, workers, out)
+        return await _run_demo_single(settings, url, duration, out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_demo_single(settings: Settings, url: URL, duration: float | None, out: TextIO) -> int:
+    engine = demo.create_engine(url)
+    handle = instrument(
+        engine,
+        name=demo.POOL_NAME,
+        namespace=settings.namespace,
+        buckets=settings.bucket_bounds(),
+        leak_threshold=settings.leak_threshold,
+        multiprocess=False,
+    )
+    auth = auth_from(settings)
+    app = web.make_app(registry=REGISTRY, metrics_path=settings.metrics_path, auth=auth)
+    demo.add_demo_routes(app, engine)
+    server = await listen(app, settings)
+    _banner(out, url, server.url, settings.metrics_path, duration, 1)
+    load = LoadGenerator(server.url, LoadPlan(), headers=auth_headers(auth))
+    task = asyncio.create_task(load.run())
+    try:
+        await wait_for_stop(duration)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await server.stop()
+        handle.uninstrument()
+        await engine.dispose()
+    print(f"pool-exporter demo: stopped; requests by route and status: {dict(sorted(load.sent.items()))}", file=out)
+    return 0
+
+
+async def _run_demo_workers(
+    settings: Settings, url: URL, workdir: Path, duration: float | None, workers: int, out: TextIO
+) -> int:
+    from .sidecar import Sidecar
+
+    own_dir = settings.multiproc_dir is None
+    directory = settings.multiproc_dir or workdir / "multiproc"
+    directory.mkdir(exist_ok=True)
+    app_port = free_port(settings.host)
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        # Through the environment, not argv: argv is visible to every user in `ps`.
+        "POOL_EXPORTER_DATABASE_URL": url.render_as_string(hide_password=False),
+        "POOL_EXPORTER_MULTIPROC_DIR": str(directory),
+    }
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "exporter", "demo", "--worker-process", "--app-port", str(app_port)],
+            env=env,
+        )
+        for _ in range(workers)
+    ]
+    sidecar = Sidecar(directory, namespace=settings.namespace)
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(sidecar)
+    app = web.make_app(
+        registry=registry,
+        metrics_path=settings.metrics_path,
+        pools=sidecar.pools,
+        readiness=web.Readiness(sidecar.checks),
+        auth=auth_from(settings),
+        offload=True,
+        executor=sidecar.executor,
+    )
+    try:
+        server = await listen(app, settings)
+    except BaseException:
+        _stop_children(children)
+        raise
+    _banner(out, url, server.url, settings.metrics_path, duration, workers)
+    print(f"  app       http://127.0.0.1:{app_port}/demo/items  (multiprocess dir {directory})", file=out, flush=True)
+    try:
+        await wait_for_stop(duration)
+    finally:
+        await server.stop()
+        await asyncio.to_thread(_stop_children, children)
+        sidecar.close()
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    print("pool-exporter demo: stopped", file=out)
+    return 0
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+async def run_demo_worker(settings: Settings, app_port: int) -> int:
+    """One app process of `demo --workers N`: serves the demo app and drives some load into it."""
+    url = settings.url()
+    assert url is not None, "the parent passes the database URL"
+    engine = demo.create_engine(url)
+    # PROMETHEUS_MULTIPROC_DIR is set by the parent: instrument() also writes the shared files.
+    handle = instrument(
+        engine,
+        name=demo.POOL_NAME,
+        namespace=settings.namespace,
+        buckets=settings.bucket_bounds(),
+        leak_threshold=settings.leak_threshold,
+    )
+    app = Application()
+    demo.add_demo_routes(app, engine)
+    server = web.Server(app, "127.0.0.1", app_port, reuse_port=True)
+    await server.start()
+    load = LoadGenerator(server.url, LoadPlan(loops=2))
+    task = asyncio.create_task(load.run())
+    parent = os.getppid()
+    orphaned = asyncio.create_task(_until_orphaned(parent))
+    try:
+        stop = asyncio.create_task(wait_for_stop(None))
+        await asyncio.wait({stop, orphaned}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+    finally:
+        orphaned.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await server.stop()
+        handle.uninstrument()
+        await engine.dispose()
+    return 0
+
+
+async def _until_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)

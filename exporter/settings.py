@@ -1,0 +1,235 @@
+"""Service settings: POOL_EXPORTER_* environment variables, overridden by CLI flags, validated once."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from . import catalog
+
+ENV_PREFIX = "POOL_EXPORTER_"
+# Not the default of any well-known exporter; see docs/service.md.
+DEFAULT_PORT = 9717
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class SettingError(ValueError):
+    """A bad setting, as one printable line that names it."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        super().__init__(f"{setting}: {problem}")
+
+    def line(self) -> str:
+        flag = "--" + self.setting.replace("_", "-")
+        return f"invalid setting {self.setting} ({ENV_PREFIX}{self.setting.upper()} / {flag}): {self.problem}"
+
+
+def parse_buckets(value: object) -> dict[str, tuple[float, ...]] | None:
+    """`wait=0.001,0.01,0.1;use=0.01,1` or JSON `{"wait": [...]}` -> bounds by bucket set."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            import json
+
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise ValueError("not valid JSON") from None
+        else:
+            parsed: dict[str, list[str]] = {}
+            for part in filter(None, (p.strip() for p in text.split(";"))):
+                key, sep, bounds = part.partition("=")
+                if not sep:
+                    raise ValueError(f"expected SET=b1,b2,... separated by ';', got {part!r}")
+                parsed[key.strip()] = [b for b in bounds.split(",") if b.strip()]
+            value = parsed
+    if not isinstance(value, dict):
+        raise ValueError("expected SET=b1,b2,...;SET=... or a JSON object")
+    out: dict[str, tuple[float, ...]] = {}
+    for key, bounds in value.items():
+        if key not in catalog.DEFAULT_BUCKETS:
+            known = ", ".join(sorted(catalog.DEFAULT_BUCKETS))
+            raise ValueError(f"unknown bucket set {key!r}; expected one of {known}")
+        try:
+            floats = tuple(float(b) for b in bounds)
+        except (TypeError, ValueError):
+            raise ValueError(f"bounds of {key!r} must be numbers") from None
+        if not floats or floats[0] <= 0 or any(b <= a for a, b in itertools.pairwise(floats)):
+            raise ValueError(f"bounds of {key!r} must be positive and strictly increasing")
+        out[key] = floats
+    return out
+
+
+class Settings(BaseSettings):
+    """Everything `pool-exporter serve|demo` can be told; each field is POOL_EXPORTER_<NAME> and --<name>."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", case_sensitive=False)
+
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on (0 = any free port).")
+    metrics_path: str = Field("/metrics", description="Path of the Prometheus endpoint.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="serve: PostgreSQL to report the server's view of (pg_stat_activity). "
+        "demo: database to run on (default: a temporary SQLite file).",
+    )
+    multiproc_dir: Path | None = Field(
+        None,
+        description="prometheus_client multiprocess directory (default: $PROMETHEUS_MULTIPROC_DIR).",
+    )
+    namespace: str = Field(catalog.DEFAULT_NAMESPACE, description="Metric name prefix.")
+    buckets: Annotated[dict[str, tuple[float, ...]] | None, NoDecode] = Field(
+        None,
+        description="Histogram bounds per set (wait, use, create, statement): `wait=0.001,0.01,0.1;use=0.1,1`.",
+    )
+    leak_threshold: float | None = Field(
+        None, gt=0, description="Warn about connections held longer than this many seconds (demo)."
+    )
+    probe_interval: float = Field(
+        15.0, gt=0, le=3600, description="Seconds between server-view polls (and their timeout)."
+    )
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
+    auth_token: SecretStr | None = Field(None, description="Require `Authorization: Bearer <token>` (not on /healthz).")
+    basic_auth_user: str | None = Field(None, description="Require HTTP basic auth with this user (not on /healthz).")
+    basic_auth_password: SecretStr | None = Field(None, description="Password for basic_auth_user.")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) file: serve HTTPS.")
+    tls_key: Path | None = Field(None, description="PEM private key file for tls_cert.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("metrics_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or value in ("/", "/healthz", "/readyz", "/pools") or " " in value:
+            raise ValueError("must start with '/' and not be /, /healthz, /readyz or /pools")
+        return value.rstrip("/") if len(value) > 1 else value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if (value and not (value[0].isalpha() or value[0] == "_")) or not all(c.isalnum() or c == "_" for c in value):
+            raise ValueError("must be letters, digits and underscores, not starting with a digit")
+        return value
+
+    @field_validator("buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value: object) -> object:
+        return parse_buckets(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        # The message never repeats the URL: it carries the password.
+        try:
+            url = make_url(value.get_secret_value())
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL (expected e.g. postgresql+asyncpg://user:pass@host/db)") from None
+        if url.get_backend_name() not in ("postgresql", "sqlite"):
+            raise ValueError(f"unsupported backend {url.get_backend_name()!r} (postgresql or sqlite)")
+        return value
+
+    @field_validator("multiproc_dir", mode="before")
+    @classmethod
+    def _empty_dir(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.multiproc_dir is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.multiproc_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        if self.multiproc_dir is not None and not self.multiproc_dir.is_dir():
+            raise SettingError("multiproc_dir", f"{self.multiproc_dir} is not a directory")
+        if (self.basic_auth_user is None) != (self.basic_auth_password is None):
+            missing = "basic_auth_password" if self.basic_auth_password is None else "basic_auth_user"
+            raise SettingError(missing, "basic auth needs both basic_auth_user and basic_auth_password")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise SettingError(missing, "TLS needs both tls_cert and tls_key")
+        if self.tls_cert is not None:
+            self.ssl_context()
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+
+    def url(self) -> URL | None:
+        """The database URL (with its password: never print it; use exporter.safe_url)."""
+        return make_url(self.database_url.get_secret_value()) if self.database_url is not None else None
+
+    def bucket_bounds(self) -> dict[str, Sequence[float]] | None:
+        """`buckets` in the shape instrument() takes."""
+        return {k: v for k, v in self.buckets.items()} if self.buckets else None
+
+    def secrets(self) -> list[str]:
+        """Values that must never appear in output: the log filter scrubs them."""
+        out: list[str] = []
+        url = self.url()
+        if url is not None and url.password:
+            out.append(str(url.password))
+        for secret in (self.auth_token, self.basic_auth_password):
+            if secret is not None:
+                out.append(secret.get_secret_value())
+        return out
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server-side TLS context from tls_cert + tls_key, or None."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                raise SettingError(name, f"cannot read {path}: {exc.strerror}") from None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except ssl.SSLError as exc:
+            problem = f"cannot load certificate {self.tls_cert} with key {self.tls_key}: {exc.reason}"
+            raise SettingError("tls_cert", problem) from None
+        return context
+
+
+def load(**overrides: Any) -> Settings:
+    """Settings from the environment, with non-None overrides (CLI flags) on top; SettingError if bad."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except SettingError:
+        raise
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    except SettingsError as exc:
+        raise SettingError("settings", str(exc).split("\n")[0]) from None
+
+
+def _first_error(exc: ValidationError) -> SettingError:
+    err = exc.errors(include_input=False, include_url=False)[0]
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, SettingError):
+        return ctx_error
+    setting = str(err["loc"][0]) if err["loc"] else "settings"
+    message = err["msg"].removeprefix("Value error, ")
+    return SettingError(setting, message)

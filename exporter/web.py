@@ -1,0 +1,318 @@
+"""The HTTP side: an aiohttp app (or routes on the user's app) serving /metrics, /healthz, /readyz, /pools and /.
+
+/metrics reuses prometheus_client's exposition: `choose_encoder` for text/OpenMetrics negotiation,
+aiohttp's own compression for gzip (as prometheus_client.aiohttp does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from . import _version
+from .auth import Auth
+from .instrument import PoolHandle, handles
+
+if TYPE_CHECKING:
+    import ssl
+
+log = logging.getLogger("exporter.web")
+
+PoolsSource = Callable[[], Awaitable[list[dict[str, Any]]]]
+Check = Callable[[], Awaitable[None]]
+
+REGISTRY_KEY = web.AppKey("pool_exporter_registry", CollectorRegistry)
+
+
+# -- readiness ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Readiness:
+    """Named async checks run together with a timeout; one run at a time, its result reused briefly.
+
+    Concurrent /readyz requests share the run in flight, so probes never pile up on the database.
+    """
+
+    checks: Callable[[], dict[str, Check]]
+    timeout: float = 2.0
+    cache_for: float = 1.0
+    _task: asyncio.Task[tuple[bool, dict[str, str]]] | None = field(default=None, init=False)
+    _result: tuple[bool, dict[str, str]] | None = field(default=None, init=False)
+    _at: float = field(default=0.0, init=False)
+
+    async def check(self) -> tuple[bool, dict[str, str]]:
+        if self._result is not None and time.monotonic() - self._at < self.cache_for:
+            return self._result
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._task)
+
+    async def _run(self) -> tuple[bool, dict[str, str]]:
+        checks = self.checks()
+        names = list(checks)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(checks[n](), self.timeout) for n in names), return_exceptions=True
+        )
+        detail: dict[str, str] = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                kind = "timeout" if isinstance(result, TimeoutError) else type(result).__name__
+                detail[name] = f"failing: {kind}"
+            else:
+                detail[name] = "ok"
+        ok = all(v == "ok" for v in detail.values())
+        self._result, self._at = (ok, detail), time.monotonic()
+        return ok, detail
+
+
+async def check_pool(handle: PoolHandle) -> None:
+    """Borrow one connection from the instrumented pool and run SELECT 1 (counted like any checkout)."""
+    engine = handle.engine
+    if engine is None:
+        raise RuntimeError("engine is gone")
+    if engine.dialect.is_async:
+        from sqlalchemy.ext.asyncio import AsyncEngine
+
+        async with AsyncEngine(engine).connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+    else:
+
+        def ping() -> None:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+
+        await asyncio.to_thread(ping)
+
+
+def pool_checks() -> dict[str, Check]:
+    """One check per instrumented pool of this process."""
+    return {f"pool {h.name}": (lambda h=h: check_pool(h)) for h in handles()}  # type: ignore[misc]
+
+
+async def local_pools() -> list[dict[str, Any]]:
+    return [h.snapshot() for h in handles()]
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+def metrics_handler(
+    registry: CollectorRegistry, executor: Executor | None = None, offload: bool = False
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Render the registry as the client asked; in `offload` mode, off the event loop."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
+        names = request.query.getall("name[]", [])
+        target: Any = registry.restricted_registry(names) if names else registry
+        if offload:
+            body = await asyncio.get_running_loop().run_in_executor(executor, encoder, target)
+        else:
+            body = encoder(target)
+        response = web.Response(body=body, headers={"Content-Type": content_type})
+        response.enable_compression()
+        return response
+
+    return metrics
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def readyz_handler(readiness: Readiness) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def readyz(request: web.Request) -> web.Response:
+        ok, detail = await readiness.check()
+        return web.json_response({"ready": ok, "checks": detail}, status=200 if ok else 503)
+
+    return readyz
+
+
+def pools_handler(pools: PoolsSource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def pools_json(request: web.Request) -> web.Response:
+        return web.json_response({"pools": await pools()}, dumps=lambda o: json.dumps(o, indent=2, default=str))
+
+    return pools_json
+
+
+_COLUMNS: Sequence[tuple[str, str]] = (
+    ("name", "pool"),
+    ("pool_class", "class"),
+    ("used", "used"),
+    ("idle", "idle"),
+    ("size", "size"),
+    ("max", "max"),
+    ("overflow", "overflow"),
+    ("pending", "pending"),
+    ("oldest_checkout", "oldest checkout (s)"),
+    ("checkouts", "checkouts"),
+    ("timeouts", "timeouts"),
+    ("leaked", "leaked"),
+)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
+    return html.escape(str(value))
+
+
+def index_handler(pools: PoolsSource, metrics_path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def index(request: web.Request) -> web.Response:
+        rows = await pools()
+        head = "".join(f"<th>{html.escape(title)}</th>" for _, title in _COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{_cell(row.get(key))}</td>" for key, _ in _COLUMNS) + "</tr>" for row in rows
+        )
+        empty = "" if rows else f'<tr><td colspan="{len(_COLUMNS)}">no instrumented pools yet</td></tr>'
+        page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>SQLAlchemy pool exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}</style></head>
+<body><h1>SQLAlchemy pool exporter {html.escape(_version.__version__)}</h1>
+<table><tr>{head}</tr>{body}{empty}</table>
+<p><a href="{html.escape(metrics_path)}">metrics</a> · <a href="/pools">pools (JSON)</a> ·
+<a href="/readyz">readyz</a> · <a href="/healthz">healthz</a></p></body></html>
+"""
+        return web.Response(text=page, content_type="text/html")
+
+    return index
+
+
+# -- assembly -----------------------------------------------------------------------------------
+
+
+def add_routes(
+    app: web.Application,
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    metrics_path: str = "/metrics",
+    pools: PoolsSource = local_pools,
+    readiness: Readiness | None = None,
+    auth: Auth | None = None,
+    offload: bool = False,
+    executor: Executor | None = None,
+    index: bool = True,
+) -> None:
+    """Add the exporter's routes to an aiohttp app (yours or ours); `auth` guards all but /healthz."""
+    readiness = readiness or Readiness(pool_checks)
+    guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
+    app[REGISTRY_KEY] = registry
+    app.router.add_get(metrics_path, guard(metrics_handler(registry, executor, offload)))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", guard(readyz_handler(readiness)))
+    app.router.add_get("/pools", guard(pools_handler(pools)))
+    if index:
+        app.router.add_get("/", guard(index_handler(pools, metrics_path)))
+
+
+def make_app(
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    metrics_path: str = "/metrics",
+    pools: PoolsSource = local_pools,
+    readiness: Readiness | None = None,
+    auth: Auth | None = None,
+    offload: bool = False,
+    executor: Executor | None = None,
+) -> web.Application:
+    """A standalone exporter app; with `auth`, every route but /healthz (and 404s) needs credentials."""
+    middlewares = [auth.middleware()] if auth is not None and auth.enabled else []
+    app = web.Application(middlewares=middlewares)
+    add_routes(
+        app,
+        registry=registry,
+        metrics_path=metrics_path,
+        pools=pools,
+        readiness=readiness,
+        offload=offload,
+        executor=executor,
+    )
+    return app
+
+
+class Server:
+    """Run an aiohttp app inside the current event loop: `await start()`, `await stop()`."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.reuse_port = reuse_port
+        self.shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Bind and serve without blocking; `port` is updated when 0 was asked."""
+        runner = web.AppRunner(self.app, access_log=logging.getLogger("aiohttp.access"))
+        await runner.setup()
+        site = web.TCPSite(
+            runner,
+            self.host,
+            self.port,
+            ssl_context=self.ssl_context,
+            reuse_port=self.reuse_port,
+            shutdown_timeout=self.shutdown_timeout,
+        )
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to shutdown_timeout), run cleanup hooks."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def start_http_server(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    registry: CollectorRegistry = REGISTRY,
+    metrics_path: str = "/metrics",
+    auth: Auth | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Server:
+    """The one-liner for a single-process asyncio app: serve this process's pools from its own loop."""
+    app = make_app(registry=registry, metrics_path=metrics_path, auth=auth)
+    server = Server(app, host, port, ssl_context=ssl_context)
+    await server.start()
+    return server
