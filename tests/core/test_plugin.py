@@ -1,0 +1,58 @@
+"""The `?plugin=pool_exporter` URL plugin: instruments the engine, strips its options from the URL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import create_engine, event, text
+
+import exporter
+
+from .conftest import PG_URL, PgEngineFactory
+
+
+async def test_plugin_instruments_with_url_options_the_driver_never_sees(pg_engine: PgEngineFactory) -> None:
+    engine, _ = pg_engine(
+        f"{PG_URL}?plugin=pool_exporter&pool_exporter_name=core_plugin_x&pool_exporter_leak_threshold=30"
+    )
+    handle = exporter.handle_for(engine)
+    assert handle is not None
+    try:
+        assert handle.name == "core_plugin_x"
+        assert handle.leak_threshold == 30.0
+        assert handle.registry is REGISTRY
+        assert not any(k.startswith("pool_exporter_") or k == "plugin" for k in engine.url.query)
+        sent: list[dict[str, Any]] = []
+
+        @event.listens_for(engine.sync_engine, "do_connect")
+        def remember(dialect: object, record: object, cargs: object, cparams: dict[str, Any]) -> None:
+            sent.append(dict(cparams))
+
+        # asyncpg.connect() would raise TypeError on an unknown keyword: connecting proves the strip.
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        (cparams,) = sent
+        assert not any("pool_exporter" in k or k == "plugin" for k in cparams)
+        assert REGISTRY.get_sample_value("sqlalchemy_pool_checkouts_total", {"pool": "core_plugin_x"}) == 1
+        assert REGISTRY.get_sample_value("sqlalchemy_pool_connections", {"pool": "core_plugin_x", "state": "idle"}) == 1
+    finally:
+        handle.uninstrument()
+    assert REGISTRY.get_sample_value("sqlalchemy_pool_checkouts_total", {"pool": "core_plugin_x"}) is None
+
+
+def test_plugin_default_name_and_bad_option() -> None:
+    engine = create_engine("sqlite://?plugin=pool_exporter&pool_exporter_namespace=core_plugin_ns")
+    handle = exporter.handle_for(engine)
+    assert handle is not None
+    try:
+        assert handle.name == "sqlite:memory"
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        assert REGISTRY.get_sample_value("core_plugin_ns_pool_checkouts_total", {"pool": "sqlite:memory"}) == 1
+    finally:
+        handle.uninstrument()
+        engine.dispose()
+    with pytest.raises(ValueError, match="leak_threshold"):
+        create_engine("sqlite://?plugin=pool_exporter&pool_exporter_leak_threshold=soon")
