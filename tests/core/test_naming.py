@@ -7,8 +7,8 @@ import logging
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 import exporter
