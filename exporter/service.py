@@ -270,3 +270,62 @@ async def run_demo_worker(settings: Settings, app_port: int) -> int:
 async def _until_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+async def _no_pools() -> list[dict[str, object]]:
+    return []
+
+
+async def run_serve(settings: Settings) -> int:
+    """The sidecar: merged multiprocess metrics and/or PostgreSQL's view, until SIGTERM/SIGINT."""
+    from .pgview import ServerView
+    from .sidecar import Sidecar
+
+    url = settings.url()
+    if settings.multiproc_dir is None and url is None:
+        raise SettingError(
+            "multiproc_dir",
+            "not set: serve needs a multiprocess directory (or PROMETHEUS_MULTIPROC_DIR), or a database_url",
+        )
+    if url is not None and url.get_backend_name() != "postgresql":
+        raise SettingError("database_url", f"the server view needs PostgreSQL, not {url.get_backend_name()}")
+    registry = CollectorRegistry()
+    sidecar = Sidecar(settings.multiproc_dir, namespace=settings.namespace) if settings.multiproc_dir else None
+    view = ServerView(url, namespace=settings.namespace, interval=settings.probe_interval) if url else None
+    if sidecar is not None:
+        registry.register(sidecar)
+    if view is not None:
+        registry.register(view)
+        await view.start()
+    app = web.make_app(
+        registry=registry,
+        metrics_path=settings.metrics_path,
+        pools=sidecar.pools if sidecar is not None else _no_pools,
+        readiness=web.Readiness(sidecar.checks if sidecar is not None else dict),
+        auth=auth_from(settings),
+        offload=True,
+        executor=sidecar.executor if sidecar is not None else None,
+    )
+    try:
+        server = await listen(app, settings)
+        log.info(
+            "pool-exporter serve: %s%s (multiprocess dir: %s; server view: %s)",
+            server.url,
+            settings.metrics_path,
+            settings.multiproc_dir or "none",
+            safe_url(url) if url is not None else "off",
+        )
+        try:
+            await wait_for_stop(None)
+        finally:
+            log.info("pool-exporter serve: stopping")
+            await server.stop()
+    finally:
+        if view is not None:
+            await view.stop()
+        if sidecar is not None:
+            sidecar.close()
+    return 0

@@ -1,0 +1,201 @@
+"""PostgreSQL's own view of its connections (pg_stat_activity), polled in the background.
+
+It shows what no client-side pool can: connections from apps we do not instrument, and sessions
+left "idle in transaction". The collector only renders the last poll, so a scrape never waits on
+the database; `up` says whether that poll worked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from . import catalog
+from .naming import safe_url
+
+log = logging.getLogger("exporter.pgview")
+
+APPLICATION_NAME = "pool-exporter"
+
+# The server-view metrics, as data (names without namespace); labels beyond none.
+SERVER_METRICS: tuple[catalog.MetricSpec, ...] = (
+    catalog.MetricSpec(
+        "up", "server_up", "gauge", "1 if the last pg_stat_activity probe worked, else 0.", pool_label=False
+    ),
+    catalog.MetricSpec(
+        "connections",
+        "server_connections",
+        "gauge",
+        "Client connections the server holds, by database, application_name and state.",
+        ("datname", "application_name", "state"),
+        pool_label=False,
+    ),
+    catalog.MetricSpec(
+        "max_connections", "server_max_connections", "gauge", "The server's max_connections.", pool_label=False
+    ),
+    catalog.MetricSpec(
+        "oldest_transaction",
+        "server_oldest_transaction_seconds",
+        "gauge",
+        "Age of the oldest open transaction, by database (0 when none).",
+        ("datname",),
+        pool_label=False,
+    ),
+    catalog.MetricSpec(
+        "probe_seconds", "server_probe_seconds", "gauge", "How long the last probe took.", pool_label=False
+    ),
+)
+
+# Our own probe connection is left out, so the numbers are the applications' alone.
+_CONNECTIONS = text(
+    """
+    SELECT coalesce(datname, ''), coalesce(application_name, ''), coalesce(state, 'unknown'), count(*)
+    FROM pg_stat_activity
+    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+    GROUP BY 1, 2, 3
+    """
+)
+_OLDEST = text(
+    """
+    SELECT coalesce(datname, ''), coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::float8
+    FROM pg_stat_activity
+    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+    GROUP BY 1
+    """
+)
+_MAX = text("SELECT current_setting('max_connections')::int")
+
+
+@dataclass(frozen=True)
+class ServerReading:
+    connections: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    oldest_transaction: dict[str, float] = field(default_factory=dict)
+    max_connections: int = 0
+    probe_seconds: float = 0.0
+
+
+def probe_url(url: URL) -> URL:
+    """The URL with the asyncpg driver, whatever PostgreSQL driver it named."""
+    return url.set(drivername="postgresql+asyncpg")
+
+
+class ServerView(Collector):
+    """Polls pg_stat_activity every `interval` seconds (each poll bounded by `timeout`)."""
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        namespace: str = catalog.DEFAULT_NAMESPACE,
+        interval: float = 15.0,
+        timeout: float | None = None,
+    ) -> None:
+        self.url = probe_url(url)
+        self.namespace = namespace
+        self.interval = interval
+        self.timeout = timeout if timeout is not None else min(interval, 10.0)
+        self.reading: ServerReading | None = None
+        self._engine: AsyncEngine | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def _get_engine(self) -> AsyncEngine:
+        if self._engine is None:
+            # NullPool: a connection per probe, so a probe never inherits a broken one.
+            self._engine = create_async_engine(
+                self.url,
+                poolclass=NullPool,
+                connect_args={"server_settings": {"application_name": APPLICATION_NAME}, "timeout": self.timeout},
+            )
+        return self._engine
+
+    async def poll(self) -> bool:
+        """Probe once now; keep the reading (or None on failure). True if it worked."""
+        started = time.perf_counter()
+        try:
+            reading = await asyncio.wait_for(self._query(), self.timeout)
+        except Exception as exc:
+            self.reading = None
+            if not self._failing:
+                log.warning("server view: probing %s failed: %s: %s", safe_url(self.url), type(exc).__name__, exc)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("server view: probing %s works again", safe_url(self.url))
+        self._failing = False
+        self.reading = ServerReading(
+            reading.connections, reading.oldest_transaction, reading.max_connections, time.perf_counter() - started
+        )
+        return True
+
+    async def _query(self) -> ServerReading:
+        async with self._get_engine().connect() as conn:
+            rows = (await conn.execute(_CONNECTIONS)).all()
+            oldest = (await conn.execute(_OLDEST)).all()
+            max_connections = (await conn.execute(_MAX)).scalar_one()
+            await conn.rollback()
+        return ServerReading(
+            connections={(r[0], r[1], r[2]): int(r[3]) for r in rows},
+            oldest_transaction={r[0]: float(r[1]) for r in oldest},
+            max_connections=int(max_connections),
+        )
+
+    async def start(self) -> None:
+        """First poll now (so the first scrape has numbers), then every `interval` in the background."""
+        await self.poll()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.poll()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    def collect(self) -> Iterator[Metric]:
+        specs = {spec.key: spec for spec in SERVER_METRICS}
+        ns = self.namespace
+
+        def family(key: str) -> GaugeMetricFamily:
+            spec = specs[key]
+            return GaugeMetricFamily(spec.name(ns), spec.help, labels=list(spec.labels))
+
+        reading = self.reading
+        up = family("up")
+        up.add_metric([], 1 if reading is not None else 0)
+        yield up
+        if reading is None:
+            return
+        connections = family("connections")
+        for labels, count in sorted(reading.connections.items()):
+            connections.add_metric(list(labels), count)
+        yield connections
+        maximum = family("max_connections")
+        maximum.add_metric([], reading.max_connections)
+        yield maximum
+        oldest = family("oldest_transaction")
+        for datname, age in sorted(reading.oldest_transaction.items()):
+            oldest.add_metric([datname], age)
+        yield oldest
+        probe = family("probe_seconds")
+        probe.add_metric([], reading.probe_seconds)
+        yield probe

@@ -1,0 +1,344 @@
+"""The sidecar's view of a multiprocess directory: merge it, reap dead workers, compact what they left.
+
+prometheus_client keeps one file per worker and metric type, and merges them all at every scrape.
+Workers come and go (gunicorn max_requests, crashes, deploys), so left alone the directory grows and
+scrapes slow down. At each scrape, before merging, the sidecar:
+
+1. finds dead workers: the pid is gone from our pid namespace (when we share it with the workers),
+   or its `pool_exporter_<pid>.alive` mark is stale, or the mark was removed (clean exit);
+2. drops their live gauges (`mark_process_dead`);
+3. folds their counter, histogram, summary and min/max/sum gauge files into one archive file per
+   type (`counter_archive.db`...), so the merged totals stay exactly the same while the file count
+   stays flat. The fold is crash-safe: new archives are written beside the old ones, a journal
+   records the swap, then renames and removals are replayed from the journal if we die midway.
+
+All of it runs in one worker thread (`executor`), never on the event loop, and one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from . import catalog
+from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
+
+log = logging.getLogger("exporter.sidecar")
+
+ARCHIVE = "archive"
+JOURNAL = "pool_exporter_compaction.json"
+LOCK = "pool_exporter_sidecar.lock"
+NEW_SUFFIX = ".new"  # never matches prometheus_client's `*.db` glob
+DEFAULT_STALE_AFTER = 10 * DEFAULT_INTERVAL
+
+_DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$")
+_ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$")
+# How a dead worker's file folds into the archive of its type; live* gauges are dropped instead,
+# and `all`/`mostrecent` gauges (per-pid by design) are left alone.
+_FOLD: dict[str, Callable[[float, float], float]] = {
+    "counter": lambda a, b: a + b,
+    "histogram": lambda a, b: a + b,
+    "summary": lambda a, b: a + b,
+    "gauge_sum": lambda a, b: a + b,
+    "gauge_max": max,
+    "gauge_min": min,
+}
+
+
+def _running(pid: int) -> bool | None:
+    """Whether `pid` runs in our pid namespace: None when /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    # A zombie (killed, not yet waited for) is dead for our purpose.
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _maps(pid: int, directory: str) -> bool:
+    """Whether process `pid` has a file of `directory` mapped: proof that it is a writer we can see."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(directory in line for line in f)
+    except OSError:
+        return False
+
+
+class Sidecar(Collector):
+    """A prometheus_client collector over a multiprocess directory that keeps the directory small."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        namespace: str = catalog.DEFAULT_NAMESPACE,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        same_pid_namespace: bool | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.namespace = namespace
+        self.stale_after = stale_after
+        # None: find out (a live writer visible in our /proc); True/False: told.
+        self._shared = same_pid_namespace
+        self._probe_shared = same_pid_namespace is None
+        self._seen_alive: set[int] = set()
+        self._lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pool-exporter-merge")
+        self.live_workers = 0
+        self.reaped = 0
+        self.errors = 0
+        self.files = 0
+        with self._locked(fcntl.LOCK_EX):
+            self._recover()
+
+    # -- prometheus_client Collector ------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.merge()
+        yield from self._own_metrics()
+
+    def merge(self) -> list[Metric]:
+        """Maintain the directory, then merge every worker's file (blocking: call from `executor`)."""
+        with self._lock:
+            try:
+                self.maintain()
+            except Exception:
+                self.errors += 1
+                log.exception("maintaining %s failed; merging it as it is", self.directory)
+            with self._locked(fcntl.LOCK_SH):
+                files = [str(p) for p in self.directory.glob("*.db")]
+                self.files = len(files)
+                return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+
+    def _own_metrics(self) -> Iterator[Metric]:
+        ns = f"{self.namespace}_" if self.namespace else ""
+        yield GaugeMetricFamily(
+            f"{ns}exporter_sidecar_workers", "Worker processes writing the multiprocess directory.", self.live_workers
+        )
+        yield GaugeMetricFamily(
+            f"{ns}exporter_sidecar_files", "Files in the multiprocess directory after compaction.", self.files
+        )
+        yield CounterMetricFamily(
+            f"{ns}exporter_sidecar_reaped_workers", "Dead workers whose files were reaped.", self.reaped
+        )
+        yield CounterMetricFamily(
+            f"{ns}exporter_sidecar_errors", "Failures while maintaining the multiprocess directory.", self.errors
+        )
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    def workers(self) -> set[int]:
+        """Every pid with a file in the directory."""
+        pids: set[int] = set()
+        for name in os.listdir(self.directory):
+            m = _DB_FILE.match(name) or _ALIVE_FILE.match(name)
+            if m:
+                pids.add(int(m["pid"]))
+        return pids
+
+    def dead_workers(self, pids: Iterable[int]) -> set[int]:
+        now = time.time()
+        marks: dict[int, float | None] = {}
+        for pid in pids:
+            try:
+                marks[pid] = now - alive_path(self.directory, pid).stat().st_mtime
+            except FileNotFoundError:
+                marks[pid] = None
+        if self._probe_shared and not self._shared:
+            where = str(self.directory.resolve())
+            self._shared = any(
+                age is not None and age <= self.stale_after and _maps(pid, where) for pid, age in marks.items()
+            )
+        dead: set[int] = set()
+        for pid, age in marks.items():
+            running = _running(pid) if self._shared else None
+            if age is not None:
+                self._seen_alive.add(pid)
+                # A live writer we can see is never reaped, even when its flush thread lags.
+                is_dead = running is False or (age > self.stale_after and running is not True)
+            else:
+                # The mark is removed at a clean exit; without one ever seen, only /proc can tell.
+                is_dead = pid in self._seen_alive or running is False
+            if is_dead:
+                dead.add(pid)
+        self.live_workers = len(set(marks) - dead)
+        return dead
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        """Reap dead workers and fold their files into the archives."""
+        dead = self.dead_workers(self.workers())
+        if not dead:
+            return
+        with self._locked(fcntl.LOCK_EX):
+            for pid in dead:
+                mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
+            self._compact(dead)
+            for pid in dead:
+                alive_path(self.directory, pid).unlink(missing_ok=True)
+                self._seen_alive.discard(pid)
+        self.reaped += len(dead)
+        log.info("reaped %d dead worker(s): %s", len(dead), ", ".join(map(str, sorted(dead))))
+
+    def _compact(self, dead: set[int]) -> None:
+        by_kind: dict[str, list[Path]] = {}
+        for pid in dead:
+            for kind in _FOLD:
+                path = self.directory / f"{kind}_{pid}.db"
+                if path.exists():
+                    by_kind.setdefault(kind, []).append(path)
+        if not by_kind:
+            return
+        replace: list[tuple[str, str]] = []
+        for kind, paths in by_kind.items():
+            archive = self.directory / f"{kind}_{ARCHIVE}.db"
+            fold = _FOLD[kind]
+            values: dict[str, tuple[float, float]] = {}
+            for path in ([archive] if archive.exists() else []) + paths:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
+                    if key in values:
+                        old, old_ts = values[key]
+                        values[key] = (fold(old, value), max(old_ts, timestamp))
+                    else:
+                        values[key] = (value, timestamp)
+            new = archive.with_name(archive.name + NEW_SUFFIX)
+            new.unlink(missing_ok=True)
+            _write(new, values)
+            replace.append((str(new), str(archive)))
+        removed = [str(p) for paths in by_kind.values() for p in paths]
+        # Commit point: once the journal exists, the swap is replayed to the end, even after a crash.
+        _write_json(self.directory / JOURNAL, {"replace": replace, "remove": removed})
+        self._recover()
+
+    def _recover(self) -> None:
+        """Finish a compaction the journal describes, or drop one that never reached its journal."""
+        journal = self.directory / JOURNAL
+        try:
+            plan = json.loads(journal.read_text())
+        except FileNotFoundError:
+            for stray in self.directory.glob("*.db" + NEW_SUFFIX):
+                stray.unlink(missing_ok=True)
+            return
+        for new, archive in plan["replace"]:
+            if os.path.exists(new):
+                os.replace(new, archive)
+        for path in plan["remove"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        _fsync_dir(self.directory)
+        journal.unlink()
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        # Two sidecars on one directory must not fold the same files twice.
+        with open(self.directory / LOCK, "a") as f:
+            fcntl.flock(f, mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- for the web app ------------------------------------------------------------------------
+
+    async def pools(self) -> list[dict[str, Any]]:
+        """Per-pool numbers rebuilt from the merged metrics, for /pools and / in sidecar mode."""
+        metrics = await asyncio.get_running_loop().run_in_executor(self.executor, self.merge)
+        return pools_from_metrics(metrics, self.namespace)
+
+    def checks(self) -> dict[str, Callable[[], Any]]:
+        async def directory() -> None:
+            if not os.access(self.directory, os.R_OK | os.X_OK):
+                raise PermissionError(str(self.directory))
+
+        return {"multiproc_dir": directory}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _write(path: Path, values: dict[str, tuple[float, float]]) -> None:
+    d = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+    try:
+        for key, (value, timestamp) in values.items():
+            d.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
+    finally:
+        d.close()  # type: ignore[no-untyped-call]
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Sample name suffix -> /pools field, for the single-valued pool metrics.
+_POOL_FIELDS: dict[str, str] = {
+    "pool_size": "size",
+    "pool_max_connections": "max",
+    "pool_overflow_connections": "overflow",
+    "pool_timeout_seconds": "timeout",
+    "pool_pending_requests": "pending",
+    "pool_oldest_pending_seconds": "oldest_pending",
+    "pool_oldest_checkout_seconds": "oldest_checkout",
+    "pool_checkouts_total": "checkouts",
+    "pool_timeouts_total": "timeouts",
+    "pool_connections_created_total": "connections_created",
+    "pool_connections_closed_total": "connections_closed",
+    "pool_disconnects_total": "disconnects",
+    "pool_connections_leaked_total": "leaked",
+    "exporter_errors_total": "exporter_errors",
+}
+
+
+def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[str, Any]]:
+    """The /pools shape (a subset: no URL, no pool class) from merged multiprocess samples."""
+    ns = f"{namespace}_" if namespace else ""
+    fields = {ns + suffix: name for suffix, name in _POOL_FIELDS.items()}
+    pools: dict[str, dict[str, Any]] = {}
+    for metric in metrics:
+        for s in metric.samples:
+            pool = s.labels.get("pool")
+            if pool is None:
+                continue
+            row = pools.setdefault(pool, {"name": pool, "transactions": {}})
+            value: float | int = int(s.value) if s.value.is_integer() else s.value
+            if s.name == f"{ns}pool_connections" and s.labels.get("state") in ("used", "idle"):
+                row[s.labels["state"]] = value
+            elif s.name == f"{ns}transactions_total":
+                row["transactions"][s.labels.get("outcome", "")] = value
+            elif s.name in fields:
+                row[fields[s.name]] = value
+    return [pools[name] for name in sorted(pools)]
