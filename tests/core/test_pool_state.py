@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from sqlalchemy.pool import QueuePool
 
 import exporter
 
-from .conftest import PG_NAME, PgEngineFactory, poll, real_connections, sample, terminate_backend
+from .conftest import PG_NAME, PgEngineFactory, poll, poll_sync, real_connections, sample, terminate_backend
 
 P = {"pool": PG_NAME}
 
@@ -348,3 +349,37 @@ def test_sync_connection_garbage_collected_is_returned_and_counted_as_leaked(
     assert sample(registry, "sqlalchemy_pool_connections_closed_total", pool=name) == 0
     assert sample(registry, "sqlalchemy_pool_checkouts_total", pool=name) == 1
     assert sample(registry, "sqlalchemy_pool_use_seconds_count", pool=name) == 1
+
+
+def test_sync_threads_waiting_and_timing_out(
+    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/threads.db", pool_size=1, max_overflow=0, pool_timeout=0.3)
+    sync_engines.append(engine)
+    name = exporter.instrument(engine, registry=registry).name
+    failures: list[BaseException] = []
+
+    def wait_for_a_connection() -> None:
+        try:
+            with engine.connect():
+                pass
+        except sa_exc.TimeoutError as exc:
+            failures.append(exc)
+
+    with engine.connect() as held:
+        held.execute(text("SELECT 1"))
+        threads = [threading.Thread(target=wait_for_a_connection) for _ in range(2)]
+        for t in threads:
+            t.start()
+        poll_sync(lambda: sample(registry, "sqlalchemy_pool_pending_requests", pool=name) == 2, step=0.001)
+        assert (sample(registry, "sqlalchemy_pool_oldest_pending_seconds", pool=name) or 0) > 0
+        for t in threads:
+            t.join(10)
+
+    assert len(failures) == 2
+    assert sample(registry, "sqlalchemy_pool_timeouts_total", pool=name) == 2
+    assert sample(registry, "sqlalchemy_pool_checkouts_total", pool=name) == 1
+    assert sample(registry, "sqlalchemy_pool_pending_requests", pool=name) == 0
+    assert sample(registry, "sqlalchemy_pool_oldest_pending_seconds", pool=name) == 0
+    assert used(registry, name) == 0
+    assert idle(registry, name) == 1
