@@ -32,10 +32,10 @@ RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.95, 0.99)
 
 # The sidecar's PostgreSQL probe (exporter/pgview.py): the server's own view of connections.
-PG_CONNECTIONS = "sqlalchemy_pg_connections"
-PG_MAX_CONNECTIONS = "sqlalchemy_pg_max_connections"
-PG_OLDEST_XACT = "sqlalchemy_pg_oldest_transaction_seconds"
-PG_UP = "sqlalchemy_pg_up"
+PG_CONNECTIONS = "sqlalchemy_server_connections"
+PG_MAX_CONNECTIONS = "sqlalchemy_server_max_connections"
+PG_OLDEST_XACT = "sqlalchemy_server_oldest_transaction_seconds"
+PG_UP = "sqlalchemy_server_up"
 
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
@@ -406,8 +406,8 @@ SERVER = Row(
         Panel(
             "Oldest open transaction",
             "s",
-            (Query(f"max by (instance) ({PG_OLDEST_XACT}{{{TARGET}}})", "oldest transaction"),),
-            "Age of the oldest open transaction on the server (blocks vacuum, holds locks).",
+            (Query(f"max by (datname) ({PG_OLDEST_XACT}{{{TARGET}}})", "{{datname}}"),),
+            "Age of the oldest open transaction per database (it holds locks and blocks vacuum).",
             w=16,
         ),
         Panel(

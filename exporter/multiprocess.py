@@ -164,8 +164,11 @@ class MultiprocessWriter:
         written = self._written.setdefault(handle, {})
         for key, labels, value in samples.counters(handle.stats):
             before = written.get((key, labels), 0)
+            # Create the child even at 0: as in single-process mode, a counter is exported from the
+            # start, so Prometheus sees its first increase (a series born at 1 hides it from rate()).
+            child = m[key].labels(p, *labels)
             if value > before:
-                m[key].labels(p, *labels).inc(value - before)
+                child.inc(value - before)
             written[(key, labels)] = value
         for key, labels, hist in samples.histograms(handle.stats):
             counts, total = list(hist.counts), hist.sum
