@@ -74,14 +74,6 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) ->
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def cli_has(command: str) -> bool:
-    """True when `python -m exporter COMMAND --help` works (the CLI is built by another part)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "exporter", command, "--help"], cwd=REPO, capture_output=True, timeout=60
-    )
-    return result.returncode == 0
-
-
 def substitute(expr: str, *, range_seconds: int = 60) -> str:
     """Replace Grafana's template variables the way Grafana would for this dashboard."""
     for name, value in (
@@ -155,36 +147,28 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     try:
         mp_dir = tmp / "multiproc"
         mp_dir.mkdir()
-        sidecar = cli_has("serve")
         app_port = free_port()
-        if cli_has("demo"):
-            # The compose layout: demo workers on PostgreSQL write a shared multiprocess directory,
-            # the sidecar serves it merged, with the server's view from pg_stat_activity.
-            env = {**os.environ, "POOL_EXPORTER_LOG_LEVEL": "WARNING"}
-            env["POOL_EXPORTER_DATABASE_URL"] = ensure_database(DEMO_DB).replace("postgresql:", "postgresql+asyncpg:")
-            args = [sys.executable, "-m", "exporter", "demo", "--host", "127.0.0.1", "--port", str(app_port)]
-            args += ["--duration", str(DEMO_SECONDS), "--workers", str(DEMO_WORKERS)]
-            if sidecar:
-                args += ["--multiproc-dir", str(mp_dir)]
-            procs.append(_spawn(args, tmp / "demo.log", env))
-        else:
-            app = [sys.executable, str(Path(__file__).with_name("load_app.py")), str(app_port), str(DEMO_SECONDS)]
-            procs.append(_spawn(app, tmp / "app.log"))
-            sidecar = False
+        # The compose layout: demo workers on PostgreSQL write a shared multiprocess directory,
+        # the sidecar serves it merged, with the server's view from pg_stat_activity.
+        env = {**os.environ, "POOL_EXPORTER_LOG_LEVEL": "WARNING"}
+        env["POOL_EXPORTER_DATABASE_URL"] = ensure_database(DEMO_DB).replace("postgresql:", "postgresql+asyncpg:")
+        args = [sys.executable, "-m", "exporter", "demo", "--host", "127.0.0.1", "--port", str(app_port)]
+        args += ["--duration", str(DEMO_SECONDS), "--workers", str(DEMO_WORKERS), "--multiproc-dir", str(mp_dir)]
+        procs.append(_spawn(args, tmp / "demo.log", env))
         targets["app"] = f"http://127.0.0.1:{app_port}"
         wait_http(f"{targets['app']}/metrics", procs[-1])
 
-        if sidecar:
-            sidecar_port = free_port()
-            env = {**os.environ, "POOL_EXPORTER_DATABASE_URL": PG_URL, "POOL_EXPORTER_LOG_LEVEL": "WARNING"}
-            args = [sys.executable, "-m", "exporter", "serve", "--host", "127.0.0.1", "--port", str(sidecar_port)]
-            args += ["--multiproc-dir", str(mp_dir), "--probe-interval", "1"]
-            procs.append(_spawn(args, tmp / "sidecar.log", env))
-            targets["sidecar"] = f"http://127.0.0.1:{sidecar_port}"
-            wait_http(f"{targets['sidecar']}/healthz", procs[-1])
-        # Prometheus scrapes what a deployment scrapes: the sidecar when there is one (scraping the
-        # workers' directory twice would double every sum), else the app itself.
-        scraped = targets["sidecar" if sidecar else "app"]
+        sidecar_port = free_port()
+        env = {**os.environ, "POOL_EXPORTER_DATABASE_URL": PG_URL, "POOL_EXPORTER_LOG_LEVEL": "WARNING"}
+        args = [sys.executable, "-m", "exporter", "serve", "--host", "127.0.0.1", "--port", str(sidecar_port)]
+        args += ["--multiproc-dir", str(mp_dir), "--probe-interval", "1"]
+        procs.append(_spawn(args, tmp / "sidecar.log", env))
+        targets["sidecar"] = f"http://127.0.0.1:{sidecar_port}"
+        wait_http(f"{targets['sidecar']}/healthz", procs[-1])
+
+        # Prometheus scrapes what a deployment scrapes: the sidecar only (the demo serves the same
+        # directory merged too; scraping both would double every sum).
+        scraped = targets["sidecar"]
 
         port = free_port()
         config = {

@@ -47,3 +47,26 @@ def test_variable_query_has_values(prometheus: Prometheus, variable: dict[str, A
     assert payload["status"] == "success", payload
     values = {series["metric"].get(label) for series in payload["data"]["result"]}
     assert values and None not in values, f"{variable['name']}: no values for {label}"
+
+
+@pytest.mark.prometheus
+@pytest.mark.parametrize(
+    "expr",
+    [
+        'sqlalchemy_transactions_total{outcome="commit"}',
+        'sqlalchemy_transactions_total{outcome="rollback"}',
+        "sqlalchemy_pool_timeouts_total",
+        "sqlalchemy_pool_connections_leaked_total",
+        "sqlalchemy_pool_checkouts_total",
+    ],
+)
+def test_demo_traffic_reaches_prometheus(prometheus: Prometheus, expr: str) -> None:
+    """The panels show the demo's real events (commits, rollbacks, timeouts, leaks), not just zeros."""
+    payload = prometheus.wait_for(f"sum({expr}) > 0", max(prometheus.remaining(), 20.0))
+    assert payload["data"]["result"], f"{expr} stayed at 0"
+
+
+@pytest.mark.prometheus
+def test_server_view_sees_the_demo(prometheus: Prometheus) -> None:
+    expr = 'sum(sqlalchemy_server_connections{datname="pool_exporter_dashboards"}) > 0'
+    assert prometheus.wait_for(expr, max(prometheus.remaining(), 20.0))["data"]["result"]
