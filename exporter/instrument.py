@@ -178,6 +178,9 @@ class PoolHandle:
         self._error_logged: dict[str, float] = {}
         self._wrapped: weakref.WeakSet[Pool] = weakref.WeakSet()
         self._leak_warned: dict[Any, float] = {}
+        # Records checked out of a pool that dispose() replaced: SQLAlchemy parks them in the dead
+        # pool on return and they close when it is garbage-collected, with no `close` event.
+        self._orphans: weakref.WeakKeyDictionary[Any, weakref.finalize[Any, Any] | None] = weakref.WeakKeyDictionary()
         self._collector: PoolCollector | None = None
         self._watchdog: _LeakWatchdog | None = None
         self.active = True
@@ -232,6 +235,8 @@ class PoolHandle:
         on_timeout = self._on_timeout
         on_connect_error = self._on_connect_error
         fail = self._fail
+        orphans = self._orphans
+        replaced = [False]  # set once dispose() swapped this pool out; its waiters still get served
 
         def connect() -> Any:
             t0 = perf_counter()
@@ -255,12 +260,16 @@ class PoolHandle:
                 t1 = perf_counter()
                 wait.observe(t1 - t0)
                 stack = _stack() if capture else None
-                checkouts[fairy._connection_record] = Checkout(t1, ref(fairy), stack)
+                record = fairy._connection_record
+                checkouts[record] = Checkout(t1, ref(fairy), stack)
+                if replaced[0]:
+                    orphans.setdefault(record, None)
             except Exception as exc:
                 fail("checkout", exc)
             return fairy
 
         connect.__wrapped__ = original  # type: ignore[attr-defined]
+        connect._pool_exporter_replaced = replaced  # type: ignore[attr-defined]
         return connect
 
     def _make_on_checkin(self) -> Callable[[Any, Any], None]:
@@ -268,6 +277,7 @@ class PoolHandle:
         checkouts = stats.checkouts
         use = stats.use
         leak_warned = self._leak_warned
+        orphans = self._orphans
         fail = self._fail
         on_reclaimed = self._on_reclaimed
 
@@ -281,6 +291,8 @@ class PoolHandle:
                     on_reclaimed(entry)
                 if leak_warned:
                     self._leak_returned(record, entry)
+                if orphans and record in orphans:
+                    self._orphan_returned(record)
             except Exception as exc:
                 fail("checkin", exc)
 
@@ -328,6 +340,20 @@ class PoolHandle:
 
     def _on_close(self, dbapi_connection: Any, record: Any) -> None:
         self.stats.closed += 1
+        if self._orphans:
+            finalizer = self._orphans.pop(record, None)
+            if finalizer is not None:
+                finalizer.detach()
+
+    def _orphan_returned(self, record: Any) -> None:
+        # Count the close when the record dies with its dead pool, unless a `close` event comes first.
+        # A waiter of the dead pool may check the same record out and in again: one count per record.
+        previous = self._orphans.get(record)
+        if previous is not None:
+            previous.detach()
+        finalizer = weakref.finalize(record, _count_close, self.stats)
+        finalizer.atexit = False
+        self._orphans[record] = finalizer
 
     def _on_close_detached(self, dbapi_connection: Any) -> None:
         self.stats.closed += 1
@@ -340,6 +366,13 @@ class PoolHandle:
 
     def _on_engine_disposed(self, engine: Engine) -> None:
         try:
+            # The new pool has handed nothing out yet: every checkout now is from a replaced pool.
+            for record in tuple(self.stats.checkouts):
+                self._orphans.setdefault(record, None)
+            for pool in list(self._wrapped):
+                wrapper = vars(pool).get("connect")
+                if pool is not engine.pool and wrapper is not None:
+                    wrapper._pool_exporter_replaced[0] = True
             self._wrap_pool(engine.pool)
         except Exception as exc:
             self._fail("engine_disposed", exc)
@@ -566,6 +599,10 @@ class PoolHandle:
         with _HANDLES_LOCK:
             if engine is not None and _HANDLES.get(engine) is self:
                 del _HANDLES[engine]
+
+
+def _count_close(stats: PoolStats) -> None:
+    stats.closed += 1
 
 
 class _LeakWatchdog:
