@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.web import ContentCoding
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from . import _version
 from .auth import Auth
@@ -122,7 +123,9 @@ def metrics_handler(
         else:
             body = encoder(target)
         response = web.Response(body=body, headers={"Content-Type": content_type})
-        response.enable_compression()
+        # gzip only, as prometheus_client's own servers do (aiohttp alone would pick deflate first).
+        if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+            response.enable_compression(ContentCoding.gzip)
         return response
 
     return metrics

@@ -1,0 +1,81 @@
+"""The server's view, against the local PostgreSQL, with a session held idle in transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import make_url
+
+from exporter.pgview import ServerView
+from exporter.web import make_app
+
+from .conftest import PG_URL, sample, scrape, serving
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def idle_in_transaction() -> AsyncIterator[str]:
+    """Two sessions under a unique application_name: one idle in transaction, one idle."""
+    name = f"pgview-test-{uuid.uuid4().hex[:8]}"
+    stuck = await asyncpg.connect(
+        "postgresql://postgres@127.0.0.1:5432/test", server_settings={"application_name": name}
+    )
+    idle = await asyncpg.connect(
+        "postgresql://postgres@127.0.0.1:5432/test", server_settings={"application_name": name}
+    )
+    tx = stuck.transaction()
+    await tx.start()
+    await stuck.execute("SELECT 1")
+    try:
+        yield name
+    finally:
+        await tx.rollback()
+        await stuck.close()
+        await idle.close()
+
+
+async def test_idle_in_transaction_shows_up(idle_in_transaction: str) -> None:
+    name = idle_in_transaction
+    view = ServerView(make_url(PG_URL), interval=60)
+    registry = CollectorRegistry()
+    registry.register(view)
+    try:
+        assert await view.poll() is True
+        reading = view.reading
+        assert reading is not None
+        assert reading.connections[("test", name, "idle in transaction")] == 1
+        assert reading.connections[("test", name, "idle")] == 1
+        assert reading.oldest_transaction["test"] > 0
+        assert reading.max_connections > 0
+        async with serving(make_app(registry=registry)) as server:
+            samples = await scrape(f"{server.url}/metrics")
+        assert sample(samples, "sqlalchemy_server_up") == 1.0
+        labels = {"datname": "test", "application_name": name}
+        assert sample(samples, "sqlalchemy_server_connections", **labels, state="idle in transaction") == 1.0
+        assert sample(samples, "sqlalchemy_server_connections", **labels, state="idle") == 1.0
+        assert sample(samples, "sqlalchemy_server_max_connections") == float(reading.max_connections)
+        # The probe's own connection is not counted.
+        assert not any(
+            k[0] == "sqlalchemy_server_connections" and ("application_name", "pool-exporter") in k[1] for k in samples
+        )
+    finally:
+        await view.stop()
+
+
+async def test_unreachable_server_reports_up_zero() -> None:
+    view = ServerView(make_url("postgresql://postgres:Hidden@127.0.0.1:1/test"), interval=60, timeout=5)
+    registry = CollectorRegistry()
+    registry.register(view)
+    try:
+        assert await view.poll() is False
+        async with serving(make_app(registry=registry)) as server:
+            samples = await scrape(f"{server.url}/metrics")
+        assert sample(samples, "sqlalchemy_server_up") == 0.0
+        assert not any(name.startswith("sqlalchemy_server_connections") for name, _ in samples)
+    finally:
+        await view.stop()

@@ -1,0 +1,218 @@
+"""The sidecar over real worker processes writing a multiprocess directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from exporter.sidecar import JOURNAL, Sidecar
+from exporter.web import make_app
+
+from .conftest import PYTHON, cli_env, sample, scrape, serving
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import QueuePool
+    import exporter
+    from exporter.multiprocess import flush_all
+
+    commits, held, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    engine = create_engine(f"sqlite:///{db}", poolclass=QueuePool, pool_size=5, max_overflow=0)
+    exporter.instrument(engine, name="app")
+    for _ in range(commits):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    conns = [engine.connect() for _ in range(held)]
+    flush_all()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes our stdin: then a clean exit
+    """
+)
+
+
+class Workers:
+    def __init__(self, directory: Path, tmp: Path) -> None:
+        self.directory = directory
+        self.script = tmp / "worker.py"
+        self.script.write_text(WORKER)
+        self.db = tmp / "app.sqlite"
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, commits: int, held: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [PYTHON, str(self.script), str(commits), str(held), str(self.db)],
+            env=cli_env(PROMETHEUS_MULTIPROC_DIR=str(self.directory)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        return proc
+
+    def stop(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+
+    def kill(self, proc: subprocess.Popen[str]) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    w = Workers(directory, tmp_path)
+    yield w
+    w.close()
+
+
+def db_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.db"))
+
+
+async def test_sigkilled_worker_drops_live_gauges_and_keeps_counters(workers: Workers) -> None:
+    a = workers.start(commits=3, held=2)
+    b = workers.start(commits=5, held=1)
+    sidecar = Sidecar(workers.directory)
+    registry = CollectorRegistry()
+    registry.register(sidecar)
+    app = make_app(registry=registry, pools=sidecar.pools, offload=True, executor=sidecar.executor)
+    try:
+        async with serving(app) as server:
+            url = f"{server.url}/metrics"
+            before = await scrape(url)
+            assert sample(before, "sqlalchemy_pool_connections", pool="app", state="used") == 3.0
+            assert sample(before, "sqlalchemy_pool_checkouts_total", pool="app") == 11.0
+            assert sample(before, "sqlalchemy_transactions_total", pool="app", outcome="commit") == 8.0
+            assert sample(before, "sqlalchemy_exporter_sidecar_workers") == 2.0
+
+            workers.kill(b)
+            after = await scrape(url)
+            # b's live gauges are gone with it; what it counted stays.
+            assert sample(after, "sqlalchemy_pool_connections", pool="app", state="used") == 2.0
+            assert sample(after, "sqlalchemy_pool_checkouts_total", pool="app") == 11.0
+            assert sample(after, "sqlalchemy_transactions_total", pool="app", outcome="commit") == 8.0
+            assert sample(after, "sqlalchemy_pool_wait_seconds_count", pool="app") == 11.0
+            assert sample(after, "sqlalchemy_exporter_sidecar_reaped_workers_total") == 1.0
+            assert sample(after, "sqlalchemy_exporter_sidecar_workers") == 1.0
+            assert not any(name.endswith(f"_{b.pid}.db") for name in db_files(workers.directory))
+
+            workers.stop(a)  # a clean exit: its alive mark goes, so the sidecar reaps it too
+            last = await scrape(url)
+            assert sample(last, "sqlalchemy_pool_connections", pool="app", state="used") is None
+            assert sample(last, "sqlalchemy_pool_checkouts_total", pool="app") == 11.0
+            assert sample(last, "sqlalchemy_exporter_sidecar_reaped_workers_total") == 2.0
+            assert db_files(workers.directory) == ["counter_archive.db", "gauge_max_archive.db", "histogram_archive.db"]
+            pools = await sidecar.pools()
+            assert pools == [
+                {
+                    "name": "app",
+                    "transactions": {"commit": 8, "rollback": 0},
+                    "checkouts": 11,
+                    "timeouts": 0,
+                    "connections_created": 3,
+                    "connections_closed": 0,
+                    "disconnects": 0,
+                    "leaked": 0,
+                    "exporter_errors": 0,
+                    "timeout": 30,
+                }
+            ]
+    finally:
+        sidecar.close()
+
+
+async def test_compaction_keeps_totals_exact_and_files_flat(workers: Workers) -> None:
+    sidecar = Sidecar(workers.directory)
+    registry = CollectorRegistry()
+    registry.register(sidecar)
+    app = make_app(registry=registry, offload=True, executor=sidecar.executor)
+    expected = 0
+    try:
+        async with serving(app) as server:
+            for i, commits in enumerate((2, 7, 1, 4, 3)):
+                proc = workers.start(commits=commits, held=1)
+                expected += commits + 1
+                live = await scrape(f"{server.url}/metrics")
+                assert sample(live, "sqlalchemy_pool_connections", pool="app", state="used") == 1.0
+                if i % 2:
+                    workers.kill(proc)
+                else:
+                    workers.stop(proc)
+                samples = await scrape(f"{server.url}/metrics")
+                assert sample(samples, "sqlalchemy_pool_checkouts_total", pool="app") == float(expected)
+                assert sample(samples, "sqlalchemy_pool_connections", pool="app", state="used") is None
+                assert (
+                    sample(samples, "sqlalchemy_transactions_total", pool="app", outcome="commit") == expected - i - 1
+                )
+                assert sample(samples, "sqlalchemy_pool_wait_seconds_count", pool="app") == float(expected)
+                assert len(db_files(workers.directory)) == 3
+    finally:
+        sidecar.close()
+
+
+class CrashingSidecar(Sidecar):
+    """Dies right after writing the compaction journal, before swapping any file."""
+
+    crash = False
+
+    def _recover(self) -> None:
+        if self.crash and (self.directory / JOURNAL).exists():
+            raise KeyboardInterrupt("simulated crash")
+        super()._recover()
+
+
+def test_a_compaction_interrupted_after_its_journal_is_finished_on_restart(workers: Workers) -> None:
+    for commits in (3, 4):
+        workers.stop(workers.start(commits=commits, held=0))
+    first = CrashingSidecar(workers.directory, same_pid_namespace=True)
+    first.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        first.maintain()
+    plan = json.loads((workers.directory / JOURNAL).read_text())
+    assert len(plan["remove"]) == 6  # counter, histogram, gauge_max of both workers
+    assert all(os.path.exists(p) for p in plan["remove"])
+    first.close()
+
+    second = Sidecar(workers.directory, same_pid_namespace=True)  # recovers in its constructor
+    try:
+        assert not (workers.directory / JOURNAL).exists()
+        assert db_files(workers.directory) == ["counter_archive.db", "gauge_max_archive.db", "histogram_archive.db"]
+        totals = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in second.merge() for s in m.samples}
+        assert totals[("sqlalchemy_pool_checkouts_total", (("pool", "app"),))] == 7.0
+        assert totals[("sqlalchemy_transactions_total", (("outcome", "commit"), ("pool", "app")))] == 7.0
+    finally:
+        second.close()
+
+
+def test_a_compaction_interrupted_before_its_journal_leaves_nothing_behind(workers: Workers) -> None:
+    workers.stop(workers.start(commits=2, held=0))
+    stray = workers.directory / "counter_archive.db.new"
+    stray.write_bytes(b"half-written")
+    sidecar = Sidecar(workers.directory, same_pid_namespace=True)
+    try:
+        assert not stray.exists()
+        totals = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in sidecar.merge() for s in m.samples}
+        assert totals[("sqlalchemy_pool_checkouts_total", (("pool", "app"),))] == 2.0
+    finally:
+        sidecar.close()

@@ -1,0 +1,169 @@
+"""Every endpoint and content type, on a real aiohttp server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
+
+import exporter
+from exporter.web import Readiness, add_routes, make_app
+
+from .conftest import parse, sample, serving
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+async def test_metrics_text_openmetrics_and_gzip(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
+    exporter.instrument(sqlite_engine, name="web", registry=registry)
+    held = [sqlite_engine.connect(), sqlite_engine.connect()]
+    try:
+        async with (
+            serving(make_app(registry=registry)) as server,
+            aiohttp.ClientSession(auto_decompress=False, headers={"Accept-Encoding": "identity"}) as c,
+        ):
+            async with c.get(f"{server.url}/metrics") as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                assert "Content-Encoding" not in r.headers
+                text = (await r.read()).decode()
+            samples = parse(text)
+            assert sample(samples, "sqlalchemy_pool_connections", pool="web", state="used") == 2.0
+            assert sample(samples, "sqlalchemy_pool_connections", pool="web", state="idle") == 0.0
+            assert sample(samples, "sqlalchemy_pool_checkouts_total", pool="web") == 2.0
+            assert sample(samples, "sqlalchemy_pool_max_connections", pool="web") == 3.0
+
+            async with c.get(f"{server.url}/metrics", headers={"Accept": "application/openmetrics-text"}) as r:
+                assert r.headers["Content-Type"] == OPENMETRICS
+                body = (await r.read()).decode()
+            assert body.endswith("# EOF\n")
+            assert 'sqlalchemy_pool_checkouts_total{pool="web"} 2.0' in body
+
+            async with c.get(f"{server.url}/metrics", headers={"Accept-Encoding": "gzip"}) as r:
+                assert r.headers["Content-Encoding"] == "gzip"
+                unzipped = gzip.decompress(await r.read()).decode()
+            assert sample(parse(unzipped), "sqlalchemy_pool_connections", pool="web", state="used") == 2.0
+
+            async with c.get(f"{server.url}/metrics", params={"name[]": "sqlalchemy_pool_size"}) as r:
+                only = parse((await r.read()).decode())
+            assert list(only) == [("sqlalchemy_pool_size", (("pool", "web"),))]
+            assert only[("sqlalchemy_pool_size", (("pool", "web"),))] == 2.0
+    finally:
+        for conn in held:
+            conn.close()
+
+
+async def test_custom_metrics_path(registry: CollectorRegistry) -> None:
+    app = make_app(registry=registry, metrics_path="/x/metrics")
+    async with serving(app) as server, aiohttp.ClientSession() as c:
+        async with c.get(f"{server.url}/x/metrics") as r:
+            assert r.status == 200
+        async with c.get(f"{server.url}/metrics") as r:
+            assert r.status == 404
+
+
+async def test_healthz_readyz_pools_and_index(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
+    handle = exporter.instrument(sqlite_engine, name="web-pools", registry=registry)
+    conn = sqlite_engine.connect()
+    try:
+        async with serving(make_app(registry=registry)) as server, aiohttp.ClientSession() as c:
+            async with c.get(f"{server.url}/healthz") as r:
+                assert (r.status, await r.text()) == (200, "ok\n")
+            async with c.get(f"{server.url}/readyz") as r:
+                assert r.status == 200
+                ready = await r.json()
+            assert ready["ready"] is True
+            assert ready["checks"]["pool web-pools"] == "ok"
+            async with c.get(f"{server.url}/pools") as r:
+                pools = {p["name"]: p for p in (await r.json())["pools"]}
+            mine = pools["web-pools"]
+            # The readiness check borrowed (and returned) one connection too.
+            assert {k: mine[k] for k in ("pool_class", "used", "idle", "size", "max", "overflow", "checkouts")} == {
+                "pool_class": "QueuePool",
+                "used": 1,
+                "idle": 1,
+                "size": 2,
+                "max": 3,
+                "overflow": 0,
+                "checkouts": 2,
+            }
+            assert mine == json.loads(json.dumps(handle.snapshot() | {"oldest_checkout": mine["oldest_checkout"]}))
+            async with c.get(f"{server.url}/") as r:
+                assert r.headers["Content-Type"].startswith("text/html")
+                page = await r.text()
+            assert "<td>web-pools</td><td>QueuePool</td><td>1</td><td>1</td><td>2</td><td>3</td>" in page
+            assert 'href="/metrics"' in page
+    finally:
+        conn.close()
+
+
+async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(registry: CollectorRegistry) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine("postgresql+asyncpg://nobody:pw@127.0.0.1:1/none")
+    exporter.instrument(engine, name="unreachable", registry=registry)
+    runs = 0
+    original = Readiness._run
+
+    async def counting(self: Readiness) -> tuple[bool, dict[str, str]]:
+        nonlocal runs
+        runs += 1
+        return await original(self)
+
+    readiness = Readiness(lambda: {"pool unreachable": lambda: exporter.web.check_pool(exporter.handle_for(engine))})  # type: ignore[arg-type]
+    readiness._run = counting.__get__(readiness)  # type: ignore[method-assign]
+    try:
+        async with serving(make_app(registry=registry, readiness=readiness)) as server, aiohttp.ClientSession() as c:
+            import asyncio
+
+            async def get() -> tuple[int, dict[str, object]]:
+                async with c.get(f"{server.url}/readyz") as r:
+                    return r.status, await r.json()
+
+            results = await asyncio.gather(*(get() for _ in range(5)))
+        assert {status for status, _ in results} == {503}
+        assert results[0][1] == {"ready": False, "checks": {"pool unreachable": "failing: ConnectionRefusedError"}}
+        assert runs == 1
+    finally:
+        exporter.uninstrument(engine)
+        await engine.dispose()
+
+
+async def test_add_routes_to_an_existing_app(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
+    exporter.instrument(sqlite_engine, name="mounted", registry=registry)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    add_routes(app, registry=registry, index=False)
+    async with serving(app) as server, aiohttp.ClientSession() as c:
+        async with c.get(f"{server.url}/hello") as r:
+            assert await r.text() == "hello"
+        async with c.get(f"{server.url}/metrics") as r:
+            samples = parse(await r.text())
+        assert sample(samples, "sqlalchemy_pool_size", pool="mounted") == 2.0
+        async with c.get(f"{server.url}/") as r:
+            assert r.status == 404
+
+
+async def test_password_never_in_pools_or_index(registry: CollectorRegistry, tmp_path: object) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine("postgresql+asyncpg://postgres:Sup3rS3cret@127.0.0.1:5432/test")
+    exporter.instrument(engine, registry=registry)
+    try:
+        async with serving(make_app(registry=registry)) as server, aiohttp.ClientSession() as c:
+            for path in ("/pools", "/", "/metrics"):
+                async with c.get(f"{server.url}{path}") as r:
+                    body = await r.text()
+                assert "Sup3rS3cret" not in body
+                assert "127.0.0.1:5432/test" in body
+    finally:
+        exporter.uninstrument(engine)
+        await engine.dispose()
