@@ -360,34 +360,58 @@ class Scrapes:
     errors: list[str] = field(default_factory=list)
 
 
+@contextlib.asynccontextmanager
+async def serving(registry: CollectorRegistry, **kwargs: Any) -> AsyncIterator[str]:
+    """The exporter's own aiohttp app (exporter.web) on 127.0.0.1, a free port; yields its base URL."""
+    from exporter import web
+
+    server = web.Server(web.make_app(registry=registry, **kwargs), "127.0.0.1", 0)
+    await server.start()
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def serve() -> Callable[..., Any]:
+    """`async with serve(registry, **make_app_kwargs) as base_url:`"""
+    return serving
+
+
 @pytest.fixture
 def scrape_loop(emitted: Emitted) -> Callable[..., Any]:
-    """`async with scrape_loop(registry) as s:` scrapes the registry every 20 ms until the block ends."""
+    """`async with scrape_loop(registry) as s:` serves the registry and GETs /metrics every 20 ms meanwhile."""
 
     @contextlib.asynccontextmanager
     async def loop(registry: CollectorRegistry, every: float = 0.02) -> AsyncIterator[Scrapes]:
+        import aiohttp
+
         result = Scrapes()
         stop = asyncio.Event()
+        async with serving(registry) as base, aiohttp.ClientSession() as http:
 
-        async def run() -> None:
-            while not stop.is_set():
-                try:
-                    body = generate_latest(registry)
-                    assert b"sqlalchemy_pool_connections" in body
-                    result.ok += 1
-                    emitted.add(body)
-                except Exception as exc:
-                    result.failed += 1
-                    result.errors.append(repr(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), every)
+            async def run() -> None:
+                while not stop.is_set():
+                    try:
+                        async with http.get(base + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                            body = await r.read()
+                        assert r.status == 200, r.status
+                        assert b"sqlalchemy_pool_connections" in body
+                        result.ok += 1
+                        emitted.add(body)
+                    except Exception as exc:
+                        result.failed += 1
+                        result.errors.append(repr(exc))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), every)
 
-        task = asyncio.create_task(run())
-        try:
-            yield result
-        finally:
-            stop.set()
-            await task
+            task = asyncio.create_task(run())
+            try:
+                yield result
+            finally:
+                stop.set()
+                await task
 
     return loop
 
