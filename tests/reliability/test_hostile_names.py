@@ -1,0 +1,147 @@
+"""Pool names and error class names full of quotes, newlines, backslashes, markup and non-ASCII."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import QueuePool
+
+import exporter
+from exporter.sidecar import Sidecar
+
+pytestmark = pytest.mark.reliability
+
+NAMES = [
+    'quo"te',
+    "new\nline",
+    "back\\slash\\",
+    "ünïcødé-池-🐘",
+    "<script>alert(1)</script>",
+    "tab\tand}{=,\"'",
+]
+ERROR_NAMES = ['Bad"Error', "Multi\nLine\\Error", "Ошибка<b>"]
+
+
+def promtool(exposition: bytes, tmp_path: Path) -> None:
+    """`promtool check metrics` must accept it: exit 0, no lint complaint either."""
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=exposition, capture_output=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr).decode(errors="replace")
+
+
+def _engines(registry: CollectorRegistry) -> list:  # type: ignore[type-arg]
+    engines = []
+    for i, name in enumerate(NAMES):
+        error_name = ERROR_NAMES[i % len(ERROR_NAMES)]
+        failing = type(error_name, (Exception,), {})
+
+        def creator(failing: type[Exception] = failing) -> object:
+            raise failing("no database here")
+
+        good = create_engine("sqlite://", poolclass=QueuePool)
+        exporter.instrument(good, registry=registry, name=name)
+        with good.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        bad = create_engine("sqlite://", creator=creator, poolclass=QueuePool)
+        exporter.instrument(bad, registry=registry, name=f"{name}-bad")
+        for _ in range(2):
+            with pytest.raises(failing):
+                bad.connect()
+        engines += [good, bad]
+    return engines
+
+
+async def test_hostile_names_in_process(registry: CollectorRegistry, tmp_path: Path, serve, emitted) -> None:
+    """Fault: pool names and raised exception class names carry quotes, newlines, backslashes, markup, emoji.
+
+    The text exposition passes `promtool check metrics` and parses back to the exact names; the
+    OpenMetrics one parses too; /pools round-trips them through JSON; / shows them HTML-escaped.
+    """
+    engines = _engines(registry)
+    try:
+        body = generate_latest(registry)
+        promtool(body, tmp_path)
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        pools = {s.labels["pool"] for s in families["sqlalchemy_pool_checkouts"].samples}
+        assert pools == set(NAMES) | {f"{n}-bad" for n in NAMES}
+        errors = {
+            (s.labels["pool"], s.labels["error"], s.value) for s in families["sqlalchemy_pool_connect_errors"].samples
+        }
+        assert errors == {(f"{n}-bad", ERROR_NAMES[i % len(ERROR_NAMES)], 2.0) for i, n in enumerate(NAMES)}
+
+        async with serve(registry) as base, aiohttp.ClientSession() as http:
+            async with http.get(base + "/metrics", headers={"Accept": "application/openmetrics-text"}) as r:
+                assert r.status == 200
+                om = await r.text()
+            async with http.get(base + "/pools") as r:
+                assert r.status == 200
+                listed = {p["name"] for p in json.loads(await r.read())["pools"]}
+            async with http.get(base + "/") as r:
+                assert r.status == 200
+                page = await r.text()
+        emitted.add(om)
+        emitted.add(page)
+        om_pools = {
+            s.labels["pool"] for f in parse_openmetrics(om) if f.name == "sqlalchemy_pool_checkouts" for s in f.samples
+        }
+        assert om_pools == pools
+        assert set(NAMES) <= listed
+        assert "<script>" not in page and "&lt;script&gt;" in page
+    finally:
+        for engine in engines:
+            exporter.uninstrument(engine)
+            engine.dispose()
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import QueuePool
+    import exporter
+    from exporter.multiprocess import flush_all
+    names = json.loads(sys.argv[1])
+    engines = []
+    for name in names:
+        engine = create_engine("sqlite://", poolclass=QueuePool)
+        exporter.instrument(engine, name=name)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engines.append(engine)
+    flush_all()
+    """
+)
+
+
+def test_hostile_names_through_the_sidecar(tmp_path: Path) -> None:
+    """Fault: the same names written by a worker into a multiprocess directory and merged by the sidecar.
+
+    The merged exposition passes `promtool check metrics` and names every pool exactly.
+    """
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run([sys.executable, "-c", WORKER, json.dumps(NAMES)], env=env, check=True, timeout=60)
+    sidecar = Sidecar(directory)
+    try:
+        registry = CollectorRegistry()
+        registry.register(sidecar)
+        body = generate_latest(registry)
+    finally:
+        sidecar.close()
+    promtool(body, tmp_path)
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    checkouts = {s.labels["pool"]: s.value for s in families["sqlalchemy_pool_checkouts"].samples}
+    assert checkouts == dict.fromkeys(NAMES, 1.0)
