@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,13 +23,19 @@ DEFAULT_PORT = 9717
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
+_URL_PASSWORD = re.compile(r"(:/+[^/@:\s]*:)[^@\s]*@")
+
+
 class SettingError(ValueError):
     """A bad setting, as one printable line that names it."""
 
     def __init__(self, setting: str, problem: str) -> None:
         self.setting = setting
-        self.problem = problem
-        super().__init__(f"{setting}: {problem}")
+        # Problems quote the bad value: a newline or escape code in it must not break the one line,
+        # and a database URL given to the wrong setting must not print its password.
+        problem = _URL_PASSWORD.sub(r"\1***@", problem)
+        self.problem = "".join(c if c.isprintable() else repr(c)[1:-1] for c in problem)
+        super().__init__(f"{setting}: {self.problem}")
 
     def line(self) -> str:
         flag = "--" + self.setting.replace("_", "-")
