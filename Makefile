@@ -18,7 +18,7 @@ services:
 	bash scripts/ensure-services.sh
 
 lint: setup
-	$(VENV)/bin/ruff check exporter tests
+	$(VENV)/bin/ruff check exporter tests dashboards benchmarks
 	$(VENV)/bin/mypy
 
 test: setup services lint
