@@ -9,6 +9,7 @@ import threading
 import time
 import traceback
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -236,6 +237,11 @@ class PoolHandle:
         on_connect_error = self._on_connect_error
         fail = self._fail
         orphans = self._orphans
+        # Histogram.observe() and Checkout() inlined: here a Python-level call costs as much as the
+        # update it makes (docs/performance.md). The counts list is never replaced, so it can be held.
+        wait_counts = wait.counts
+        wait_bounds = wait.bounds
+        new_checkout = tuple.__new__  # a Checkout without NamedTuple's Python-level __new__
         replaced = [False]  # set once dispose() swapped this pool out; its waiters still get served
 
         def connect() -> Any:
@@ -258,10 +264,11 @@ class PoolHandle:
             try:
                 del waiting[token]
                 t1 = perf_counter()
-                wait.observe(t1 - t0)
-                stack = _stack() if capture else None
+                waited = t1 - t0
+                wait_counts[bisect_left(wait_bounds, waited)] += 1
+                wait.sum += waited
                 record = fairy._connection_record
-                checkouts[record] = Checkout(t1, ref(fairy), stack)
+                checkouts[record] = new_checkout(Checkout, (t1, ref(fairy), _stack() if capture else None))
                 if replaced[0]:
                     orphans.setdefault(record, None)
             except Exception as exc:
@@ -276,6 +283,8 @@ class PoolHandle:
         stats = self.stats
         checkouts = stats.checkouts
         use = stats.use
+        use_counts = use.counts
+        use_bounds = use.bounds
         leak_warned = self._leak_warned
         orphans = self._orphans
         fail = self._fail
@@ -286,7 +295,9 @@ class PoolHandle:
                 entry = checkouts.pop(record, None)
                 if entry is None:
                     return
-                use.observe(perf_counter() - entry.started)
+                held = perf_counter() - entry.started
+                use_counts[bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
+                use.sum += held
                 if entry.fairy() is None:
                     on_reclaimed(entry)
                 if leak_warned:
