@@ -189,3 +189,58 @@ TRANSACTION_OUTCOMES: tuple[str, ...] = ("commit", "rollback")
 SAVEPOINT_OUTCOMES: tuple[str, ...] = ("release", "rollback")
 SESSION_OUTCOMES: tuple[str, ...] = ("commit", "rollback", "cancelled")
 INVALIDATION_KINDS: tuple[str, ...] = ("hard", "soft")
+
+# The sidecar's PostgreSQL server view (pg_stat_activity); no `pool` label.
+SERVER_CATALOG: tuple[MetricSpec, ...] = (
+    MetricSpec("up", "server_up", "gauge", "1 if the last pg_stat_activity probe worked, else 0.", pool_label=False),
+    MetricSpec(
+        "connections",
+        "server_connections",
+        "gauge",
+        "Client connections the server holds, by database, application_name and state.",
+        ("datname", "application_name", "state"),
+        pool_label=False,
+    ),
+    MetricSpec("max_connections", "server_max_connections", "gauge", "The server's max_connections.", pool_label=False),
+    MetricSpec(
+        "oldest_transaction",
+        "server_oldest_transaction_seconds",
+        "gauge",
+        "Age of the oldest open transaction, by database (0 when none).",
+        ("datname",),
+        pool_label=False,
+    ),
+    MetricSpec("probe_seconds", "server_probe_seconds", "gauge", "How long the last probe took.", pool_label=False),
+)
+
+# The sidecar's own view of the multiprocess directory it maintains.
+SIDECAR_CATALOG: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "workers",
+        "exporter_sidecar_workers",
+        "gauge",
+        "Worker processes writing the multiprocess directory.",
+        pool_label=False,
+    ),
+    MetricSpec(
+        "files",
+        "exporter_sidecar_files",
+        "gauge",
+        "Files in the multiprocess directory after compaction.",
+        pool_label=False,
+    ),
+    MetricSpec(
+        "reaped",
+        "exporter_sidecar_reaped_workers_total",
+        "counter",
+        "Dead workers whose files were reaped.",
+        pool_label=False,
+    ),
+    MetricSpec(
+        "errors",
+        "exporter_sidecar_errors_total",
+        "counter",
+        "Failures while maintaining the multiprocess directory.",
+        pool_label=False,
+    ),
+)

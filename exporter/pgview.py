@@ -28,35 +28,6 @@ log = logging.getLogger("exporter.pgview")
 
 APPLICATION_NAME = "pool-exporter"
 
-# The server-view metrics, as data (names without namespace); labels beyond none.
-SERVER_METRICS: tuple[catalog.MetricSpec, ...] = (
-    catalog.MetricSpec(
-        "up", "server_up", "gauge", "1 if the last pg_stat_activity probe worked, else 0.", pool_label=False
-    ),
-    catalog.MetricSpec(
-        "connections",
-        "server_connections",
-        "gauge",
-        "Client connections the server holds, by database, application_name and state.",
-        ("datname", "application_name", "state"),
-        pool_label=False,
-    ),
-    catalog.MetricSpec(
-        "max_connections", "server_max_connections", "gauge", "The server's max_connections.", pool_label=False
-    ),
-    catalog.MetricSpec(
-        "oldest_transaction",
-        "server_oldest_transaction_seconds",
-        "gauge",
-        "Age of the oldest open transaction, by database (0 when none).",
-        ("datname",),
-        pool_label=False,
-    ),
-    catalog.MetricSpec(
-        "probe_seconds", "server_probe_seconds", "gauge", "How long the last probe took.", pool_label=False
-    ),
-)
-
 # Our own probe connection is left out, so the numbers are the applications' alone.
 _CONNECTIONS = text(
     """
@@ -172,7 +143,7 @@ class ServerView(Collector):
             self._engine = None
 
     def collect(self) -> Iterator[Metric]:
-        specs = {spec.key: spec for spec in SERVER_METRICS}
+        specs = {spec.key: spec for spec in catalog.SERVER_CATALOG}
         ns = self.namespace
 
         def family(key: str) -> GaugeMetricFamily:

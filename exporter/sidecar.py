@@ -129,19 +129,10 @@ class Sidecar(Collector):
                 return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
 
     def _own_metrics(self) -> Iterator[Metric]:
-        ns = f"{self.namespace}_" if self.namespace else ""
-        yield GaugeMetricFamily(
-            f"{ns}exporter_sidecar_workers", "Worker processes writing the multiprocess directory.", self.live_workers
-        )
-        yield GaugeMetricFamily(
-            f"{ns}exporter_sidecar_files", "Files in the multiprocess directory after compaction.", self.files
-        )
-        yield CounterMetricFamily(
-            f"{ns}exporter_sidecar_reaped_workers", "Dead workers whose files were reaped.", self.reaped
-        )
-        yield CounterMetricFamily(
-            f"{ns}exporter_sidecar_errors", "Failures while maintaining the multiprocess directory.", self.errors
-        )
+        values = {"workers": self.live_workers, "files": self.files, "reaped": self.reaped, "errors": self.errors}
+        for spec in catalog.SIDECAR_CATALOG:
+            family = GaugeMetricFamily if spec.kind == "gauge" else CounterMetricFamily
+            yield family(spec.name(self.namespace), spec.help, values[spec.key])
 
     # -- liveness -------------------------------------------------------------------------------
 

@@ -112,16 +112,28 @@ async def local_pools() -> list[dict[str, Any]]:
 def metrics_handler(
     registry: CollectorRegistry, executor: Executor | None = None, offload: bool = False
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Render the registry as the client asked; in `offload` mode, off the event loop."""
+    """Render the registry as the client asked; in `offload` mode, off the event loop.
+
+    Off the loop, scrapes that arrive while a render of the same kind is running share its result,
+    so a burst of scrapers costs one render, not one each.
+    """
+    inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
+
+    async def render(encoder: Callable[[Any], bytes], content_type: str, names: tuple[str, ...]) -> bytes:
+        target: Any = registry.restricted_registry(names) if names else registry
+        if not offload:
+            return encoder(target)
+        key = (content_type, names)
+        future = inflight.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().run_in_executor(executor, encoder, target)
+            inflight[key] = future
+            future.add_done_callback(lambda _: inflight.pop(key, None))
+        return await asyncio.shield(future)
 
     async def metrics(request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
-        names = request.query.getall("name[]", [])
-        target: Any = registry.restricted_registry(names) if names else registry
-        if offload:
-            body = await asyncio.get_running_loop().run_in_executor(executor, encoder, target)
-        else:
-            body = encoder(target)
+        body = await render(encoder, content_type, tuple(request.query.getall("name[]", [])))
         response = web.Response(body=body, headers={"Content-Type": content_type})
         # gzip only, as prometheus_client's own servers do (aiohttp alone would pick deflate first).
         if gzip_accepted(request.headers.get("Accept-Encoding", "")):
@@ -207,7 +219,7 @@ def add_routes(
     pools: PoolsSource = local_pools,
     readiness: Readiness | None = None,
     auth: Auth | None = None,
-    offload: bool = False,
+    offload: bool = True,
     executor: Executor | None = None,
     index: bool = True,
 ) -> None:
@@ -230,7 +242,7 @@ def make_app(
     pools: PoolsSource = local_pools,
     readiness: Readiness | None = None,
     auth: Auth | None = None,
-    offload: bool = False,
+    offload: bool = True,
     executor: Executor | None = None,
 ) -> web.Application:
     """A standalone exporter app; with `auth`, every route but /healthz (and 404s) needs credentials."""
