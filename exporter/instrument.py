@@ -85,7 +85,7 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
         )
     return PoolReading(
         type(pool).__name__,
-        used=len(stats.checkouts),
+        used=len(stats.checked_out),
         idle=0 if isinstance(pool, NullPool) else None,
         size=None,
         max=None,
@@ -228,7 +228,7 @@ class PoolHandle:
     def _make_connect(self, original: Callable[[], Any]) -> Callable[[], Any]:
         stats = self.stats
         waiting = stats.waiting
-        checkouts = stats.checkouts
+        checkouts = stats.checked_out
         wait = stats.wait
         tokens = itertools.count()
         capture = self.leak_threshold is not None
@@ -237,11 +237,10 @@ class PoolHandle:
         on_connect_error = self._on_connect_error
         fail = self._fail
         orphans = self._orphans
-        # Histogram.observe() and Checkout() inlined: here a Python-level call costs as much as the
-        # update it makes (docs/performance.md). The counts list is never replaced, so it can be held.
+        # Histogram.observe() inlined: here a Python-level call costs as much as the update it makes
+        # (docs/performance.md). The counts list is never replaced, so it can be held.
         wait_counts = wait.counts
         wait_bounds = wait.bounds
-        new_checkout = tuple.__new__  # a Checkout without NamedTuple's Python-level __new__
         replaced = [False]  # set once dispose() swapped this pool out; its waiters still get served
 
         def connect() -> Any:
@@ -268,7 +267,7 @@ class PoolHandle:
                 wait_counts[bisect_left(wait_bounds, waited)] += 1
                 wait.sum += waited
                 record = fairy._connection_record
-                checkouts[record] = new_checkout(Checkout, (t1, ref(fairy), _stack() if capture else None))
+                checkouts[record] = (t1, ref(fairy), _stack() if capture else None)  # see PoolStats.checkouts
                 if replaced[0]:
                     orphans.setdefault(record, None)
             except Exception as exc:
@@ -281,7 +280,7 @@ class PoolHandle:
 
     def _make_on_checkin(self) -> Callable[[Any, Any], None]:
         stats = self.stats
-        checkouts = stats.checkouts
+        checkouts = stats.checked_out
         use = stats.use
         use_counts = use.counts
         use_bounds = use.bounds
@@ -295,13 +294,13 @@ class PoolHandle:
                 entry = checkouts.pop(record, None)
                 if entry is None:
                     return
-                held = perf_counter() - entry.started
+                held = perf_counter() - entry[0]
                 use_counts[bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
                 use.sum += held
-                if entry.fairy() is None:
-                    on_reclaimed(entry)
+                if entry[1]() is None:
+                    on_reclaimed(Checkout._make(entry))
                 if leak_warned:
-                    self._leak_returned(record, entry)
+                    self._leak_returned(record, Checkout._make(entry))
                 if orphans and record in orphans:
                     self._orphan_returned(record)
             except Exception as exc:
@@ -313,9 +312,10 @@ class PoolHandle:
 
     def _on_detach(self, dbapi_connection: Any, record: Any) -> None:
         try:
-            entry = self.stats.checkouts.pop(record, None)
-            if entry is None:
+            raw = self.stats.checked_out.pop(record, None)
+            if raw is None:
                 return
+            entry = Checkout._make(raw)
             self.stats.use.observe(perf_counter() - entry.started)
             if entry.fairy() is None:
                 self._on_reclaimed(entry)
@@ -378,7 +378,7 @@ class PoolHandle:
     def _on_engine_disposed(self, engine: Engine) -> None:
         try:
             # The new pool has handed nothing out yet: every checkout now is from a replaced pool.
-            for record in tuple(self.stats.checkouts):
+            for record in tuple(self.stats.checked_out):
                 self._orphans.setdefault(record, None)
             for pool in list(self._wrapped):
                 wrapper = vars(pool).get("connect")

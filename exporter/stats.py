@@ -80,9 +80,16 @@ class PoolStats:
         self.savepoints: dict[str, int] = {"release": 0, "rollback": 0}
         self.sessions: dict[str, int] = {}
         self.statement_errors: dict[str, int] = {}
-        # Live state: waiters (token -> start) and checked-out connection records.
+        # Live state: waiters (token -> start) and checked-out connection records. The checkout
+        # path stores plain (started, fairy weakref, stack) tuples: building a NamedTuple there costs
+        # ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names the fields.
         self.waiting: dict[int, float] = {}
-        self.checkouts: dict[Any, Checkout] = {}
+        self.checked_out: dict[Any, tuple[float, Any, traceback.StackSummary | None]] = {}
+
+    @property
+    def checkouts(self) -> dict[Any, Checkout]:
+        """The connections checked out now, by connection record (a snapshot)."""
+        return {record: Checkout._make(entry) for record, entry in tuple(self.checked_out.items())}
 
     def transaction_histogram(self, outcome: str) -> Histogram:
         hist = self.transaction.get(outcome)
@@ -101,7 +108,7 @@ class PoolStats:
         return now - min(starts) if starts else 0.0
 
     def oldest_checkout(self, now: float) -> float:
-        starts = [c.started for c in tuple(self.checkouts.values())]
+        starts = [entry[0] for entry in tuple(self.checked_out.values())]
         return now - min(starts) if starts else 0.0
 
 
