@@ -1,0 +1,51 @@
+"""Goal 1: a checkout + return with no I/O, per variant, on a QueuePool over in-memory SQLite."""
+
+from __future__ import annotations
+
+from time import perf_counter_ns
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
+
+from .measure import Summary, interleaved, summarise
+from .variants import Variant
+
+
+def make_engine(variant: Variant) -> Engine:
+    # In-memory SQLite with a QueuePool: each pooled connection is its own empty database, no I/O.
+    engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
+    variant.attach(engine)
+    # Open the connection once so that no cycle below pays for creating it.
+    engine.pool.connect().close()
+    return engine
+
+
+def pool_cycles(engine: Engine, n: int) -> float:
+    """µs per `pool.connect()` + `close()`: the pool's own checkout and return."""
+    pool = engine.pool
+    t0 = perf_counter_ns()
+    for _ in range(n):
+        pool.connect().close()
+    return (perf_counter_ns() - t0) / n / 1000
+
+
+def engine_cycles(engine: Engine, n: int) -> float:
+    """µs per `engine.connect()` + `close()`: what a Core caller pays, Connection object included."""
+    t0 = perf_counter_ns()
+    for _ in range(n):
+        engine.connect().close()
+    return (perf_counter_ns() - t0) / n / 1000
+
+
+def run(variants: list[Variant], *, rounds: int, cycles: int) -> dict[str, dict[str, Summary]]:
+    engines = {v.name: make_engine(v) for v in variants}
+    for engine in engines.values():  # warm up every code path before the first timed round
+        pool_cycles(engine, cycles // 10 + 1)
+        engine_cycles(engine, cycles // 10 + 1)
+    names = [v.name for v in variants]
+    pool = interleaved(names, rounds, lambda name: pool_cycles(engines[name], cycles))
+    eng = interleaved(names, rounds, lambda name: engine_cycles(engines[name], cycles))
+    for engine in engines.values():
+        engine.dispose()
+    return {"pool": summarise(pool), "engine": summarise(eng)}

@@ -1,0 +1,354 @@
+"""The one benchmark runner: `python -m benchmarks [--quick] [--output FILE]` prints Markdown tables.
+
+Every timing compares variants in one process, interleaved A/B/A/B over rounds, and reports
+medians of per-round values and of per-round differences and ratios against `none`. Instruction
+counts come from valgrind's callgrind, which is deterministic however busy the machine is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from . import callgrind, e2e, memory, pool_cycle, scrape
+from .measure import Summary, fmt, table
+from .variants import Variant, otel_available, selected
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    cycles: int
+    callgrind_cycles: int
+    callgrind_variants: tuple[str, ...] | None  # None: all
+    callgrind_kinds: tuple[str, ...]
+    e2e_rounds: int
+    e2e_total: dict[int, int]  # concurrency -> transactions per slot
+    scrape_repeat: int
+    live_workers: int
+    gone_workers: int
+    growth_checkouts: int
+
+
+FULL = Plan(
+    rounds=15,
+    cycles=20_000,
+    callgrind_cycles=2_000,
+    callgrind_variants=None,
+    callgrind_kinds=("pool", "engine"),
+    e2e_rounds=8,
+    e2e_total={1: 600, 16: 1_600},
+    scrape_repeat=30,
+    live_workers=64,
+    gone_workers=1_000,
+    growth_checkouts=1_000_000,
+)
+QUICK = Plan(
+    rounds=3,
+    cycles=2_000,
+    callgrind_cycles=300,
+    callgrind_variants=("none", "ours"),
+    callgrind_kinds=("pool",),
+    e2e_rounds=1,
+    e2e_total={1: 40, 16: 160},
+    scrape_repeat=5,
+    live_workers=4,
+    gone_workers=20,
+    growth_checkouts=20_000,
+)
+
+GOAL_CYCLE_US = 2.0
+GOAL_CPU_RATIO = 1.02
+GOAL_RENDER_MS = 5.0
+GOAL_MERGE_MS = 100.0
+RENDER_POOLS = 20
+
+
+def machine() -> list[str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"- CPU: {model}, {os.cpu_count()} logical cores (nproc {len(os.sched_getaffinity(0))}), "
+        f"load average at start {load}",
+        f"- Python {platform.python_version()} ({platform.python_implementation()}), {platform.system()} "
+        f"{platform.release()}",
+        f"- SQLAlchemy {version('sqlalchemy')}, prometheus_client {version('prometheus-client')}, "
+        f"asyncpg {version('asyncpg')}, opentelemetry-sdk {version('opentelemetry-sdk')}, "
+        f"opentelemetry-instrumentation-sqlalchemy {version('opentelemetry-instrumentation-sqlalchemy')}",
+    ]
+
+
+def _ratio(s: Summary) -> str:
+    return f"×{fmt(s.ratio, 3)}"
+
+
+def _section_cycle(variants: list[Variant], plan: Plan, out: list[str], goals: list[list[str]]) -> None:
+    t = pool_cycle.run(variants, rounds=plan.rounds, cycles=plan.cycles)
+    ir: dict[str, dict[str, float]] = {}
+    if callgrind.available():
+        names = [v.name for v in variants if plan.callgrind_variants is None or v.name in plan.callgrind_variants]
+        for kind in plan.callgrind_kinds:
+            ir[kind] = callgrind.run(names, kind=kind, cycles=plan.callgrind_cycles)
+    pool_ir, engine_ir = ir.get("pool", {}), ir.get("engine", {})
+
+    def ir_cols(irs: dict[str, float], name: str) -> list[str]:
+        if name not in irs:
+            return ["–", "–"]
+        return [f"{irs[name]:,.0f}", f"{irs[name] - irs['none']:+,.0f}"]
+
+    rows = []
+    for v in variants:
+        p, e = t["pool"][v.name], t["engine"][v.name]
+        rows.append(
+            [
+                v.label,
+                fmt(p.median),
+                f"{fmt(p.delta, sign=True)} ± {fmt(p.spread)}",
+                _ratio(p),
+                *ir_cols(pool_ir, v.name),
+                fmt(e.median),
+                f"{fmt(e.delta, sign=True)} ± {fmt(e.spread)}",
+                _ratio(e),
+                *ir_cols(engine_ir, v.name),
+            ]
+        )
+    out += [
+        "## 1. Pool cycle: checkout + return, no I/O",
+        "",
+        f"QueuePool over in-memory SQLite, connection already open. {plan.rounds} interleaved rounds of "
+        f"{plan.cycles:,} cycles per variant; µs are medians of rounds, Δ the median of per-round differences "
+        f"against `none` (± half the interquartile range of those differences), × the median per-round ratio. "
+        f"Ir = instructions per cycle under callgrind ({plan.callgrind_cycles:,} cycles after warm-up; "
+        "deterministic).",
+        "",
+        table(
+            [
+                "variant",
+                "pool.connect()+close() µs",
+                "Δ µs",
+                "× none",
+                "Ir",
+                "Δ Ir",
+                "engine.connect()+close() µs",
+                "Δ µs",
+                "× none",
+                "Ir",
+                "Δ Ir",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    ours = t["pool"]["ours"]
+    line = f"{fmt(ours.delta, sign=True)} µs ± {fmt(ours.spread)} (timed)"
+    if "ours" in pool_ir:
+        # Instructions converted at the bare pool's own µs per instruction: a noise-free estimate.
+        per_ir = t["pool"]["none"].median / pool_ir["none"]
+        est = (pool_ir["ours"] - pool_ir["none"]) * per_ir
+        line += f"; {est:+.2f} µs from instructions ({pool_ir['ours'] - pool_ir['none']:+,.0f} Ir)"
+        met = est <= GOAL_CYCLE_US
+    else:
+        met = ours.delta <= GOAL_CYCLE_US
+    goals.append(["1. pool cycle, ours vs bare", f"≤ +{GOAL_CYCLE_US:g} µs", line, "yes" if met else "**no**"])
+
+
+def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: list[list[str]]) -> None:
+    out += ["## 2. End to end: `async with session: SELECT 1; commit` on PostgreSQL via asyncpg", ""]
+    if not e2e.postgres_available():
+        out += [f"Skipped: no PostgreSQL at {e2e.PG_URL}.", ""]
+        goals.append(["2. app CPU per transaction", f"≤ ×{GOAL_CPU_RATIO}", "not run (no PostgreSQL)", "–"])
+        return
+    results = {c: e2e.run(variants, rounds=plan.e2e_rounds, concurrency=c, total=n) for c, n in plan.e2e_total.items()}
+    header = ["variant"]
+    for c in results:
+        header += [f"c={c} CPU µs/tx", "× none", f"c={c} tx/s", "× none"]
+    rows = []
+    for v in variants:
+        row = [v.label]
+        for r in results.values():
+            cpu, tps = r.cpu_us[v.name], r.tps[v.name]
+            row += [fmt(cpu.median, 0), _ratio(cpu), fmt(tps.median, 0), _ratio(tps)]
+        rows.append(row)
+    totals = ", ".join(f"{n:,} at c={c}" for c, n in plan.e2e_total.items())
+    out += [
+        f"{plan.e2e_rounds} interleaved rounds per concurrency; each slot opens its connections untimed, runs "
+        f"{totals} transactions, then disposes the engine. CPU = this process's CPU time per transaction "
+        "(the server's is not counted); × = median of per-round ratios against `none`.",
+        "",
+        table(header, rows),
+        "",
+    ]
+    for c, r in results.items():
+        cpu, tps = r.cpu_us["ours"], r.tps["ours"]
+        noise = r.cpu_us["none"]
+        goals.append(
+            [
+                f"2. app CPU per transaction, c={c}",
+                f"≤ ×{GOAL_CPU_RATIO}",
+                f"×{fmt(cpu.ratio, 3)} ({fmt(cpu.delta, 1, sign=True)} µs ± {fmt(cpu.spread, 1)}; "
+                f"none's own median {fmt(noise.median, 0)} µs); throughput ×{fmt(tps.ratio, 3)}",
+                "yes" if cpu.ratio <= GOAL_CPU_RATIO else "**no**",
+            ]
+        )
+
+
+def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
+    r = scrape.render(RENDER_POOLS, plan.scrape_repeat)
+    s = scrape.sidecar(plan.live_workers, plan.gone_workers, plan.scrape_repeat)
+    live, gone = plan.live_workers, plan.gone_workers
+    rows = [
+        [
+            f"generate_latest(), {RENDER_POOLS} instrumented pools",
+            f"{fmt(r['ms'])} ms",
+            f"{r['lines']:,.0f} lines, {r['bytes'] / 1024:,.0f} KiB; {fmt(r['ms'] * 1000 / r['lines'])} µs per line",
+        ],
+        [f"merge, {live} live workers ({s['merge']})", f"{fmt(float(s['live_ms']))} ms", f"{s['live_files']} files"],
+        [
+            f"merge, {live} live + {gone} gone, no compaction (prometheus_client)",
+            f"{fmt(float(s['raw_after_churn_ms']))} ms",
+            f"{s['churned_files']} files",
+        ],
+    ]
+    if "after_churn_ms" in s:
+        rows += [
+            [
+                "first sidecar scrape after the churn (reap + compact + merge)",
+                f"{fmt(float(s['first_after_churn_ms']))} ms",
+                "once",
+            ],
+            [
+                f"sidecar merge, {live} live + {gone} gone, compacted",
+                f"{fmt(float(s['after_churn_ms']))} ms",
+                f"{s['files_after_churn']} files",
+            ],
+        ]
+    out += [
+        "## 3. Scrape",
+        "",
+        f"Medians of {plan.scrape_repeat} renders. Each pool has run commits, rollbacks and every statement kind, "
+        "so every series exists. Workers are forked processes writing real multiprocess files.",
+        "",
+        table(["measurement", "median", "detail"], rows),
+        "",
+    ]
+    goals.append(
+        [
+            f"3. /metrics for {RENDER_POOLS} pools",
+            f"< {GOAL_RENDER_MS:g} ms",
+            f"{fmt(r['ms'])} ms",
+            "yes" if r["ms"] < GOAL_RENDER_MS else "**no**",
+        ]
+    )
+    goals.append(
+        [
+            f"3. merge of {live} live workers",
+            f"< {GOAL_MERGE_MS:g} ms",
+            f"{fmt(float(s['live_ms']))} ms",
+            "yes" if float(s["live_ms"]) < GOAL_MERGE_MS else "**no**",
+        ]
+    )
+    if "after_churn_ms" in s:
+        after, before = float(s["after_churn_ms"]), float(s["live_ms"])
+        # "Not slower": within 25% or 2 ms of the live-only merge, whichever is larger (scheduling noise).
+        ok = after <= max(before * 1.25, before + 2.0)
+        goals.append(
+            [
+                f"3. merge after {gone} workers came and went",
+                "not slower",
+                f"{fmt(after)} ms vs {fmt(before)} ms",
+                "yes" if ok else "**no**",
+            ]
+        )
+
+
+def _section_memory(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
+    per_pool = memory.footprint()
+    g = memory.growth(plan.growth_checkouts)
+    grown = {k: v for k, v in g["sizes_after"].items() if v != g["sizes_before"][k]}
+    rows = [
+        ["memory per instrumented pool (tracemalloc, all series present)", f"{per_pool / 1024:,.1f} KiB"],
+        [
+            f"allocated blocks after {g['checkouts']:,} checkouts (sys.getallocatedblocks)",
+            f"{g['blocks_delta']:+,}",
+        ],
+        ["internal dicts after / before", ", ".join(f"{k} {v}" for k, v in g["sizes_after"].items())],
+        ["checkouts counted", f"{g['counted']:,}"],
+    ]
+    out += ["## 4. Memory", "", table(["measurement", "result"], rows), ""]
+    # A few blocks come and go with interpreter caches; growth would be ~1 block per checkout.
+    flat = not grown and abs(g["blocks_delta"]) < 1000
+    goals.append(
+        [
+            "4. nothing grows with checkouts",
+            f"flat over {g['checkouts']:,}",
+            f"{g['blocks_delta']:+,} blocks; internal dicts unchanged" if not grown else f"grew: {grown}",
+            "yes" if flat else "**no**",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small run (< 60 s) that checks the runner works")
+    parser.add_argument("--output", type=Path, help="also write the Markdown to this file")
+    parser.add_argument(
+        "--only", choices=("cycle", "e2e", "scrape", "memory"), action="append", help="run only these sections"
+    )
+    parser.add_argument("--no-callgrind", action="store_true", help="skip the instruction counts")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.no_callgrind:
+        plan = Plan(**{**plan.__dict__, "callgrind_kinds": ()})
+    sections = set(args.only or ("cycle", "e2e", "scrape", "memory"))
+    variants = selected()
+    started = time.monotonic()
+    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    out = ["# Benchmarks", "", f"`{command}` — {time.strftime('%Y-%m-%d')}", "", *machine(), ""]
+    if not otel_available():
+        out += ["OpenTelemetry rows skipped: install the `bench` extra (`pip install -e '.[bench]'`).", ""]
+    goals: list[list[str]] = []
+    if "cycle" in sections:
+        _section_cycle(variants, plan, out, goals)
+    if "e2e" in sections:
+        _section_e2e(variants, plan, out, goals)
+    if "scrape" in sections:
+        _section_scrape(plan, out, goals)
+    if "memory" in sections:
+        _section_memory(plan, out, goals)
+    out += ["## Goals", "", table(["goal", "target", "result", "met"], goals), ""]
+    out += [f"Ran in {time.monotonic() - started:.0f} s.", ""]
+    text = "\n".join(out)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    return 0
+
+
+def finite(cell: str) -> bool:
+    """Whether a table cell holds a finite number (tests use it; '–' marks a deliberate blank)."""
+    cleaned = cell.replace(",", "").replace("×", "").replace("µs", "").replace("ms", "").strip()
+    first = cleaned.split()[0] if cleaned.split() else ""
+    try:
+        return math.isfinite(float(first))
+    except ValueError:
+        return False

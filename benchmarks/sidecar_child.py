@@ -1,0 +1,130 @@
+"""Child of benchmarks.scrape.sidecar(): forked workers write real multiprocess files, then we merge them.
+
+Usage: PROMETHEUS_MULTIPROC_DIR=DIR python -m benchmarks.sidecar_child DIR LIVE GONE REPEAT
+Prints one JSON line of median milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import QueuePool
+
+import exporter
+from exporter.multiprocess import flush_all
+
+try:  # the sidecar's own merge, with reaping and compaction of dead workers' files
+    from exporter.sidecar import Sidecar
+except ImportError:  # pragma: no cover - before the sidecar existed
+    Sidecar = None  # type: ignore[assignment,misc]
+
+
+def _work() -> None:
+    """A worker's life: one instrumented engine, a few transactions, numbers flushed to its files."""
+    engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
+    exporter.instrument(engine, name="app", registry=CollectorRegistry(), multiprocess=True)
+    for _ in range(5):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            conn.commit()
+    flush_all()
+
+
+def _fork(then: Callable[[int, int], None]) -> tuple[int, int, int]:
+    """Fork a worker that works, tells us over a pipe, then runs `then(ready_fd, wait_fd)`."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            _work()
+            then(ready_w, go_r)
+        except BaseException:
+            code = 1
+        os._exit(code)  # no atexit: a worker that vanished, as after SIGKILL
+    os.close(ready_w)
+    os.close(go_r)
+    return pid, ready_r, go_w
+
+
+def _stay(ready: int, go: int) -> None:
+    os.write(ready, b"1")
+    os.read(go, 1)  # until the parent is done measuring
+
+
+def _leave(ready: int, go: int) -> None:
+    os.write(ready, b"1")
+
+
+def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = perf_counter()
+        fn()
+        times.append((perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _raw_merge(directory: str) -> Callable[[], Any]:
+    collector = MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+    return lambda: list(collector.collect())  # type: ignore[no-untyped-call]
+
+
+def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"live": live, "gone": gone}
+    workers = [_fork(_stay) for _ in range(live)]
+    for _, ready, _ in workers:
+        os.read(ready, 1)
+    if Sidecar is not None:
+        result["merge"] = "exporter.sidecar.Sidecar.merge()"
+        sidecar = Sidecar(directory)
+        sidecar.merge()  # first call: probes the pid namespace
+        result["live_ms"] = _median_ms(sidecar.merge, repeat)
+    else:
+        result["merge"] = "prometheus_client MultiProcessCollector"
+        result["live_ms"] = _median_ms(_raw_merge(directory), repeat)
+    result["live_files"] = len(list(Path(directory).glob("*.db")))
+    # Workers that came and went; a few at a time, as a process manager would recycle them.
+    for start in range(0, gone, 16):
+        batch = [_fork(_leave) for _ in range(min(16, gone - start))]
+        for pid, ready, go in batch:
+            os.read(ready, 1)
+            os.close(ready)
+            os.close(go)
+            os.waitpid(pid, 0)
+    result["churned_files"] = len(list(Path(directory).glob("*.db")))
+    raw = directory + ".raw"
+    shutil.copytree(directory, raw)
+    # What merging costs when nothing compacts: every file of every worker that ever lived.
+    result["raw_after_churn_ms"] = _median_ms(_raw_merge(raw), max(3, repeat // 3))
+    shutil.rmtree(raw)
+    if Sidecar is not None:
+        t0 = perf_counter()
+        sidecar.merge()  # reaps and compacts the dead workers' files
+        result["first_after_churn_ms"] = (perf_counter() - t0) * 1000
+        result["after_churn_ms"] = _median_ms(sidecar.merge, repeat)
+        result["files_after_churn"] = len(list(Path(directory).glob("*.db")))
+        sidecar.close()
+    for pid, _ready, go in workers:
+        os.write(go, b"1")
+        os.waitpid(pid, 0)
+    return result
+
+
+if __name__ == "__main__":
+    d, live_n, gone_n, rep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    print(json.dumps(main(d, live_n, gone_n, rep)))
