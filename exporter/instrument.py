@@ -201,7 +201,6 @@ class PoolHandle:
         listen(engine, "soft_invalidate", self._on_soft_invalidate)
         listen(engine, "do_connect", self._on_do_connect)
         listen(engine, "handle_error", self._on_handle_error)
-        listen(engine, "engine_disposed", self._on_engine_disposed)
         if transactions:
             listen(engine, "begin", self._on_begin)
             listen(engine, "commit", self._on_commit)
@@ -223,7 +222,23 @@ class PoolHandle:
             return
         original = pool.connect
         pool.connect = self._make_connect(original)  # type: ignore[method-assign]
+        # engine.dispose() swaps the pool for pool.recreate(): hooked here rather than through the
+        # engine_disposed event, because any ConnectionEvents listener makes every Connection join
+        # the engine's dispatch, +15% app CPU per transaction (docs/performance.md).
+        pool.recreate = self._make_recreate(pool, pool.recreate)  # type: ignore[method-assign]
         self._wrapped.add(pool)
+
+    def _make_recreate(self, pool: Pool, original: Callable[[], Pool]) -> Callable[[], Pool]:
+        def recreate() -> Pool:
+            new = original()
+            try:
+                self._on_pool_replaced(pool, new)
+            except Exception as exc:
+                self._fail("pool_replaced", exc)
+            return new
+
+        recreate.__wrapped__ = original  # type: ignore[attr-defined]
+        return recreate
 
     def _make_connect(self, original: Callable[[], Any]) -> Callable[[], Any]:
         stats = self.stats
@@ -375,18 +390,18 @@ class PoolHandle:
     def _on_soft_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
         self.stats.invalidations["soft"] += 1
 
-    def _on_engine_disposed(self, engine: Engine) -> None:
-        try:
-            # The new pool has handed nothing out yet: every checkout now is from a replaced pool.
-            for record in tuple(self.stats.checked_out):
-                self._orphans.setdefault(record, None)
-            for pool in list(self._wrapped):
-                wrapper = vars(pool).get("connect")
-                if pool is not engine.pool and wrapper is not None:
-                    wrapper._pool_exporter_replaced[0] = True
-            self._wrap_pool(engine.pool)
-        except Exception as exc:
-            self._fail("engine_disposed", exc)
+    def _on_pool_replaced(self, old: Pool, new: Pool) -> None:
+        """engine.dispose() made `new` to replace `old` (it becomes engine.pool right after)."""
+        if not self.active:
+            return
+        # The new pool has handed nothing out yet: every checkout now is from a replaced pool.
+        for record in tuple(self.stats.checked_out):
+            self._orphans.setdefault(record, None)
+        for pool in list(self._wrapped):
+            wrapper = vars(pool).get("connect")
+            if pool is not new and wrapper is not None:
+                wrapper._pool_exporter_replaced[0] = True
+        self._wrap_pool(new)
 
     def _on_timeout(self) -> None:
         try:
@@ -597,6 +612,8 @@ class PoolHandle:
         for pool in list(self._wrapped):
             if "connect" in vars(pool):
                 del pool.connect
+            if "recreate" in vars(pool):
+                del pool.recreate
         self._wrapped = weakref.WeakSet()
         if self._watchdog is not None:
             self._watchdog.stop()
