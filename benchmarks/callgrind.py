@@ -1,14 +1,15 @@
-"""Goal 1 in instructions: valgrind's callgrind counts them exactly, however busy the machine is.
+"""Goals 1 and 2 in instructions: valgrind's callgrind counts them exactly, however busy the machine is.
 
-The child (`python -m benchmarks.callgrind VARIANT KIND N`) starts with instrumentation off (fast:
-imports are not simulated), sets up and warms up, switches it on with `callgrind_control -i on`,
-then calls os.getppid() right before and right after the N timed cycles. Callgrind runs with
-`--dump-before=getppid`, so the second dump holds exactly the N cycles: no start-up run to
-subtract, no import noise.
+The child (`python -m benchmarks.callgrind VARIANT KIND N`, KIND = pool | engine | e2e1 | e2e16)
+starts with instrumentation off (fast: imports are not simulated), sets up and warms up, switches
+it on with `callgrind_control -i on`, then calls os.getppid() right before and right after the N
+timed cycles. Callgrind runs with `--dump-before=getppid`, so the second dump holds exactly the N
+cycles: no start-up run to subtract, no import noise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import platform
@@ -19,6 +20,10 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .variants import Variant
 
 _TOTALS = re.compile(rb"^totals:\s*(\d+)", re.MULTILINE)
 
@@ -63,14 +68,21 @@ def run(variants: list[str], *, kind: str, cycles: int, jobs: int = 2) -> dict[s
         return {v: f.result() for v, f in futures.items()}
 
 
+def _instrument_now() -> None:
+    subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True, capture_output=True)
+
+
 def _child(variant: str, kind: str, cycles: int) -> None:
     from .pool_cycle import engine_cycles, make_engine, pool_cycles
     from .variants import BY_NAME
 
+    if kind.startswith("e2e"):
+        asyncio.run(_child_e2e(BY_NAME[variant], int(kind[3:]), cycles))
+        return
     engine = make_engine(BY_NAME[variant])
     loop = pool_cycles if kind == "pool" else engine_cycles
     loop(engine, 200)
-    subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True, capture_output=True)
+    _instrument_now()
     loop(engine, 20)
     # A full collection now, so that none falls inside the window by chance of timing (one costs
     # ~1,000 Ir per cycle at 2,000 cycles); the young-generation collections that the cycles'
@@ -79,6 +91,25 @@ def _child(variant: str, kind: str, cycles: int) -> None:
     os.getppid()
     loop(engine, cycles)
     os.getppid()
+
+
+async def _child_e2e(variant: Variant, concurrency: int, transactions: int) -> None:
+    """The end-to-end transaction of benchmarks.e2e, counted in our process only: the app's CPU."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from .e2e import PG_URL, run_transactions
+
+    engine = create_async_engine(PG_URL, pool_size=concurrency, max_overflow=0)
+    variant.attach(engine.sync_engine)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    await run_transactions(maker, concurrency * 4, concurrency)
+    _instrument_now()
+    await run_transactions(maker, concurrency, concurrency)
+    gc.collect()
+    os.getppid()
+    await run_transactions(maker, transactions, concurrency)
+    os.getppid()
+    await engine.dispose()
 
 
 if __name__ == "__main__":

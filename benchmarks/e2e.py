@@ -29,7 +29,7 @@ class Result:
     tps: dict[str, Summary]  # transactions per second
 
 
-async def _transactions(maker: async_sessionmaker, total: int, concurrency: int) -> None:  # type: ignore[type-arg]
+async def run_transactions(maker: async_sessionmaker, total: int, concurrency: int) -> None:  # type: ignore[type-arg]
     async def worker(n: int) -> None:
         for _ in range(n):
             async with maker() as session:
@@ -42,9 +42,9 @@ async def _transactions(maker: async_sessionmaker, total: int, concurrency: int)
 
 async def _slot(engine: AsyncEngine, total: int, concurrency: int) -> tuple[float, float]:
     maker = async_sessionmaker(engine, expire_on_commit=False)
-    await _transactions(maker, concurrency * 4, concurrency)  # open the connections, untimed
+    await run_transactions(maker, concurrency * 4, concurrency)  # open the connections, untimed
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    await _transactions(maker, total, concurrency)
+    await run_transactions(maker, total, concurrency)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     await engine.dispose()
     return cpu / total * 1e6, total / wall

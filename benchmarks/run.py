@@ -37,14 +37,14 @@ class Plan:
 
 
 FULL = Plan(
-    rounds=15,
-    cycles=20_000,
-    callgrind_cycles=2_000,
+    rounds=12,
+    cycles=10_000,
+    callgrind_cycles=1_000,
     callgrind_variants=None,
-    callgrind_kinds=("pool", "engine"),
-    e2e_rounds=8,
-    e2e_total={1: 600, 16: 1_600},
-    scrape_repeat=30,
+    callgrind_kinds=("pool", "engine", "e2e1", "e2e16"),
+    e2e_rounds=6,
+    e2e_total={1: 500, 16: 1_600},
+    scrape_repeat=12,
     live_workers=64,
     gone_workers=1_000,
     growth_checkouts=1_000_000,
@@ -54,7 +54,7 @@ QUICK = Plan(
     cycles=2_000,
     callgrind_cycles=300,
     callgrind_variants=("none", "ours"),
-    callgrind_kinds=("pool",),
+    callgrind_kinds=("pool", "e2e16"),
     e2e_rounds=1,
     e2e_total={1: 40, 16: 160},
     scrape_repeat=5,
@@ -108,7 +108,8 @@ def _section_cycle(variants: list[Variant], plan: Plan, out: list[str], goals: l
     if callgrind.available():
         names = [v.name for v in variants if plan.callgrind_variants is None or v.name in plan.callgrind_variants]
         for kind in plan.callgrind_kinds:
-            ir[kind] = callgrind.run(names, kind=kind, cycles=plan.callgrind_cycles)
+            if kind in ("pool", "engine"):
+                ir[kind] = callgrind.run(names, kind=kind, cycles=plan.callgrind_cycles)
     pool_ir, engine_ir = ir.get("pool", {}), ir.get("engine", {})
 
     def ir_cols(irs: dict[str, float], name: str) -> list[str]:
@@ -179,35 +180,56 @@ def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: lis
         goals.append(["2. app CPU per transaction", f"≤ ×{GOAL_CPU_RATIO}", "not run (no PostgreSQL)", "–"])
         return
     results = {c: e2e.run(variants, rounds=plan.e2e_rounds, concurrency=c, total=n) for c, n in plan.e2e_total.items()}
+    # The same transaction under callgrind: instructions of this process only, i.e. the app's CPU.
+    ir: dict[int, dict[str, float]] = {}
+    tx_counted = max(plan.callgrind_cycles // 5, 32)
+    if callgrind.available():
+        names = [v.name for v in variants if plan.callgrind_variants is None or v.name in plan.callgrind_variants]
+        for kind in plan.callgrind_kinds:
+            if kind.startswith("e2e"):
+                ir[int(kind[3:])] = callgrind.run(names, kind=kind, cycles=tx_counted)
     header = ["variant"]
     for c in results:
         header += [f"c={c} CPU µs/tx", "× none", f"c={c} tx/s", "× none"]
+        if c in ir:
+            header += [f"c={c} Ir/tx", "× none"]
     rows = []
     for v in variants:
         row = [v.label]
-        for r in results.values():
+        for c, r in results.items():
             cpu, tps = r.cpu_us[v.name], r.tps[v.name]
             row += [fmt(cpu.median, 0), _ratio(cpu), fmt(tps.median, 0), _ratio(tps)]
+            if c in ir:
+                n = ir[c].get(v.name)
+                row += [f"{n:,.0f}", f"×{n / ir[c]['none']:.3f}"] if n is not None else ["–", "–"]
         rows.append(row)
     totals = ", ".join(f"{n:,} at c={c}" for c, n in plan.e2e_total.items())
     out += [
         f"{plan.e2e_rounds} interleaved rounds per concurrency; each slot opens its connections untimed, runs "
         f"{totals} transactions, then disposes the engine. CPU = this process's CPU time per transaction "
-        "(the server's is not counted); × = median of per-round ratios against `none`.",
+        "(the server's is not counted); × = median of per-round ratios against `none`. Ir/tx = instructions "
+        f"per transaction of this process under callgrind ({tx_counted} transactions after warm-up).",
         "",
         table(header, rows),
         "",
     ]
     for c, r in results.items():
         cpu, tps = r.cpu_us["ours"], r.tps["ours"]
-        noise = r.cpu_us["none"]
+        line = (
+            f"timed ×{fmt(cpu.ratio, 3)} ({fmt(cpu.delta, 1, sign=True)} µs ± {fmt(cpu.spread, 1)} of "
+            f"{fmt(r.cpu_us['none'].median, 0)}), throughput ×{fmt(tps.ratio, 3)}"
+        )
+        ratio = cpu.ratio
+        if c in ir and "ours" in ir[c]:
+            # Instructions decide: the timed ratio's noise on this machine is several times the goal.
+            ratio = ir[c]["ours"] / ir[c]["none"]
+            line = f"×{ratio:.3f} in instructions; {line}"
         goals.append(
             [
                 f"2. app CPU per transaction, c={c}",
                 f"≤ ×{GOAL_CPU_RATIO}",
-                f"×{fmt(cpu.ratio, 3)} ({fmt(cpu.delta, 1, sign=True)} µs ± {fmt(cpu.spread, 1)}; "
-                f"none's own median {fmt(noise.median, 0)} µs); throughput ×{fmt(tps.ratio, 3)}",
-                "yes" if cpu.ratio <= GOAL_CPU_RATIO else "**no**",
+                line,
+                "yes" if ratio <= GOAL_CPU_RATIO else "**no**",
             ]
         )
 
@@ -239,7 +261,8 @@ def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
             [
                 f"sidecar merge, {live} live + {gone} gone, compacted",
                 f"{fmt(float(s['after_churn_ms']))} ms",
-                f"{s['files_after_churn']} files",
+                f"{s['files_after_churn']} files; interleaved with the pre-churn directory: "
+                f"{fmt(float(s['live_interleaved_ms']))} ms",
             ],
         ]
     out += [
@@ -268,7 +291,7 @@ def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
         ]
     )
     if "after_churn_ms" in s:
-        after, before = float(s["after_churn_ms"]), float(s["live_ms"])
+        after, before = float(s["after_churn_ms"]), float(s["live_interleaved_ms"])
         # "Not slower": within 25% or 2 ms of the live-only merge, whichever is larger (scheduling noise).
         ok = after <= max(before * 1.25, before + 2.0)
         goals.append(

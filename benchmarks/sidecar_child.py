@@ -98,6 +98,9 @@ def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
         result["merge"] = "prometheus_client MultiProcessCollector"
         result["live_ms"] = _median_ms(_raw_merge(directory), repeat)
     result["live_files"] = len(list(Path(directory).glob("*.db")))
+    # The directory as it was with live workers only, to compare with, interleaved, after the churn.
+    before = directory + ".live"
+    shutil.copytree(directory, before)
     # Workers that came and went; a few at a time, as a process manager would recycle them.
     for start in range(0, gone, 16):
         batch = [_fork(_leave) for _ in range(min(16, gone - start))]
@@ -116,9 +119,19 @@ def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
         t0 = perf_counter()
         sidecar.merge()  # reaps and compacts the dead workers' files
         result["first_after_churn_ms"] = (perf_counter() - t0) * 1000
-        result["after_churn_ms"] = _median_ms(sidecar.merge, repeat)
+        reference = Sidecar(before)
+        reference.merge()
+        live_ms: list[float] = []
+        after_ms: list[float] = []
+        for _ in range(repeat):
+            live_ms.append(_median_ms(reference.merge, 1))
+            after_ms.append(_median_ms(sidecar.merge, 1))
+        result["live_interleaved_ms"] = statistics.median(live_ms)
+        result["after_churn_ms"] = statistics.median(after_ms)
         result["files_after_churn"] = len(list(Path(directory).glob("*.db")))
         sidecar.close()
+        reference.close()
+    shutil.rmtree(before)
     for pid, _ready, go in workers:
         os.write(go, b"1")
         os.waitpid(pid, 0)

@@ -64,6 +64,18 @@ def _ours(engine: Engine) -> None:
     exporter.instrument(engine, name=f"bench{next(_names)}", registry=CollectorRegistry(), multiprocess=False)
 
 
+def _ours_pool_only(engine: Engine) -> None:
+    """exporter.instrument() without transaction and statement metrics: pool events only."""
+    exporter.instrument(
+        engine,
+        name=f"bench{next(_names)}",
+        registry=CollectorRegistry(),
+        multiprocess=False,
+        statements=False,
+        transactions=False,
+    )
+
+
 def _otel(engine: Engine, *, tracing: bool) -> None:
     """OpenTelemetry's SQLAlchemy instrumentation on this one engine, with the SDK's providers.
 
@@ -112,6 +124,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("none", "none (bare SQLAlchemy)", _none),
     Variant("noop", "no-op listeners (floor)", _noop),
     Variant("ours", "**sqlalchemy-pool-exporter** (all metrics)", _ours),
+    Variant("ours_pool", "sqlalchemy-pool-exporter, statements=False, transactions=False", _ours_pool_only),
     Variant("hand", "hand-written prometheus_client (gauge + histogram)", _handwritten),
     Variant("otel", "OpenTelemetry SQLAlchemy, metrics", lambda e: _otel(e, tracing=False)),
     Variant("otel_trace", "OpenTelemetry SQLAlchemy, metrics + tracing", lambda e: _otel(e, tracing=True)),
