@@ -35,6 +35,7 @@ class Summary:
     delta: float  # median of per-round (variant - baseline)
     ratio: float  # median of per-round variant / baseline
     spread: float  # half the interquartile range of the per-round deltas: the noise of `delta`
+    best: float  # the fastest round: the least disturbed by other processes
 
 
 def summarise(results: dict[str, list[float]], baseline: str = "none") -> dict[str, Summary]:
@@ -45,7 +46,11 @@ def summarise(results: dict[str, list[float]], baseline: str = "none") -> dict[s
         deltas = [v - b for v, b in zip(values, base, strict=True)]
         ratios = [v / b if b else math.nan for v, b in zip(values, base, strict=True)]
         out[name] = Summary(
-            statistics.median(values), statistics.median(deltas), statistics.median(ratios), _iqr(deltas) / 2
+            statistics.median(values),
+            statistics.median(deltas),
+            statistics.median(ratios),
+            _iqr(deltas) / 2,
+            min(values),
         )
     return out
 

@@ -163,8 +163,9 @@ def _section_cycle(variants: list[Variant], plan: Plan, out: list[str], goals: l
     ours = t["pool"]["ours"]
     line = f"{fmt(ours.delta, sign=True)} µs ± {fmt(ours.spread)} (timed)"
     if "ours" in pool_ir:
-        # Instructions converted at the bare pool's own µs per instruction: a noise-free estimate.
-        per_ir = t["pool"]["none"].median / pool_ir["none"]
+        # Instructions converted at the bare pool's µs per instruction in its fastest round (the least
+        # disturbed by other processes): an estimate free of this machine's noise.
+        per_ir = t["pool"]["none"].best / pool_ir["none"]
         est = (pool_ir["ours"] - pool_ir["none"]) * per_ir
         line += f"; {est:+.2f} µs from instructions ({pool_ir['ours'] - pool_ir['none']:+,.0f} Ir)"
         met = est <= GOAL_CYCLE_US
