@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
-from . import catalog
+from . import catalog, dialect
 from .naming import pool_name, safe_url
 from .stats import Checkout, PoolStats, bump
 
@@ -38,11 +38,7 @@ perf_counter = time.perf_counter
 
 _HANDLES: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()
 _HANDLES_LOCK = threading.Lock()
-# Attribute names we set on SQLAlchemy Connection objects; prefixed to stay out of their way.
-_TX_START = "_pool_exporter_tx_start"
-_STMT_START = "_pool_exporter_stmt_start"
 _ERROR_LOG_EVERY = 60.0
-_OPERATIONS = {"select": "select", "insert": "insert", "update": "update", "delete": "delete"}
 
 
 class PoolReading(NamedTuple):
@@ -175,6 +171,8 @@ class PoolHandle:
         self.stats = PoolStats(buckets)
         self._engine = weakref.ref(engine)
         self._listeners: list[tuple[str, Callable[..., Any]]] = []
+        self._dialect_wrappers: dialect.Installed = []
+        self._statements_pending = False
         self._connecting: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._error_logged: dict[str, float] = {}
         self._wrapped: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -201,15 +199,14 @@ class PoolHandle:
         listen(engine, "soft_invalidate", self._on_soft_invalidate)
         listen(engine, "do_connect", self._on_do_connect)
         listen(engine, "handle_error", self._on_handle_error)
+        # Not through ConnectionEvents: registering any of those costs every transaction 15%.
         if transactions:
-            listen(engine, "begin", self._on_begin)
-            listen(engine, "commit", self._on_commit)
-            listen(engine, "rollback", self._on_rollback)
-            listen(engine, "release_savepoint", self._on_release_savepoint)
-            listen(engine, "rollback_savepoint", self._on_rollback_savepoint)
-        if statements:
-            listen(engine, "before_cursor_execute", self._on_before_cursor_execute)
-            listen(engine, "after_cursor_execute", self._on_after_cursor_execute)
+            self._dialect_wrappers += dialect.wrap_transactions(engine.dialect, self.stats, self._fail)
+        # SQLAlchemy's own first-connect probe (server version, schema…) is not the app's work:
+        # statements are timed once the dialect is initialised, i.e. after the first connect.
+        self._statements_pending = statements and engine.dialect.server_version_info is None
+        if statements and not self._statements_pending:
+            self._dialect_wrappers += dialect.wrap_statements(engine.dialect, self.stats, self._fail)
         # No event fires when a caller starts waiting, so the pool's one entry point is wrapped.
         self._wrap_pool(engine.pool)
 
@@ -358,11 +355,20 @@ class PoolHandle:
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         try:
             self.stats.created += 1
+            if self._statements_pending:
+                self._time_statements()
             started = self._connecting.pop(record, None)
             if started is not None:
                 self.stats.create.observe(perf_counter() - started)
         except Exception as exc:
             self._fail("connect", exc)
+
+    def _time_statements(self) -> None:
+        # Runs after SQLAlchemy's first_connect listener, which was registered before ours.
+        self._statements_pending = False
+        engine = self._engine()
+        if engine is not None and self.active:
+            self._dialect_wrappers += dialect.wrap_statements(engine.dialect, self.stats, self._fail)
 
     def _on_close(self, dbapi_connection: Any, record: Any) -> None:
         self.stats.closed += 1
@@ -386,6 +392,11 @@ class PoolHandle:
 
     def _on_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
         self.stats.invalidations["hard"] += 1
+        try:
+            # No ROLLBACK is sent on a connection being thrown away; the server rolls it back.
+            dialect.end_transaction(self.stats, record.info, "rollback")
+        except Exception as exc:
+            self._fail("invalidate", exc)
 
     def _on_soft_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
         self.stats.invalidations["soft"] += 1
@@ -449,51 +460,6 @@ class PoolHandle:
                 bump(self.stats.statement_errors, error_class(ctx.original_exception))
         except Exception as exc:
             self._fail("handle_error", exc)
-
-    def _on_begin(self, conn: Any) -> None:
-        try:
-            setattr(conn, _TX_START, perf_counter())
-        except Exception as exc:
-            self._fail("begin", exc)
-
-    def _end_transaction(self, conn: Any, outcome: str) -> None:
-        try:
-            started = getattr(conn, _TX_START, None)
-            if started is None:
-                return
-            setattr(conn, _TX_START, None)
-            self.stats.transaction_histogram(outcome).observe(perf_counter() - started)
-        except Exception as exc:
-            self._fail(outcome, exc)
-
-    def _on_commit(self, conn: Any) -> None:
-        self._end_transaction(conn, "commit")
-
-    def _on_rollback(self, conn: Any) -> None:
-        self._end_transaction(conn, "rollback")
-
-    def _on_release_savepoint(self, conn: Any, name: str, context: Any) -> None:
-        self.stats.savepoints["release"] += 1
-
-    def _on_rollback_savepoint(self, conn: Any, name: str, context: Any) -> None:
-        self.stats.savepoints["rollback"] += 1
-
-    def _on_before_cursor_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        try:
-            setattr(conn, _STMT_START, perf_counter())
-        except Exception as exc:
-            self._fail("statement", exc)
-
-    def _on_after_cursor_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        try:
-            started = getattr(conn, _STMT_START, None)
-            if started is None:
-                return
-            # The four verbs are all six letters long: one slice, one dict lookup.
-            op = _OPERATIONS.get(statement[:64].lstrip()[:6].lower(), "other")
-            self.stats.statement_histogram(op).observe(perf_counter() - started)
-        except Exception as exc:
-            self._fail("statement", exc)
 
     # -- our own failures -----------------------------------------------------------------------
 
@@ -609,6 +575,9 @@ class PoolHandle:
                 with contextlib.suppress(sa_exc.InvalidRequestError):
                     event.remove(engine, name, fn)
         self._listeners.clear()
+        if engine is not None:
+            dialect.unwrap(engine.dialect, self._dialect_wrappers)
+        self._dialect_wrappers = []
         for pool in list(self._wrapped):
             if "connect" in vars(pool):
                 del pool.connect
