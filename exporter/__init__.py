@@ -2,8 +2,9 @@
 
 from ._version import __version__
 from .catalog import CATALOG, DEFAULT_NAMESPACE
-from .instrument import PoolHandle, PoolReading, handle_for, handles, instrument, uninstrument
+from .instrument import PoolHandle, handle_for, handles, instrument, uninstrument
 from .naming import pool_name, safe_url
+from .reading import PoolReading
 from .session import session_dependency, session_scope
 
 __all__ = [

@@ -15,7 +15,8 @@ from . import catalog, samples
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .instrument import PoolHandle, PoolReading
+    from .instrument import PoolHandle
+    from .reading import PoolReading
 
 # One collector per (registry, namespace): a registry refuses two collectors with the same names.
 _COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, PoolCollector]] = weakref.WeakKeyDictionary()

@@ -101,6 +101,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
 
 def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
     """Time each DBAPI execute on this dialect instance, by operation."""
+
     def timed(original: Callable[..., Any]) -> Callable[..., Any]:
         def execute(cursor: Any, statement: str, *args: Any) -> Any:
             started = perf_counter()

@@ -7,31 +7,26 @@ import itertools
 import logging
 import threading
 import time
-import traceback
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
-from types import FrameType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import NullPool, Pool, QueuePool
+from sqlalchemy.pool import Pool
 
 from . import catalog, dialect
-from .naming import pool_name, safe_url
+from .leaks import LeakWatchdog, capture_stack
+from .naming import error_class, pool_name, safe_url
+from .reading import PoolReading, read_pool
 from .stats import Checkout, PoolStats, bump
 
 if TYPE_CHECKING:
     from .collector import PoolCollector
-
-try:  # installed with sqlalchemy[asyncio]; sync-only installs may lack it
-    from greenlet import getcurrent as _getcurrent  # type: ignore[import-untyped]
-except ImportError:  # pragma: no cover
-    _getcurrent = None
 
 log = logging.getLogger("exporter")
 perf_counter = time.perf_counter
@@ -39,113 +34,6 @@ perf_counter = time.perf_counter
 _HANDLES: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()
 _HANDLES_LOCK = threading.Lock()
 _ERROR_LOG_EVERY = 60.0
-
-
-class PoolReading(NamedTuple):
-    """The pool's own numbers at one instant; None where the pool class has no such notion."""
-
-    pool_class: str
-    used: int
-    idle: int | None
-    size: int | None
-    max: int | None
-    overflow: int | None
-    timeout: float | None
-    pending: int
-    oldest_pending: float
-    oldest_checkout: float
-
-
-def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
-    """Read live state where it lives: QueuePool counts itself; other pools through our checkouts."""
-    now = perf_counter()
-    pending = len(stats.waiting)
-    oldest_pending = stats.oldest_pending(now)
-    oldest_checkout = stats.oldest_checkout(now)
-    if isinstance(pool, QueuePool):
-        size = pool.size()
-        max_overflow: int = pool._max_overflow
-        used = pool.checkedout()
-        idle = _idle_open(pool)
-        return PoolReading(
-            type(pool).__name__,
-            used=used,
-            idle=idle,
-            size=size,
-            max=size + max_overflow if max_overflow >= 0 else None,
-            overflow=max(0, used + idle - size),
-            timeout=pool.timeout(),
-            pending=pending,
-            oldest_pending=oldest_pending,
-            oldest_checkout=oldest_checkout,
-        )
-    return PoolReading(
-        type(pool).__name__,
-        used=len(stats.checked_out),
-        idle=0 if isinstance(pool, NullPool) else None,
-        size=None,
-        max=None,
-        overflow=None,
-        timeout=None,
-        pending=pending,
-        oldest_pending=oldest_pending,
-        oldest_checkout=oldest_checkout,
-    )
-
-
-def _idle_open(pool: QueuePool) -> int:
-    """Idle slots that hold an open DBAPI connection.
-
-    `checkedin()` counts slots, and a slot comes back empty after a hard invalidation, a detach
-    or a garbage-collected async connection (it reconnects at its next checkout): counting it
-    would report connections the database no longer has.
-    """
-    queue: Any = pool._pool
-    items = getattr(queue, "queue", None)  # sqlalchemy.util.queue.Queue: a deque
-    if items is None:
-        # AsyncAdaptedQueue creates its asyncio.Queue lazily; not created yet means empty.
-        if "_queue" not in vars(queue):
-            return 0
-        items = getattr(queue._queue, "_queue", None)
-    if items is None:
-        return pool.checkedin()
-    # tuple() copies the deque in one C call, so a concurrent get/put cannot break the walk.
-    return sum(1 for record in tuple(items) if record.dbapi_connection is not None)
-
-
-def error_class(exc: BaseException) -> str:
-    """The `error` label: the exception's class, or the driver's when an adapter raised a bare `Error`.
-
-    SQLAlchemy's async adapters (asyncpg) turn every server error they have no mapping for, such as
-    InvalidCatalogNameError, CannotConnectNowError or TooManyConnectionsError, into one generic
-    `Error` chained to the driver's exception; that name alone would tell an operator nothing.
-    """
-    name = type(exc).__name__
-    cause = exc.__cause__
-    if name == "Error" and cause is not None:
-        return type(cause).__name__
-    return name
-
-
-def _stack() -> traceback.StackSummary:
-    # Source lines are looked up only if a warning is ever printed.
-    return traceback.StackSummary.extract(_frames(), lookup_lines=False)
-
-
-def _frames() -> Iterator[tuple[FrameType, int]]:
-    """This thread's frames, innermost first, continued across greenlet switches.
-
-    An AsyncEngine runs the pool inside a greenlet that SQLAlchemy spawned; the application code
-    that asked for the connection is on the stack of the greenlet that spawned it.
-    """
-    yield from traceback.walk_stack(None)
-    if _getcurrent is None:
-        return
-    parent = _getcurrent().parent
-    while parent is not None:
-        if parent.gr_frame is not None:
-            yield from traceback.walk_stack(parent.gr_frame)
-        parent = parent.parent
 
 
 class PoolHandle:
@@ -181,7 +69,7 @@ class PoolHandle:
         # pool on return and they close when it is garbage-collected, with no `close` event.
         self._orphans: weakref.WeakKeyDictionary[Any, weakref.finalize[Any, Any] | None] = weakref.WeakKeyDictionary()
         self._collector: PoolCollector | None = None
-        self._watchdog: _LeakWatchdog | None = None
+        self._watchdog: LeakWatchdog | None = None
         self.active = True
         self._wire(engine, statements=statements, transactions=transactions)
 
@@ -279,7 +167,7 @@ class PoolHandle:
                 wait_counts[bisect_left(wait_bounds, waited)] += 1
                 wait.sum += waited
                 record = fairy._connection_record
-                checkouts[record] = (t1, ref(fairy), _stack() if capture else None)  # see PoolStats.checkouts
+                checkouts[record] = (t1, ref(fairy), capture_stack() if capture else None)  # see PoolStats.checkouts
                 if replaced[0]:
                     orphans.setdefault(record, None)
             except Exception as exc:
@@ -602,29 +490,6 @@ def _count_close(stats: PoolStats) -> None:
     stats.closed += 1
 
 
-class _LeakWatchdog:
-    """A daemon thread that checks one handle for over-held connections."""
-
-    def __init__(self, handle: PoolHandle, interval: float) -> None:
-        self._handle = weakref.ref(handle)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), name="pool-exporter-leaks", daemon=True)
-        self._thread.start()
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            handle = self._handle()
-            if handle is None or not handle.active:
-                return
-            try:
-                handle.check_leaks()
-            except Exception as exc:
-                handle._fail("leak_watchdog", exc)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 def _sync_engine(engine: Engine | AsyncEngine) -> Engine:
     if isinstance(engine, AsyncEngine):
         return engine.sync_engine
@@ -693,7 +558,7 @@ def instrument(
         handle._collector = collector
         _HANDLES[sync] = handle
     if leak_threshold is not None:
-        handle._watchdog = _LeakWatchdog(handle, min(max(leak_threshold / 4, 0.05), 1.0))
+        handle._watchdog = LeakWatchdog(handle, min(max(leak_threshold / 4, 0.05), 1.0))
     if multiprocess if multiprocess is not None else multiprocess_enabled():
         attach_handle(handle)
     return handle

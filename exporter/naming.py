@@ -27,3 +27,17 @@ def safe_url(url: URL | str) -> str:
     if hidden:
         u = u.update_query_dict(hidden)
     return u.render_as_string(hide_password=True)
+
+
+def error_class(exc: BaseException) -> str:
+    """The `error` label: the exception's class, or the driver's when an adapter raised a bare `Error`.
+
+    SQLAlchemy's async adapters (asyncpg) turn every server error they have no mapping for, such as
+    InvalidCatalogNameError, CannotConnectNowError or TooManyConnectionsError, into one generic
+    `Error` chained to the driver's exception; that name alone would tell an operator nothing.
+    """
+    name = type(exc).__name__
+    cause = exc.__cause__
+    if name == "Error" and cause is not None:
+        return type(cause).__name__
+    return name

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from . import catalog
 
 if TYPE_CHECKING:
-    from .instrument import PoolReading
+    from .reading import PoolReading
     from .stats import Histogram, PoolStats
 
 Labels = tuple[str, ...]
