@@ -78,8 +78,8 @@ class PoolHandle:
     def _wire(self, engine: Engine, *, statements: bool, transactions: bool) -> None:
         listen = self._listen
         # Pool events registered on the Engine follow it to the pool that dispose() creates.
-        listen(engine, "checkin", self._make_on_checkin())
-        listen(engine, "detach", self._on_detach)
+        listen(engine, "checkin", self._make_on_return("checkin"))
+        listen(engine, "detach", self._make_on_return("detach"))
         listen(engine, "connect", self._on_connect)
         listen(engine, "close", self._on_close)
         listen(engine, "close_detached", self._on_close_detached)
@@ -178,18 +178,20 @@ class PoolHandle:
         connect._pool_exporter_replaced = replaced  # type: ignore[attr-defined]
         return connect
 
-    def _make_on_checkin(self) -> Callable[[Any, Any], None]:
+    def _make_on_return(self, event_name: str) -> Callable[[Any, Any], None]:
+        """The checkin (or detach) listener: the connection is no longer held."""
         stats = self.stats
         checkouts = stats.checked_out
         use = stats.use
         use_counts = use.counts
         use_bounds = use.bounds
         leak_warned = self._leak_warned
-        orphans = self._orphans
+        # A detached connection is closed through close_detached, never with its dead pool.
+        orphans = self._orphans if event_name == "checkin" else None
         fail = self._fail
         on_reclaimed = self._on_reclaimed
 
-        def on_checkin(dbapi_connection: Any, record: Any) -> None:
+        def on_return(dbapi_connection: Any, record: Any) -> None:
             try:
                 entry = checkouts.pop(record, None)
                 if entry is None:
@@ -204,25 +206,11 @@ class PoolHandle:
                 if orphans and record in orphans:
                     self._orphan_returned(record)
             except Exception as exc:
-                fail("checkin", exc)
+                fail(event_name, exc)
 
-        return on_checkin
+        return on_return
 
     # -- pool events ----------------------------------------------------------------------------
-
-    def _on_detach(self, dbapi_connection: Any, record: Any) -> None:
-        try:
-            raw = self.stats.checked_out.pop(record, None)
-            if raw is None:
-                return
-            entry = Checkout._make(raw)
-            self.stats.use.observe(perf_counter() - entry.started)
-            if entry.fairy() is None:
-                self._on_reclaimed(entry)
-            if self._leak_warned:
-                self._leak_returned(record, entry)
-        except Exception as exc:
-            self._fail("detach", exc)
 
     def _on_reclaimed(self, entry: Checkout) -> None:
         self.stats.leaked += 1
