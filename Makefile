@@ -27,5 +27,9 @@ test: setup services lint
 demo: setup
 	$(VENV)/bin/pool-exporter demo
 
+bench: setup
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
