@@ -241,9 +241,15 @@ def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
     live, gone = plan.live_workers, plan.gone_workers
     rows = [
         [
-            f"generate_latest(), {RENDER_POOLS} instrumented pools",
+            f"/metrics render (text), {RENDER_POOLS} instrumented pools",
             f"{fmt(r['ms'])} ms",
             f"{r['lines']:,.0f} lines, {r['bytes'] / 1024:,.0f} KiB; {fmt(r['ms'] * 1000 / r['lines'])} µs per line",
+        ],
+        [f"/metrics render (OpenMetrics), {RENDER_POOLS} pools", f"{fmt(r['openmetrics_ms'])} ms", "same series"],
+        [
+            f"generate_latest() alone, {RENDER_POOLS} pools (reference: the render before exposition.py)",
+            f"{fmt(r['generate_latest_ms'])} ms",
+            f"{fmt(r['generate_latest_ms'] * 1000 / r['lines'])} µs per line",
         ],
         [f"merge, {live} live workers ({s['merge']})", f"{fmt(float(s['live_ms']))} ms", f"{s['live_files']} files"],
         [
@@ -270,7 +276,9 @@ def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
         "## 3. Scrape",
         "",
         f"Medians of {plan.scrape_repeat} renders. Each pool has run commits, rollbacks and every statement kind, "
-        "so every series exists. Workers are forked processes writing real multiprocess files.",
+        "so every series exists. The /metrics render is what the handler runs (exporter.exposition: prometheus_client "
+        "for the rest of the registry, our pools on the fast path); generate_latest() alone is the old path, "
+        "interleaved with it. Workers are forked processes writing real multiprocess files.",
         "",
         table(["measurement", "median", "detail"], rows),
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -41,6 +42,7 @@ class PoolCollector(Collector):
         self.namespace = namespace
         self._handles: list[PoolHandle] = []
         self._lock = threading.Lock()
+        self._muted = threading.local()
 
     def add(self, handle: PoolHandle) -> None:
         with self._lock:
@@ -73,7 +75,18 @@ class PoolCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         return [_family(spec, self.namespace) for spec in catalog.CATALOG]
 
+    @contextmanager
+    def muted(self) -> Iterator[None]:
+        """In this thread, collect() yields nothing: exposition.py renders our families itself."""
+        self._muted.on = True
+        try:
+            yield
+        finally:
+            self._muted.on = False
+
     def collect(self) -> Iterator[Metric]:
+        if getattr(self._muted, "on", False):
+            return
         families: dict[str, Any] = {spec.key: _family(spec, self.namespace) for spec in catalog.CATALOG}
         families["build_info"].add_metric([__version__], 1)
         for handle in self.handles():

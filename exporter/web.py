@@ -1,7 +1,8 @@
 """The HTTP side: an aiohttp app (or routes on the user's app) serving /metrics, /healthz, /readyz, /pools and /.
 
 /metrics reuses prometheus_client's exposition: `choose_encoder` for text/OpenMetrics negotiation,
-aiohttp's own compression for gzip (as prometheus_client.aiohttp does).
+aiohttp's own compression for gzip (as prometheus_client.aiohttp does); our pool collectors render
+through exposition.py, in the same format, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from . import _version
 from .auth import Auth
+from .exposition import Exposition
 from .instrument import PoolHandle, handles
 
 if TYPE_CHECKING:
@@ -118,15 +120,15 @@ def metrics_handler(
     so a burst of scrapers costs one render, not one each.
     """
     inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
+    exposition = Exposition(registry)
 
     async def render(encoder: Callable[[Any], bytes], content_type: str, names: tuple[str, ...]) -> bytes:
-        target: Any = registry.restricted_registry(names) if names else registry
         if not offload:
-            return encoder(target)
+            return exposition.render(encoder, names)
         key = (content_type, names)
         future = inflight.get(key)
         if future is None:
-            future = asyncio.get_running_loop().run_in_executor(executor, encoder, target)
+            future = asyncio.get_running_loop().run_in_executor(executor, exposition.render, encoder, names)
             inflight[key] = future
             future.add_done_callback(lambda _: inflight.pop(key, None))
         return await asyncio.shield(future)
