@@ -53,7 +53,6 @@ def _sizes(handle: Any) -> dict[str, int]:
     return {
         "checkouts": len(handle.stats.checkouts),
         "waiting": len(handle.stats.waiting),
-        "connecting": len(handle._connecting),
         "leak_warned": len(handle._leak_warned),
         "orphans": len(getattr(handle, "_orphans", ())),
         "statement_histograms": len(handle.stats.statement),

@@ -58,19 +58,11 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     assert "connect" in vars(second_pool)
     listeners = list(handle._listeners)
     assert {name for name, _ in listeners} == {
-        "checkin",
-        "detach",
-        "connect",
-        "close",
-        "close_detached",
-        "invalidate",
-        "soft_invalidate",
-        "do_connect",
-        "handle_error",
-    }
+        "checkin", "detach", "connect", "close", "close_detached", "invalidate", "soft_invalidate",
+    }  # fmt: skip
     assert all(event.contains(sync, name, fn) for name, fn in listeners)
-    # Transactions and statements are timed through this engine's dialect methods, not events.
-    wrapped = set(TRANSACTION_METHODS + STATEMENT_METHODS)
+    # Connections, transactions and statements are seen through this engine's dialect methods.
+    wrapped = {"connect", "is_disconnect", *TRANSACTION_METHODS, *STATEMENT_METHODS}
     assert wrapped <= set(vars(sync.dialect))
     assert pool_labels(registry) == {PG_NAME}
 
