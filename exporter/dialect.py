@@ -12,6 +12,7 @@ instance attributes: other engines are untouched and `unwrap()` restores the cla
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -37,14 +38,9 @@ def operation(statement: str) -> str:
     return _OPERATIONS.get(statement[:64].lstrip()[:6].lower(), "other")
 
 
-def _info(dbapi_connection: Any) -> dict[Any, Any] | None:
-    # Connection passes its pool proxy, which has `info`; a raw DBAPI connection has none, and
-    # the ad-hoc proxy SQLAlchemy uses while initialising the dialect raises NotImplementedError.
-    try:
-        info = dbapi_connection.info
-    except (AttributeError, NotImplementedError):
-        return None
-    return info if isinstance(info, dict) else None
+# Connection passes its pool proxy, whose `info` is the pool record's; a raw DBAPI connection has
+# none, and the ad-hoc proxy SQLAlchemy uses while initialising the dialect raises NotImplementedError.
+_NO_INFO = (AttributeError, NotImplementedError)
 
 
 def end_transaction(stats: PoolStats, info: dict[Any, Any] | None, outcome: str) -> None:
@@ -62,11 +58,15 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
     do_release, do_rollback_to = dialect.do_release_savepoint, dialect.do_rollback_to_savepoint
     savepoints = stats.savepoints
 
+    # Both histograms exist from the start; observe() is inlined below because pool's
+    # reset-on-return calls do_rollback on every checkin, transaction or not.
+    commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
+
     def begin(dbapi_connection: Any) -> None:
         try:
-            info = _info(dbapi_connection)
-            if info is not None:
-                info[TX_START] = perf_counter()
+            dbapi_connection.info[TX_START] = perf_counter()
+        except _NO_INFO:
+            pass
         except Exception as exc:
             fail("begin", exc)
         do_begin(dbapi_connection)
@@ -74,7 +74,13 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
     def commit(dbapi_connection: Any) -> None:
         do_commit(dbapi_connection)  # a failed COMMIT is followed by a ROLLBACK, recorded there
         try:
-            end_transaction(stats, _info(dbapi_connection), "commit")
+            started = dbapi_connection.info.pop(TX_START, None)
+            if started is not None:
+                took = perf_counter() - started
+                commits.counts[bisect_left(commits.bounds, took)] += 1
+                commits.sum += took
+        except _NO_INFO:
+            pass
         except Exception as exc:
             fail("commit", exc)
 
@@ -84,7 +90,13 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
         finally:
             try:
                 # The pool's reset-on-return also rolls back; with no BEGIN recorded it counts nothing.
-                end_transaction(stats, _info(dbapi_connection), "rollback")
+                started = dbapi_connection.info.pop(TX_START, None)
+                if started is not None:
+                    took = perf_counter() - started
+                    rollbacks.counts[bisect_left(rollbacks.bounds, took)] += 1
+                    rollbacks.sum += took
+            except _NO_INFO:
+                pass
             except Exception as exc:
                 fail("rollback", exc)
 
