@@ -18,10 +18,11 @@ from typing import TextIO
 from aiohttp.web import Application
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import demo, web
 from .auth import Auth
-from .instrument import instrument
+from .instrument import PoolHandle, instrument
 from .loadgen import LoadGenerator, LoadPlan
 from .naming import safe_url
 from .settings import SettingError, Settings
@@ -135,16 +136,20 @@ async def run_demo(settings: Settings, *, duration: float | None, workers: int =
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _run_demo_single(settings: Settings, url: URL, duration: float | None, out: TextIO) -> int:
-    engine = demo.create_engine(url)
-    handle = instrument(
+def _instrument_demo(engine: AsyncEngine, settings: Settings, *, multiprocess: bool | None) -> PoolHandle:
+    return instrument(
         engine,
         name=demo.POOL_NAME,
         namespace=settings.namespace,
         buckets=settings.bucket_bounds(),
         leak_threshold=settings.leak_threshold,
-        multiprocess=False,
+        multiprocess=multiprocess,
     )
+
+
+async def _run_demo_single(settings: Settings, url: URL, duration: float | None, out: TextIO) -> int:
+    engine = demo.create_engine(url)
+    handle = _instrument_demo(engine, settings, multiprocess=False)
     auth = auth_from(settings)
     app = web.make_app(registry=REGISTRY, metrics_path=settings.metrics_path, auth=auth)
     demo.add_demo_routes(app, engine)
@@ -237,13 +242,7 @@ async def run_demo_worker(settings: Settings, app_port: int) -> int:
     assert url is not None, "the parent passes the database URL"
     engine = demo.create_engine(url)
     # PROMETHEUS_MULTIPROC_DIR is set by the parent: instrument() also writes the shared files.
-    handle = instrument(
-        engine,
-        name=demo.POOL_NAME,
-        namespace=settings.namespace,
-        buckets=settings.bucket_bounds(),
-        leak_threshold=settings.leak_threshold,
-    )
+    handle = _instrument_demo(engine, settings, multiprocess=None)
     app = Application()
     demo.add_demo_routes(app, engine)
     server = web.Server(app, "127.0.0.1", app_port, reuse_port=True)
