@@ -92,6 +92,16 @@ def test_scrape_and_memory_numbers_are_finite(report: str) -> None:
     tables = _tables(report)
     scrape = next(rows for title, rows in tables.items() if title.startswith("3."))
     memory = next(rows for title, rows in tables.items() if title.startswith("4."))
-    assert len(scrape) == 5
+    # Our /metrics in both formats, prometheus_client's generate_latest as the reference, and the
+    # sidecar's four merge measurements.
+    assert [row[0].split(",")[0].split(" (")[0] for row in scrape] == [
+        "/metrics render",
+        "/metrics render",
+        "generate_latest() alone",
+        "merge",
+        "merge",
+        "first sidecar scrape after the churn",
+        "sidecar merge",
+    ]
     assert all(finite(row[1]) for row in scrape), scrape
     assert all(finite(row[1]) for row in memory[:2]), memory
