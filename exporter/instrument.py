@@ -224,7 +224,10 @@ class PoolHandle:
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         self.stats.created += 1
         if self._statements_pending:
-            self._time_statements()
+            try:
+                self._time_statements()
+            except Exception as exc:
+                self._fail("connect", exc)
 
     def _time_statements(self) -> None:
         # Runs after SQLAlchemy's first_connect listener, which was registered before ours.
