@@ -18,7 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from . import catalog
 
 ENV_PREFIX = "POOL_EXPORTER_"
-# Not the default of any well-known exporter; see docs/service.md.
+# Not the default of any well-known exporter; see README "Default port".
 DEFAULT_PORT = 9717
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
