@@ -124,13 +124,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     ),
 )
 
-BY_KEY: dict[str, MetricSpec] = {spec.key: spec for spec in CATALOG}
 
-OPERATIONS: tuple[str, ...] = ("select", "insert", "update", "delete", "other")
 TRANSACTION_OUTCOMES: tuple[str, ...] = ("commit", "rollback")
-SAVEPOINT_OUTCOMES: tuple[str, ...] = ("release", "rollback")
-SESSION_OUTCOMES: tuple[str, ...] = ("commit", "rollback", "cancelled")
-INVALIDATION_KINDS: tuple[str, ...] = ("hard", "soft")
 
 # The sidecar's PostgreSQL server view (pg_stat_activity); no `pool` label.
 SERVER_CATALOG: tuple[MetricSpec, ...] = (

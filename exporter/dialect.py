@@ -12,7 +12,6 @@ instance attributes: other engines are untouched and `unwrap()` restores the cla
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -58,8 +57,8 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
     do_release, do_rollback_to = dialect.do_release_savepoint, dialect.do_rollback_to_savepoint
     savepoints = stats.savepoints
 
-    # Both histograms exist from the start; observe() is inlined below because pool's
-    # reset-on-return calls do_rollback on every checkin, transaction or not.
+    # The pool's reset-on-return calls do_rollback on every checkin, transaction or not: that path
+    # must stay one dict pop, with no helper call before it knows a transaction ended.
     commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
 
     def begin(dbapi_connection: Any) -> None:
@@ -76,9 +75,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
         try:
             started = dbapi_connection.info.pop(TX_START, None)
             if started is not None:
-                took = perf_counter() - started
-                commits.counts[bisect_left(commits.bounds, took)] += 1
-                commits.sum += took
+                commits.observe(perf_counter() - started)
         except _NO_INFO:
             pass
         except Exception as exc:
@@ -92,9 +89,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
                 # The pool's reset-on-return also rolls back; with no BEGIN recorded it counts nothing.
                 started = dbapi_connection.info.pop(TX_START, None)
                 if started is not None:
-                    took = perf_counter() - started
-                    rollbacks.counts[bisect_left(rollbacks.bounds, took)] += 1
-                    rollbacks.sum += took
+                    rollbacks.observe(perf_counter() - started)
             except _NO_INFO:
                 pass
             except Exception as exc:
