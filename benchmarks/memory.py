@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 
 def _engine() -> Engine:
@@ -37,14 +37,14 @@ def footprint(pools: int = 20) -> float:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i, engine in enumerate(engines):
-        exporter.instrument(engine, name=f"m{i}", registry=registry, multiprocess=False)
+        pool_exporter.instrument(engine, name=f"m{i}", registry=registry, multiprocess=False)
         _exercise(engine)
     generate_latest(registry)
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     for engine in engines:
-        exporter.uninstrument(engine)
+        pool_exporter.uninstrument(engine)
         engine.dispose()
     return (after - before) / pools
 
@@ -63,7 +63,7 @@ def _sizes(handle: Any) -> dict[str, int]:
 def growth(checkouts: int) -> dict[str, Any]:
     """Allocated blocks and our internal dicts before and after `checkouts` pool cycles."""
     engine = _engine()
-    handle = exporter.instrument(engine, name="growth", registry=CollectorRegistry(), multiprocess=False)
+    handle = pool_exporter.instrument(engine, name="growth", registry=CollectorRegistry(), multiprocess=False)
     pool = engine.pool
     for _ in range(10_000):  # warm every lazily built structure
         pool.connect().close()
@@ -76,7 +76,7 @@ def growth(checkouts: int) -> dict[str, Any]:
     gc.collect()
     blocks1, sizes1 = sys.getallocatedblocks(), _sizes(handle)
     count = handle.stats.wait.count
-    exporter.uninstrument(engine)
+    pool_exporter.uninstrument(engine)
     engine.dispose()
     return {
         "checkouts": checkouts,

@@ -17,14 +17,14 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-import exporter
-from exporter.exposition import Exposition
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.exposition import Exposition
 
 
 def _busy_engine(registry: CollectorRegistry, name: str) -> Engine:
     """An instrumented engine whose every series exists: commits, rollbacks, all statement kinds."""
     engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
-    exporter.instrument(engine, name=name, registry=registry, multiprocess=False)
+    pool_exporter.instrument(engine, name=name, registry=registry, multiprocess=False)
     with engine.connect() as conn:
         conn.execute(text("CREATE TABLE t (x INTEGER)"))
         conn.execute(text("INSERT INTO t VALUES (1)"))

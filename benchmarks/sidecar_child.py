@@ -21,11 +21,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
-import exporter
-from exporter.multiprocess import flush_all
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.multiprocess import flush_all
 
 try:  # the sidecar's own merge, with reaping and compaction of dead workers' files
-    from exporter.sidecar import Sidecar
+    from sqlalchemy_pool_exporter.sidecar import Sidecar
 except ImportError:  # pragma: no cover - before the sidecar existed
     Sidecar = None  # type: ignore[assignment,misc]
 
@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - before the sidecar existed
 def _work() -> None:
     """A worker's life: one instrumented engine, a few transactions, numbers flushed to its files."""
     engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
-    exporter.instrument(engine, name="app", registry=CollectorRegistry(), multiprocess=True)
+    pool_exporter.instrument(engine, name="app", registry=CollectorRegistry(), multiprocess=True)
     for _ in range(5):
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -90,7 +90,7 @@ def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
     for _, ready, _ in workers:
         os.read(ready, 1)
     if Sidecar is not None:
-        result["merge"] = "exporter.sidecar.Sidecar.merge()"
+        result["merge"] = "sqlalchemy_pool_exporter.sidecar.Sidecar.merge()"
         sidecar = Sidecar(directory)
         sidecar.merge()  # first call: probes the pid namespace
         result["live_ms"] = _median_ms(sidecar.merge, repeat)

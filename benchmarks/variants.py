@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 _names = itertools.count(1)
 
@@ -60,13 +60,13 @@ def _handwritten(engine: Engine) -> None:
 
 
 def _ours(engine: Engine) -> None:
-    """exporter.instrument() with every default metric on, into a registry of its own."""
-    exporter.instrument(engine, name=f"bench{next(_names)}", registry=CollectorRegistry(), multiprocess=False)
+    """pool_exporter.instrument() with every default metric on, into a registry of its own."""
+    pool_exporter.instrument(engine, name=f"bench{next(_names)}", registry=CollectorRegistry(), multiprocess=False)
 
 
 def _ours_pool_only(engine: Engine) -> None:
-    """exporter.instrument() without transaction and statement metrics: pool events only."""
-    exporter.instrument(
+    """pool_exporter.instrument() without transaction and statement metrics: pool events only."""
+    pool_exporter.instrument(
         engine,
         name=f"bench{next(_names)}",
         registry=CollectorRegistry(),

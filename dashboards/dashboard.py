@@ -31,7 +31,7 @@ TARGET = 'job=~"$job", instance=~"$instance"'
 RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.95, 0.99)
 
-# The sidecar's PostgreSQL probe (exporter/pgview.py): the server's own view of connections.
+# The sidecar's PostgreSQL probe (sqlalchemy_pool_exporter/pgview.py): the server's own view of connections.
 PG_CONNECTIONS = "sqlalchemy_server_connections"
 PG_MAX_CONNECTIONS = "sqlalchemy_server_max_connections"
 PG_OLDEST_XACT = "sqlalchemy_server_oldest_transaction_seconds"

@@ -155,7 +155,16 @@ def stack(
         app_port = free_port()
         env = {**os.environ, "POOL_EXPORTER_LOG_LEVEL": "WARNING"}
         env["POOL_EXPORTER_DATABASE_URL"] = ensure_database().replace("postgresql:", "postgresql+asyncpg:")
-        args = [sys.executable, "-m", "exporter", "demo", "--host", "127.0.0.1", "--port", str(app_port)]
+        args = [
+            sys.executable,
+            "-m",
+            "sqlalchemy_pool_exporter",
+            "demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(app_port),
+        ]
         args += ["--duration", f"{demo_seconds:g}", "--workers", str(workers), "--multiproc-dir", str(mp_dir)]
         procs.append(_spawn(args, workdir / "demo.log", env))
         targets["app"] = f"http://127.0.0.1:{app_port}"
@@ -167,7 +176,16 @@ def stack(
             "POOL_EXPORTER_DATABASE_URL": f"{PG_SERVER}/{DEMO_DB}",
             "POOL_EXPORTER_LOG_LEVEL": "WARNING",
         }
-        args = [sys.executable, "-m", "exporter", "serve", "--host", "127.0.0.1", "--port", str(sidecar_port)]
+        args = [
+            sys.executable,
+            "-m",
+            "sqlalchemy_pool_exporter",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(sidecar_port),
+        ]
         args += ["--multiproc-dir", str(mp_dir), "--probe-interval", f"{scrape_interval:g}"]
         procs.append(_spawn(args, workdir / "sidecar.log", env))
         targets["sidecar"] = f"http://127.0.0.1:{sidecar_port}"

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PGPORT", "5432"))
@@ -105,7 +105,7 @@ async def pg_engine() -> AsyncIterator[PgEngineFactory]:
 
     yield make
     for engine in made:
-        exporter.uninstrument(engine)
+        pool_exporter.uninstrument(engine)
         await engine.dispose()
 
 
@@ -115,5 +115,5 @@ def sync_engines() -> Iterator[list[Engine]]:
     made: list[Engine] = []
     yield made
     for engine in made:
-        exporter.uninstrument(engine)
+        pool_exporter.uninstrument(engine)
         engine.dispose()

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool, StaticPool
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 from .conftest import sample, series
 
@@ -31,7 +31,7 @@ def test_nullpool_exports_what_is_meaningful(
 ) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/null.db", poolclass=NullPool)
     sync_engines.append(engine)
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     p = handle.name
     assert p == f"sqlite:{tmp_path}/null.db"
 
@@ -59,7 +59,7 @@ def test_nullpool_exports_what_is_meaningful(
 
 async def test_async_nullpool_over_aiosqlite(registry: CollectorRegistry, tmp_path: Path) -> None:
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/null.db", poolclass=NullPool)
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     p = handle.name
     try:
         async with engine.connect() as conn:
@@ -82,7 +82,7 @@ async def test_async_nullpool_over_aiosqlite(registry: CollectorRegistry, tmp_pa
 def test_staticpool_exports_what_is_meaningful(registry: CollectorRegistry, sync_engines: list[Engine]) -> None:
     engine = create_engine("sqlite://", poolclass=StaticPool)
     sync_engines.append(engine)
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     p = handle.name
     assert p == "sqlite:memory"
 
@@ -110,8 +110,8 @@ def test_queuepool_series_and_unlimited_overflow_has_no_max(
     limited = create_engine(f"sqlite:///{tmp_path}/q.db", pool_size=3, max_overflow=4, pool_timeout=7)
     unlimited = create_engine(f"sqlite:///{tmp_path}/u.db", pool_size=1, max_overflow=-1)
     sync_engines.extend((limited, unlimited))
-    exporter.instrument(limited, registry=registry, name="limited")
-    exporter.instrument(unlimited, registry=registry, name="unlimited")
+    pool_exporter.instrument(limited, registry=registry, name="limited")
+    pool_exporter.instrument(unlimited, registry=registry, name="unlimited")
 
     assert sample(registry, "sqlalchemy_pool_max_connections", pool="limited") == 7
     assert sample(registry, "sqlalchemy_pool_size", pool="limited") == 3

@@ -24,9 +24,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, QueuePool
 
-import exporter
-from exporter.exposition import Exposition, format_of
-from exporter.web import Server, make_app
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.exposition import Exposition, format_of
+from sqlalchemy_pool_exporter.web import Server, make_app
 
 from .conftest import PG_URL, PgEngineFactory
 
@@ -91,7 +91,7 @@ def busy_sqlite(registry: CollectorRegistry, engines: list[Engine], path: Path, 
     """A SQLite QueuePool that has run commits, rollbacks, savepoints, every statement kind, errors and a timeout."""
     engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.01)
     engines.append(engine)
-    exporter.instrument(engine, name=name, registry=registry)
+    pool_exporter.instrument(engine, name=name, registry=registry)
     with engine.connect() as conn:
         conn.execute(text("CREATE TABLE t (x INTEGER)"))
         conn.execute(text("INSERT INTO t VALUES (1)"))
@@ -144,7 +144,7 @@ def test_checked_out_connections_and_hostile_names(
 def test_nullpool(registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/null.db", poolclass=NullPool)
     sync_engines.append(engine)
-    exporter.instrument(engine, name="null", registry=registry)
+    pool_exporter.instrument(engine, name="null", registry=registry)
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     bodies = check_both(registry)
@@ -157,7 +157,7 @@ def test_nullpool(registry: CollectorRegistry, sync_engines: list[Engine], tmp_p
 def test_no_pools_yet_and_a_gone_engine(registry: CollectorRegistry, tmp_path: Path) -> None:
     """Families with no series still get HELP and TYPE; a garbage-collected engine's series go."""
     engine = create_engine(f"sqlite:///{tmp_path}/gone.db")
-    exporter.instrument(engine, name="gone", registry=registry)
+    pool_exporter.instrument(engine, name="gone", registry=registry)
     check_both(registry)
     engine.dispose()
     del engine
@@ -171,7 +171,7 @@ def test_counts_past_a_million_use_go_float_format(
 ) -> None:
     """floatToGoString writes 1.234567e+06 from a million up: counters, buckets and sums alike."""
     busy_sqlite(registry, sync_engines, tmp_path / "big.db", "big")
-    stats = exporter.handles()[-1].stats
+    stats = pool_exporter.handles()[-1].stats
     stats.timeouts = 1_234_567
     stats.wait.counts[2] += 2_500_000
     stats.wait.sum += 12_345_678.5
@@ -186,9 +186,9 @@ async def test_asyncpg_pool_renders_exactly_as_prometheus_client(
     registry: CollectorRegistry, pg_engine: PgEngineFactory, tmp_path: Path
 ) -> None:
     engine, _ = pg_engine(pool_size=1, max_overflow=0, pool_timeout=0.05)
-    exporter.instrument(engine, name="pg", registry=registry)
+    pool_exporter.instrument(engine, name="pg", registry=registry)
     bad, _ = pg_engine(PG_URL.rsplit("/", 1)[0] + "/no_such_database_here")
-    exporter.instrument(bad, name="pg-bad", registry=registry)
+    pool_exporter.instrument(bad, name="pg-bad", registry=registry)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
         await conn.commit()

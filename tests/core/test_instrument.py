@@ -14,8 +14,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import Pool
 
-import exporter
-from exporter.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
 
 from .conftest import PG_NAME, PgEngineFactory, sample, series
 
@@ -28,12 +28,12 @@ async def test_instrument_twice_returns_the_same_handle(
     pg_engine: PgEngineFactory, registry: CollectorRegistry
 ) -> None:
     engine, _ = pg_engine()
-    handle = exporter.instrument(engine, registry=registry)
-    assert exporter.instrument(engine, registry=registry) is handle
-    assert exporter.instrument(engine.sync_engine, registry=CollectorRegistry(), name="other") is handle
-    assert exporter.handle_for(engine) is handle
-    assert exporter.handle_for(engine.sync_engine) is handle
-    assert handle in exporter.handles()
+    handle = pool_exporter.instrument(engine, registry=registry)
+    assert pool_exporter.instrument(engine, registry=registry) is handle
+    assert pool_exporter.instrument(engine.sync_engine, registry=CollectorRegistry(), name="other") is handle
+    assert pool_exporter.handle_for(engine) is handle
+    assert pool_exporter.handle_for(engine.sync_engine) is handle
+    assert handle in pool_exporter.handles()
     assert len(handle._listeners) == len({(n, id(f)) for n, f in handle._listeners})
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
@@ -47,7 +47,7 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
 ) -> None:
     engine, _ = pg_engine()
     sync = engine.sync_engine
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     # Also wrap the pool dispose() puts in place, so both must be restored.
@@ -76,12 +76,12 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
         assert type(pool).connect is Pool.connect
     assert pool_labels(registry) == set()
     assert series(registry, "sqlalchemy_pool_connections") == []
-    assert exporter.handle_for(engine) is None
-    assert handle not in exporter.handles()
+    assert pool_exporter.handle_for(engine) is None
+    assert handle not in pool_exporter.handles()
     # Idempotent, by the handle and by the engine.
     handle.uninstrument()
-    exporter.uninstrument(engine)
-    exporter.uninstrument(create_engine("sqlite://"))
+    pool_exporter.uninstrument(engine)
+    pool_exporter.uninstrument(create_engine("sqlite://"))
     assert handle.active is False
     # The engine still works and nothing is counted any more.
     async with engine.connect() as conn:
@@ -89,7 +89,7 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     assert series(registry, "sqlalchemy_pool_connections") == []
 
     # Instrumenting again starts afresh under the same default name.
-    again = exporter.instrument(engine, registry=registry)
+    again = pool_exporter.instrument(engine, registry=registry)
     assert again is not handle
     assert again.name == PG_NAME
     async with engine.connect() as conn:
@@ -100,7 +100,7 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
 
 def test_sync_engine_is_held_weakly_and_its_series_vanish(registry: CollectorRegistry, tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/weak.db")
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     assert pool_labels(registry) == {handle.name}
@@ -115,15 +115,15 @@ def test_sync_engine_is_held_weakly_and_its_series_vanish(registry: CollectorReg
     assert handle.read() is None
     assert pool_labels(registry) == set()
     assert series(registry, "sqlalchemy_pool_connections") == []
-    assert handle not in exporter.handles()
+    assert handle not in pool_exporter.handles()
     # The build info stays: it is not a pool series.
-    assert sample(registry, "sqlalchemy_exporter_build_info", version=exporter.__version__) == 1
+    assert sample(registry, "sqlalchemy_exporter_build_info", version=pool_exporter.__version__) == 1
     handle.uninstrument()
 
 
 async def test_async_engine_is_held_weakly_and_its_series_vanish(registry: CollectorRegistry) -> None:
     engine = create_async_engine("sqlite+aiosqlite://")
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     assert pool_labels(registry) == {"sqlite:memory"}
@@ -144,9 +144,9 @@ async def test_several_engines_get_their_own_pool_label(
     first, _ = pg_engine()
     second, _ = pg_engine()
     named, _ = pg_engine()
-    h1 = exporter.instrument(first, registry=registry)
-    h2 = exporter.instrument(second, registry=registry)
-    h3 = exporter.instrument(named, registry=registry, name="reports")
+    h1 = pool_exporter.instrument(first, registry=registry)
+    h2 = pool_exporter.instrument(second, registry=registry)
+    h3 = pool_exporter.instrument(named, registry=registry, name="reports")
     assert (h1.name, h2.name, h3.name) == (PG_NAME, f"{PG_NAME}#2", "reports")
 
     for engine, n in ((first, 3), (second, 1), (named, 2)):
@@ -165,18 +165,18 @@ async def test_several_engines_get_their_own_pool_label(
     # An explicit name that is taken is refused; the engine stays uninstrumented.
     fourth, _ = pg_engine()
     with pytest.raises(ValueError, match="already used"):
-        exporter.instrument(fourth, registry=registry, name="reports")
+        pool_exporter.instrument(fourth, registry=registry, name="reports")
     with pytest.raises(ValueError, match="already used"):
-        exporter.instrument(fourth, registry=registry, name=PG_NAME)
-    assert exporter.handle_for(fourth) is None
+        pool_exporter.instrument(fourth, registry=registry, name=PG_NAME)
+    assert pool_exporter.handle_for(fourth) is None
     # Names are per registry: the same name in another registry is fine.
-    other = exporter.instrument(fourth, registry=CollectorRegistry(), name="reports")
+    other = pool_exporter.instrument(fourth, registry=CollectorRegistry(), name="reports")
     assert other.name == "reports"
 
     # A freed name can be taken again.
     h3.uninstrument()
     fifth, _ = pg_engine()
-    assert exporter.instrument(fifth, registry=registry, name="reports").name == "reports"
+    assert pool_exporter.instrument(fifth, registry=registry, name="reports").name == "reports"
 
 
 def test_a_listener_bug_never_reaches_the_app(
@@ -185,10 +185,10 @@ def test_a_listener_bug_never_reaches_the_app(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter")
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine = create_engine("sqlite://")
     sync_engines.append(engine)
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
 
     def broken(operation: str) -> None:
         raise RuntimeError("exporter bug")
@@ -199,7 +199,7 @@ def test_a_listener_bug_never_reaches_the_app(
             assert conn.execute(text("SELECT 42")).scalar_one() == 42
 
     assert sample(registry, "sqlalchemy_exporter_errors_total", pool=handle.name) == 3
-    errors = [r for r in caplog.records if r.name == "exporter" and r.levelno == logging.ERROR]
+    errors = [r for r in caplog.records if r.name == "sqlalchemy_pool_exporter" and r.levelno == logging.ERROR]
     assert len(errors) == 1  # rate-limited per listener
     assert "'statement'" in errors[0].getMessage()
     assert errors[0].exc_info is not None and str(errors[0].exc_info[1]) == "exporter bug"
@@ -213,11 +213,11 @@ def test_a_failing_reading_is_counted_and_other_pools_still_export(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter")
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     broken_engine, healthy_engine = create_engine("sqlite://"), create_engine("sqlite://")
     sync_engines.extend((broken_engine, healthy_engine))
-    broken = exporter.instrument(broken_engine, registry=registry, name="broken")
-    exporter.instrument(healthy_engine, registry=registry, name="healthy")
+    broken = pool_exporter.instrument(broken_engine, registry=registry, name="broken")
+    pool_exporter.instrument(healthy_engine, registry=registry, name="healthy")
 
     def boom() -> None:
         raise RuntimeError("reading failed")
@@ -228,28 +228,28 @@ def test_a_failing_reading_is_counted_and_other_pools_still_export(
     assert broken.stats.errors == 2  # one per collect above
     monkeypatch.undo()
     assert sample(registry, "sqlalchemy_exporter_errors_total", pool="broken") == 2
-    assert len([r for r in caplog.records if r.levelno == logging.ERROR and r.name == "exporter"]) == 1
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR and r.name == "sqlalchemy_pool_exporter"]) == 1
 
 
 def test_instrument_rejects_what_is_not_an_engine_and_bad_options(registry: CollectorRegistry) -> None:
     with pytest.raises(TypeError, match="Engine or AsyncEngine"):
-        exporter.instrument("sqlite://", registry=registry)  # type: ignore[arg-type]
+        pool_exporter.instrument("sqlite://", registry=registry)  # type: ignore[arg-type]
     engine = create_engine("sqlite://")
     with pytest.raises(ValueError, match="namespace"):
-        exporter.instrument(engine, registry=registry, namespace="bad-name")
+        pool_exporter.instrument(engine, registry=registry, namespace="bad-name")
     with pytest.raises(ValueError, match="buckets"):
-        exporter.instrument(engine, registry=registry, buckets={"wait": [1.0, 0.5]})
+        pool_exporter.instrument(engine, registry=registry, buckets={"wait": [1.0, 0.5]})
     with pytest.raises(ValueError, match="bucket set"):
-        exporter.instrument(engine, registry=registry, buckets={"nope": [1.0]})
+        pool_exporter.instrument(engine, registry=registry, buckets={"nope": [1.0]})
     with pytest.raises(ValueError, match="name"):
-        exporter.instrument(engine, registry=registry, name="")
-    assert exporter.handle_for(engine) is None
+        pool_exporter.instrument(engine, registry=registry, name="")
+    assert pool_exporter.handle_for(engine) is None
 
 
 def test_namespace_and_buckets_options(registry: CollectorRegistry, sync_engines: list[Engine]) -> None:
     engine = create_engine("sqlite://")
     sync_engines.append(engine)
-    handle = exporter.instrument(engine, registry=registry, namespace="app_db", buckets={"wait": [0.5, 1.0]})
+    handle = pool_exporter.instrument(engine, registry=registry, namespace="app_db", buckets={"wait": [0.5, 1.0]})
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     assert sample(registry, "app_db_pool_checkouts_total", pool=handle.name) == 1

@@ -11,21 +11,21 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 from .conftest import PgEngineFactory, poll, poll_sync
 
 
 def exporter_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "exporter" and r.levelno == level]
+    return [r for r in caplog.records if r.name == "sqlalchemy_pool_exporter" and r.levelno == level]
 
 
 async def test_async_connection_held_past_threshold_warns_once_with_the_checkout_stack(
     pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter")
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine, _ = pg_engine(pool_size=2, max_overflow=0)
-    handle = exporter.instrument(engine, registry=registry, leak_threshold=0.2)
+    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=0.2)
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
@@ -50,10 +50,10 @@ async def test_async_connection_held_past_threshold_warns_once_with_the_checkout
 def test_sync_leak_warning_and_info_on_return(
     registry: CollectorRegistry, sync_engines: list[Engine], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter")
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine = create_engine(f"sqlite:///{tmp_path}/leak.db")
     sync_engines.append(engine)
-    handle = exporter.instrument(engine, registry=registry, leak_threshold=0.2)
+    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=0.2)
 
     def hold_a_connection_too_long() -> None:
         with engine.connect() as conn:
@@ -74,9 +74,9 @@ def test_sync_leak_warning_and_info_on_return(
 async def test_without_threshold_no_stack_is_captured_and_nothing_is_logged(
     pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter")
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine, _ = pg_engine()
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
@@ -93,7 +93,7 @@ async def test_with_threshold_the_stack_is_captured_at_checkout(
     pg_engine: PgEngineFactory, registry: CollectorRegistry
 ) -> None:
     engine, _ = pg_engine()
-    handle = exporter.instrument(engine, registry=registry, leak_threshold=60)
+    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=60)
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
@@ -108,5 +108,5 @@ def test_leak_threshold_must_be_positive(registry: CollectorRegistry, sync_engin
     sync_engines.append(engine)
     for bad in (0, -1.0):
         with pytest.raises(ValueError, match="leak_threshold"):
-            exporter.instrument(engine, registry=registry, leak_threshold=bad)
-    assert exporter.handle_for(engine) is None
+            pool_exporter.instrument(engine, registry=registry, leak_threshold=bad)
+    assert pool_exporter.handle_for(engine) is None

@@ -20,12 +20,12 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 WORKER = """
 import os, sys
 from sqlalchemy import create_engine, text
-import exporter
-from exporter.multiprocess import flush_all
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.multiprocess import flush_all
 
 checkouts, hold, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 engine = create_engine(f"sqlite:///{db}", pool_size=5, max_overflow=0, pool_timeout=30)
-handle = exporter.instrument(engine, name="shared")
+handle = pool_exporter.instrument(engine, name="shared")
 for _ in range(checkouts):
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
@@ -171,6 +171,6 @@ def test_a_running_worker_flushes_on_its_own(tmp_path: Path) -> None:
 
 
 def _version() -> str:
-    from exporter import __version__
+    from sqlalchemy_pool_exporter import __version__
 
     return __version__

@@ -11,8 +11,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-import exporter
-from exporter import pool_name, safe_url
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import pool_name, safe_url
 
 from .conftest import PG_NAME, PG_URL, PgEngineFactory, poll
 
@@ -51,7 +51,7 @@ async def test_a_password_never_shows_in_label_handle_or_logs(
     caplog.set_level(logging.DEBUG)
     url = PG_URL.replace("postgres@", f"postgres:{SECRET}@")  # trust auth: the password is ignored
     engine, _ = pg_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.1)
-    handle = exporter.instrument(engine, registry=registry, leak_threshold=0.1)
+    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=0.1)
     assert handle.name == PG_NAME
     assert handle.url == f"postgresql+asyncpg://postgres:***@{PG_NAME}"
 
@@ -63,7 +63,7 @@ async def test_a_password_never_shows_in_label_handle_or_logs(
                 pass
         await poll(lambda: any("leak threshold" in r.getMessage() for r in caplog.records))
 
-    texts = [r.getMessage() for r in caplog.records if r.name.startswith("exporter")]
+    texts = [r.getMessage() for r in caplog.records if r.name.startswith("sqlalchemy_pool_exporter")]
     assert any("timed out" in t for t in texts)
     for record in caplog.records:
         assert SECRET not in record.getMessage()

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, event, text
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 from .conftest import PG_URL, PgEngineFactory
 
@@ -17,7 +17,7 @@ async def test_plugin_instruments_with_url_options_the_driver_never_sees(pg_engi
     engine, _ = pg_engine(
         f"{PG_URL}?plugin=pool_exporter&pool_exporter_name=core_plugin_x&pool_exporter_leak_threshold=30"
     )
-    handle = exporter.handle_for(engine)
+    handle = pool_exporter.handle_for(engine)
     assert handle is not None
     try:
         assert handle.name == "core_plugin_x"
@@ -44,7 +44,7 @@ async def test_plugin_instruments_with_url_options_the_driver_never_sees(pg_engi
 
 def test_plugin_default_name_and_bad_option() -> None:
     engine = create_engine("sqlite://?plugin=pool_exporter&pool_exporter_namespace=core_plugin_ns")
-    handle = exporter.handle_for(engine)
+    handle = pool_exporter.handle_for(engine)
     assert handle is not None
     try:
         assert handle.name == "sqlite:memory"

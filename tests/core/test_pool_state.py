@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 from .conftest import PG_NAME, PgEngineFactory, poll, poll_sync, real_connections, sample, terminate_backend
 
@@ -70,7 +70,7 @@ async def hold_six(engine: AsyncEngine, registry: CollectorRegistry) -> dict[str
 
 async def test_six_holders_on_a_two_plus_one_pool(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=1, pool_timeout=0.2)
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
 
     seen = await hold_six(engine, registry)
 
@@ -106,12 +106,12 @@ async def test_timeout_logs_one_warning_with_the_pool_numbers(
     pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine, _ = pg_engine(pool_size=2, max_overflow=1, pool_timeout=0.2)
-    exporter.instrument(engine, registry=registry)
-    caplog.set_level(logging.INFO, logger="exporter")
+    pool_exporter.instrument(engine, registry=registry)
+    caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
 
     await hold_six(engine, registry)
 
-    warnings_ = [r for r in caplog.records if r.name == "exporter" and r.levelno == logging.WARNING]
+    warnings_ = [r for r in caplog.records if r.name == "sqlalchemy_pool_exporter" and r.levelno == logging.WARNING]
     assert len(warnings_) == 3
     for record in warnings_:
         message = record.getMessage()
@@ -129,7 +129,7 @@ async def test_waits_pending_and_timeouts_keep_working_after_dispose(
     pg_engine: PgEngineFactory, registry: CollectorRegistry
 ) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=1, pool_timeout=0.2)
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     old_pool = engine.sync_engine.pool
@@ -169,7 +169,7 @@ async def test_no_drift_through_invalidate_detach_recycle_preping_dispose_and_gc
     pg_engine: PgEngineFactory, registry: CollectorRegistry
 ) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=1, pool_pre_ping=True)
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     created = closed = checkouts = 0
 
     # Three at once (one overflow), all returned: the overflow one is closed.
@@ -300,7 +300,7 @@ async def test_recycle_closes_and_reopens_without_drift(
     pg_engine: PgEngineFactory, registry: CollectorRegistry
 ) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=0, pool_recycle=3600)
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     # Age the pooled connection past pool_recycle instead of waiting an hour.
@@ -330,7 +330,7 @@ def test_sync_connection_garbage_collected_is_returned_and_counted_as_leaked(
 ) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/core.db", poolclass=QueuePool, pool_size=1, max_overflow=0)
     sync_engines.append(engine)
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     name = handle.name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -356,7 +356,7 @@ def test_sync_threads_waiting_and_timing_out(
 ) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/threads.db", pool_size=1, max_overflow=0, pool_timeout=0.3)
     sync_engines.append(engine)
-    name = exporter.instrument(engine, registry=registry).name
+    name = pool_exporter.instrument(engine, registry=registry).name
     failures: list[BaseException] = []
 
     def wait_for_a_connection() -> None:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 from .conftest import PG_NAME, PgEngineFactory, sample
 
@@ -49,19 +49,19 @@ async def drop(engine: AsyncEngine) -> None:
 
 async def test_commit_on_success_rollback_on_any_exception(table: AsyncEngine, registry: CollectorRegistry) -> None:
     engine = table
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     sessions = async_sessionmaker(engine)
     try:
         for _ in range(3):
-            async with exporter.session_scope(sessions) as session:
+            async with pool_exporter.session_scope(sessions) as session:
                 await session.execute(text(f"INSERT INTO {TABLE} VALUES (1)"))
         # Not only SQLAlchemy errors: a plain ValueError rolls back too.
         with pytest.raises(ValueError, match="app"):
-            async with exporter.session_scope(sessions) as session:
+            async with pool_exporter.session_scope(sessions) as session:
                 await session.execute(text(f"INSERT INTO {TABLE} VALUES (2)"))
                 raise ValueError("app")
         with pytest.raises(KeyError):
-            async with exporter.session_scope(sessions) as session:
+            async with pool_exporter.session_scope(sessions) as session:
                 await session.execute(text(f"INSERT INTO {TABLE} VALUES (3)"))
                 raise KeyError("x")
 
@@ -81,13 +81,13 @@ async def test_commit_on_success_rollback_on_any_exception(table: AsyncEngine, r
 
 async def test_cancellation_rolls_back_and_counts_cancelled(table: AsyncEngine, registry: CollectorRegistry) -> None:
     engine = table
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     sessions = async_sessionmaker(engine)
     inside = asyncio.Event()
     try:
 
         async def request() -> None:
-            async with exporter.session_scope(sessions) as session:
+            async with pool_exporter.session_scope(sessions) as session:
                 await session.execute(text(f"INSERT INTO {TABLE} VALUES (1)"))
                 inside.set()
                 await asyncio.Event().wait()
@@ -110,8 +110,8 @@ async def test_cancellation_rolls_back_and_counts_cancelled(table: AsyncEngine, 
 
 async def test_session_dependency_the_way_fastapi_drives_it(table: AsyncEngine, registry: CollectorRegistry) -> None:
     engine = table
-    exporter.instrument(engine, registry=registry)
-    get_session = exporter.session_dependency(async_sessionmaker(engine))
+    pool_exporter.instrument(engine, registry=registry)
+    get_session = pool_exporter.session_dependency(async_sessionmaker(engine))
     # FastAPI wraps generator dependencies in an async context manager: success resumes the
     # generator, an exception is thrown into it.
     as_dependency = contextlib.asynccontextmanager(get_session)
@@ -136,16 +136,16 @@ async def test_debug_log_carries_pool_status_as_fields(
     pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine, _ = pg_engine(pool_size=2, max_overflow=1)
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     sessions = async_sessionmaker(engine)
-    caplog.set_level(logging.DEBUG, logger="exporter.session")
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy_pool_exporter.session")
 
     async with engine.connect() as other:
         await other.execute(text("SELECT 1"))
-        async with exporter.session_scope(sessions) as session:
+        async with pool_exporter.session_scope(sessions) as session:
             await session.execute(text("SELECT 1"))
 
-    records = [r for r in caplog.records if r.name == "exporter.session" and r.levelno == logging.DEBUG]
+    records = [r for r in caplog.records if r.name == "sqlalchemy_pool_exporter.session" and r.levelno == logging.DEBUG]
     assert len(records) == 1
     record = records[0]
     fields = {k: record.__dict__[k] for k in ("pool", "size", "used", "idle", "overflow", "pending", "outcome")}
@@ -166,8 +166,8 @@ async def test_session_scope_on_an_uninstrumented_engine_still_works(
     pg_engine: PgEngineFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine, _ = pg_engine()
-    caplog.set_level(logging.DEBUG, logger="exporter.session")
-    async with exporter.session_scope(async_sessionmaker(engine)) as session:
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy_pool_exporter.session")
+    async with pool_exporter.session_scope(async_sessionmaker(engine)) as session:
         assert (await session.execute(text("SELECT 7"))).scalar_one() == 7
-    (record,) = [r for r in caplog.records if r.name == "exporter.session"]
+    (record,) = [r for r in caplog.records if r.name == "sqlalchemy_pool_exporter.session"]
     assert record.__dict__["outcome"] == "commit"

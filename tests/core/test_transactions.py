@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 from .conftest import PG_NAME, PgEngineFactory, sample
 
@@ -45,7 +45,7 @@ class Item(Base):
 
 async def test_core_commits_and_rollbacks(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
     engine, _ = pg_engine()
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
 
     for _ in range(7):
         async with engine.begin() as conn:
@@ -69,7 +69,7 @@ async def test_core_commits_and_rollbacks(pg_engine: PgEngineFactory, registry: 
 
 async def test_savepoints_release_and_rollback(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
     engine, _ = pg_engine()
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
 
     async with engine.begin() as conn:
         for _ in range(3):
@@ -89,7 +89,7 @@ async def test_savepoints_release_and_rollback(pg_engine: PgEngineFactory, regis
 
 async def test_statements_by_operation(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
     engine, _ = pg_engine()
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
 
     async with engine.begin() as conn:
         await conn.execute(text(f"CREATE TEMPORARY TABLE {TABLE} (id int PRIMARY KEY, n int)"))
@@ -110,7 +110,7 @@ async def test_statement_errors_are_counted_by_the_class_handle_error_sees(
     pg_engine: PgEngineFactory, registry: CollectorRegistry
 ) -> None:
     engine, _ = pg_engine()
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     seen: list[str] = []
 
     @event.listens_for(engine.sync_engine, "handle_error")
@@ -140,7 +140,7 @@ async def test_statement_errors_are_counted_by_the_class_handle_error_sees(
 
 async def test_connect_errors_by_exception_class(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
     engine, _ = pg_engine("postgresql+asyncpg://postgres@127.0.0.1:1/test", pool_size=1)
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     for _ in range(2):
         # Not a DBAPI error, so SQLAlchemy lets it through unwrapped.
         with pytest.raises(ConnectionRefusedError):
@@ -175,7 +175,7 @@ def test_sync_orm_session_commits_and_rollbacks(
     engine = create_engine(f"sqlite:///{tmp_path}/orm.db")
     sync_engines.append(engine)
     Base.metadata.create_all(engine)
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     name = handle.name
 
     for i in range(7):
@@ -200,7 +200,7 @@ async def test_async_orm_session_commits_and_rollbacks(pg_engine: PgEngineFactor
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
         await conn.run_sync(Base.metadata.create_all)
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     try:
         for i in range(7):
@@ -232,7 +232,7 @@ async def test_connect_error_from_the_server_names_the_driver_class(
     pg_engine: PgEngineFactory, registry: CollectorRegistry
 ) -> None:
     engine, _ = pg_engine("postgresql+asyncpg://postgres@127.0.0.1:5432/core_no_such_database")
-    handle = exporter.instrument(engine, registry=registry)
+    handle = pool_exporter.instrument(engine, registry=registry)
     with pytest.raises(sa_exc.DBAPIError, match="does not exist"):
         async with engine.connect():
             pass

@@ -33,7 +33,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 # Set in every scenario's URL; nothing we emit may ever contain it.
 SECRET = "Hunter2-XyZZy-91c5"
@@ -188,7 +188,7 @@ async def make_engine(live_cluster: Cluster) -> AsyncIterator[Callable[..., tupl
 
     yield make
     for engine in made:
-        exporter.uninstrument(engine)
+        pool_exporter.uninstrument(engine)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(engine.dispose(), 10)
 
@@ -259,7 +259,9 @@ def unwrap() -> Callable[[BaseException], str]:
     return error_class
 
 
-async def assert_at_rest(handle: exporter.PoolHandle, registry: CollectorRegistry, cluster: Cluster, app: str) -> None:
+async def assert_at_rest(
+    handle: pool_exporter.PoolHandle, registry: CollectorRegistry, cluster: Cluster, app: str
+) -> None:
     """Nothing held, gauges at zero, and the open-connection count equal to the server's own count."""
     assert handle.stats.waiting == {}
     assert handle.stats.checkouts == {}
@@ -320,7 +322,7 @@ def emitted(request: pytest.FixtureRequest) -> Iterator[Emitted]:
     handler = logging.StreamHandler(stream)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(_AllFields("%(levelname)s %(name)s %(message)s"))
-    logger = logging.getLogger("exporter")
+    logger = logging.getLogger("sqlalchemy_pool_exporter")
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -330,7 +332,7 @@ def emitted(request: pytest.FixtureRequest) -> Iterator[Emitted]:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     out.add(stream.getvalue())
-    for handle in exporter.handles():
+    for handle in pool_exporter.handles():
         out.add(json.dumps(handle.snapshot(), default=repr))
         out.add(generate_latest(handle.registry))
     hits = [c for c in out.chunks if SECRET.encode() in c or SECRET.encode().hex().encode() in c]
@@ -363,7 +365,7 @@ class Scrapes:
 @contextlib.asynccontextmanager
 async def serving(registry: CollectorRegistry, **kwargs: Any) -> AsyncIterator[str]:
     """The exporter's own aiohttp app (exporter.web) on 127.0.0.1, a free port; yields its base URL."""
-    from exporter import web
+    from sqlalchemy_pool_exporter import web
 
     server = web.Server(web.make_app(registry=registry, **kwargs), "127.0.0.1", 0)
     await server.start()
@@ -416,7 +418,7 @@ def scrape_loop(emitted: Emitted) -> Callable[..., Any]:
     return loop
 
 
-_OURS = str(Path(exporter.__file__).parent)
+_OURS = str(Path(pool_exporter.__file__).parent)
 
 
 def is_raised_by_us(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -30,7 +30,7 @@ async def test_cancel_while_waiting(make_engine, registry: CollectorRegistry, at
     and no connect error is counted; the pool then serves normally.
     """
     engine, app = make_engine(pool_size=1, max_overflow=0, pool_timeout=10)
-    handle = exporter.instrument(engine, registry=registry, name="cancel-wait")
+    handle = pool_exporter.instrument(engine, registry=registry, name="cancel-wait")
     s = registry.get_sample_value
     p = {"pool": "cancel-wait"}
     held = await engine.connect()
@@ -68,7 +68,7 @@ async def test_cancel_while_holding(make_engine, registry: CollectorRegistry, wi
     and our used gauge, checkout table and counts follow it exactly, back to zero.
     """
     engine, app = make_engine(pool_size=5, max_overflow=0, pool_timeout=5)
-    handle = exporter.instrument(engine, registry=registry, name="cancel-hold")
+    handle = pool_exporter.instrument(engine, registry=registry, name="cancel-hold")
     seen = witness(engine)
     s = registry.get_sample_value
     p = {"pool": "cancel-hold"}
@@ -107,7 +107,7 @@ async def test_dropped_connection_reclaimed_by_gc(
     gauge and our checkout table go back to zero, and the closes are counted.
     """
     engine, app = make_engine(pool_size=5, max_overflow=0)
-    handle = exporter.instrument(engine, registry=registry, name="gc-leak")
+    handle = pool_exporter.instrument(engine, registry=registry, name="gc-leak")
     seen = witness(engine)
     s = registry.get_sample_value
     p = {"pool": "gc-leak"}

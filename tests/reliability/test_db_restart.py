@@ -13,7 +13,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -83,7 +83,7 @@ async def test_restart_under_load(
     made during the outage was answered.
     """
     engine, app = make_engine(pool_size=5, max_overflow=5, pool_timeout=2)
-    handle = exporter.instrument(engine, registry=registry, name="restart")
+    handle = pool_exporter.instrument(engine, registry=registry, name="restart")
     seen = witness(engine)
     load = Load(engine, unwrap)
 

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -26,7 +26,7 @@ async def test_dispose_under_load(
     equal the server's count once the replaced pools are gone.
     """
     engine, app = make_engine(pool_size=4, max_overflow=4, pool_timeout=5)
-    handle = exporter.instrument(engine, registry=registry, name="dispose")
+    handle = pool_exporter.instrument(engine, registry=registry, name="dispose")
     seen = witness(engine)
     done = 0
     pools = {id(engine.pool)}

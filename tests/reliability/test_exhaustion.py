@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -25,7 +25,7 @@ async def test_exhaustion_storm(make_engine, registry: CollectorRegistry, raised
     storm rages no gauge is ever negative or above its bound; afterwards nothing is stuck.
     """
     engine, app = make_engine(pool_size=POOL_SIZE, max_overflow=0, pool_timeout=0.4)
-    handle = exporter.instrument(engine, registry=registry, name="storm")
+    handle = pool_exporter.instrument(engine, registry=registry, name="storm")
     async with engine.connect() as conn:  # open one connection first, so the storm is about waiting
         await conn.execute(text("SELECT 1"))
     ok = timeouts = 0

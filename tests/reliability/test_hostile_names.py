@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
-import exporter
-from exporter.sidecar import Sidecar
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.sidecar import Sidecar
 
 pytestmark = pytest.mark.reliability
 
@@ -51,11 +51,11 @@ def _engines(registry: CollectorRegistry) -> list:  # type: ignore[type-arg]
             raise failing("no database here")
 
         good = create_engine("sqlite://", poolclass=QueuePool)
-        exporter.instrument(good, registry=registry, name=name)
+        pool_exporter.instrument(good, registry=registry, name=name)
         with good.connect() as conn:
             conn.execute(text("SELECT 1"))
         bad = create_engine("sqlite://", creator=creator, poolclass=QueuePool)
-        exporter.instrument(bad, registry=registry, name=f"{name}-bad")
+        pool_exporter.instrument(bad, registry=registry, name=f"{name}-bad")
         for _ in range(2):
             with pytest.raises(failing):
                 bad.connect()
@@ -101,7 +101,7 @@ async def test_hostile_names_in_process(registry: CollectorRegistry, tmp_path: P
         assert "<script>" not in page and "&lt;script&gt;" in page
     finally:
         for engine in engines:
-            exporter.uninstrument(engine)
+            pool_exporter.uninstrument(engine)
             engine.dispose()
 
 
@@ -110,13 +110,13 @@ WORKER = textwrap.dedent(
     import json, sys
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import QueuePool
-    import exporter
-    from exporter.multiprocess import flush_all
+    import sqlalchemy_pool_exporter as pool_exporter
+    from sqlalchemy_pool_exporter.multiprocess import flush_all
     names = json.loads(sys.argv[1])
     engines = []
     for name in names:
         engine = create_engine("sqlite://", poolclass=QueuePool)
-        exporter.instrument(engine, name=name)
+        pool_exporter.instrument(engine, name=name)
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         engines.append(engine)

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine
 
-import exporter
-from exporter.auth import Auth
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.auth import Auth
 
 pytestmark = pytest.mark.reliability
 
@@ -20,7 +20,7 @@ USER, PASSWORD = "prom", "pw-a81f0d"
 
 
 def _no_trace(body: bytes) -> None:
-    for marker in (b"Traceback", b'File "', b"exporter/", b"aiohttp/web"):
+    for marker in (b"Traceback", b'File "', b"sqlalchemy_pool_exporter/", b"aiohttp/web"):
         assert marker not in body, body[:500]
 
 
@@ -46,7 +46,7 @@ async def test_hostile_http(registry: CollectorRegistry, serve, emitted, secret:
     body carries a stack trace, and the server keeps serving good requests afterwards.
     """
     engine = create_engine(f"postgresql+asyncpg://app:{secret}@127.0.0.1:1/app")
-    exporter.instrument(engine, registry=registry, name="web")
+    pool_exporter.instrument(engine, registry=registry, name="web")
     guard = {None: None, "token": Auth(token=TOKEN), "basic": Auth(user=USER, password=PASSWORD)}[auth]
     good = {
         None: {},
@@ -108,5 +108,5 @@ async def test_hostile_http(registry: CollectorRegistry, serve, emitted, secret:
             # Still serving.
             assert (await call("GET", "/metrics", good))[0] == 200
     finally:
-        exporter.uninstrument(engine)
+        pool_exporter.uninstrument(engine)
         engine.dispose()

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-import exporter
-from exporter.sidecar import Sidecar
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.sidecar import Sidecar
 
 pytestmark = pytest.mark.reliability
 
@@ -72,7 +72,7 @@ async def test_fifty_scrapers_while_the_app_runs(
     (printed, and record_property `throughput_ratio`); no timing assertion is made.
     """
     engine, app = make_engine(pool_size=5, max_overflow=5)
-    handle = exporter.instrument(engine, registry=registry, name="scraped")
+    handle = pool_exporter.instrument(engine, registry=registry, name="scraped")
     done = 0
 
     async def work(seconds: float) -> int:
@@ -137,11 +137,11 @@ SPAWNER = textwrap.dedent(
     import atexit, os, sys
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import QueuePool
-    import exporter
-    from exporter.multiprocess import flush_all
+    import sqlalchemy_pool_exporter as pool_exporter
+    from sqlalchemy_pool_exporter.multiprocess import flush_all
 
     engine = create_engine("sqlite://", poolclass=QueuePool)
-    exporter.instrument(engine, name="churn")
+    pool_exporter.instrument(engine, name="churn")
     flush_all()
     total = 0
     for wave in range(int(sys.argv[1])):

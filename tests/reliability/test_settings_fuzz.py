@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from exporter import cli
-from exporter.settings import ENV_PREFIX, SettingError, load
+from sqlalchemy_pool_exporter import cli
+from sqlalchemy_pool_exporter.settings import ENV_PREFIX, SettingError, load
 
 pytestmark = pytest.mark.reliability
 
@@ -144,7 +144,7 @@ def test_fuzzed_cli_flags_exit_2(flags: dict[str, str]) -> None:
 @settings(max_examples=8, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(env=settings_values)
 def test_fuzzed_environment_real_process(env: dict[str, str]) -> None:
-    """Fault: bad POOL_EXPORTER_* values given to a real `python -m exporter serve` process.
+    """Fault: bad POOL_EXPORTER_* values given to a real `python -m sqlalchemy_pool_exporter serve` process.
 
     The process exits 2 with one line on stderr, no traceback, no password (eight examples: each
     is a fresh interpreter).
@@ -158,7 +158,7 @@ def test_fuzzed_environment_real_process(env: dict[str, str]) -> None:
             pass
         child_env = dict(os.environ)
     result = subprocess.run(
-        [sys.executable, "-m", "exporter", "serve"],
+        [sys.executable, "-m", "sqlalchemy_pool_exporter", "serve"],
         env=child_env,
         capture_output=True,
         text=True,

@@ -23,12 +23,12 @@ WORKER = textwrap.dedent(
     import asyncio, sys
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
-    import exporter
-    from exporter.multiprocess import flush_all
+    import sqlalchemy_pool_exporter as pool_exporter
+    from sqlalchemy_pool_exporter.multiprocess import flush_all
 
     async def main(url, app, checkouts, hold):
         engine = create_async_engine(url, pool_size=2, connect_args={"server_settings": {"application_name": app}})
-        exporter.instrument(engine, name="mp")
+        pool_exporter.instrument(engine, name="mp")
         for _ in range(checkouts):
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
@@ -89,7 +89,7 @@ async def test_sigkill_worker_mid_transaction(live_cluster, tmp_path: Path, emit
     }
     with open(log, "w") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "serve"], env=serve_env, stderr=log_file, stdout=log_file
+            [sys.executable, "-m", "sqlalchemy_pool_exporter", "serve"], env=serve_env, stderr=log_file, stdout=log_file
         )
     try:
         for worker in (killed, alive):

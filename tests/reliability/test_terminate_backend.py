@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-import exporter
+import sqlalchemy_pool_exporter as pool_exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -24,7 +24,7 @@ async def test_terminate_pooled_connections(
     server's count afterwards.
     """
     engine, app = make_engine(pool_size=3, max_overflow=0, pool_pre_ping=pre_ping)
-    handle = exporter.instrument(engine, registry=registry, name="terminated")
+    handle = pool_exporter.instrument(engine, registry=registry, name="terminated")
     seen = witness(engine)
 
     async def hold_all() -> None:

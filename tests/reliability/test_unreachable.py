@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-import exporter
-from exporter import web
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import web
 
 pytestmark = pytest.mark.reliability
 
@@ -29,7 +29,7 @@ async def test_unreachable_at_start_then_recovers(
     """
     live_cluster.stop("fast")
     engine, app = make_engine(pool_size=2, max_overflow=0, pool_timeout=1)
-    handle = exporter.instrument(engine, registry=registry, name="down")
+    handle = pool_exporter.instrument(engine, registry=registry, name="down")
     readiness = web.Readiness(web.pool_checks, timeout=2.0, cache_for=0.0)
     async with serve(registry, readiness=readiness) as base, aiohttp.ClientSession() as http:
 
@@ -61,7 +61,7 @@ async def test_unreachable_at_start_then_recovers(
 
     # A server that is up but refuses: the database does not exist.
     missing, _ = make_engine(live_cluster.url().rsplit("/", 1)[0] + "/no_such_db", pool_size=1)
-    other = exporter.instrument(missing, registry=registry, name="missing-db")
+    other = pool_exporter.instrument(missing, registry=registry, name="missing-db")
     for _ in range(3):
         with pytest.raises(Exception) as info:
             async with missing.connect():

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import QueuePool
 
-import exporter
-from exporter.web import Server
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.web import Server
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def registry() -> CollectorRegistry:
 def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}", poolclass=QueuePool, pool_size=2, max_overflow=1)
     yield engine
-    exporter.uninstrument(engine)
+    pool_exporter.uninstrument(engine)
     engine.dispose()
 
 

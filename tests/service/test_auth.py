@@ -10,9 +10,9 @@ import pytest
 import trustme
 from prometheus_client import CollectorRegistry
 
-from exporter.auth import Auth
-from exporter.settings import load
-from exporter.web import make_app
+from sqlalchemy_pool_exporter.auth import Auth
+from sqlalchemy_pool_exporter.settings import load
+from sqlalchemy_pool_exporter.web import make_app
 
 from .conftest import serving
 

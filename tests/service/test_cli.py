@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import main
+from sqlalchemy_pool_exporter.cli import main
 
 from .conftest import PG_URL, PYTHON, cli_env, sample, scrape, wait_for_line
 
@@ -70,7 +70,7 @@ def test_tls_key_that_does_not_match(
 
 def test_real_process_bad_setting_no_traceback() -> None:
     result = subprocess.run(
-        [PYTHON, "-m", "exporter", "serve", "--port", "-1"],
+        [PYTHON, "-m", "sqlalchemy_pool_exporter", "serve", "--port", "-1"],
         env=cli_env(POOL_EXPORTER_DATABASE_URL="postgresql://u:Secr3t@127.0.0.1/db"),
         capture_output=True,
         text=True,
@@ -83,7 +83,7 @@ def test_real_process_bad_setting_no_traceback() -> None:
         "Input should be greater than or equal to 0\n"
     )
     unknown = subprocess.run(
-        [PYTHON, "-m", "exporter", "serve", "--colour"], capture_output=True, text=True, env=cli_env()
+        [PYTHON, "-m", "sqlalchemy_pool_exporter", "serve", "--colour"], capture_output=True, text=True, env=cli_env()
     )
     assert unknown.returncode == 2
     assert unknown.stderr.count("\n") == 1 and "Traceback" not in unknown.stderr
@@ -95,7 +95,18 @@ async def test_serve_multiproc_dir_and_server_view_then_sigterm(tmp_path: Path) 
     directory.mkdir()
     url = PG_URL.replace("postgres@", "postgres:Secr3tPw@")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "exporter", "serve", "--host", "127.0.0.1", "--port", "0", "--log-format", "json"],
+        [
+            PYTHON,
+            "-m",
+            "sqlalchemy_pool_exporter",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+        ],
         env=cli_env(POOL_EXPORTER_DATABASE_URL=url, PROMETHEUS_MULTIPROC_DIR=str(directory)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -18,7 +18,19 @@ async def run_and_scrape(
 ) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], str, str]:
     """Run the demo; scrape until it showed a timeout (or it ended); return the last scrape, /pools, output."""
     proc = subprocess.Popen(
-        [PYTHON, "-m", "exporter", "demo", "--duration", DURATION, "--host", "127.0.0.1", "--port", "0", *extra],
+        [
+            PYTHON,
+            "-m",
+            "sqlalchemy_pool_exporter",
+            "demo",
+            "--duration",
+            DURATION,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *extra,
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter.sidecar import JOURNAL, Sidecar
-from exporter.web import make_app
+from sqlalchemy_pool_exporter.sidecar import JOURNAL, Sidecar
+from sqlalchemy_pool_exporter.web import make_app
 
 from .conftest import PYTHON, cli_env, sample, scrape, serving
 
@@ -23,12 +23,12 @@ WORKER = textwrap.dedent(
     import sys
     from sqlalchemy import create_engine
     from sqlalchemy.pool import QueuePool
-    import exporter
-    from exporter.multiprocess import flush_all
+    import sqlalchemy_pool_exporter as pool_exporter
+    from sqlalchemy_pool_exporter.multiprocess import flush_all
 
     commits, held, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     engine = create_engine(f"sqlite:///{db}", poolclass=QueuePool, pool_size=5, max_overflow=0)
-    exporter.instrument(engine, name="app")
+    pool_exporter.instrument(engine, name="app")
     for _ in range(commits):
         with engine.begin() as conn:
             conn.exec_driver_sql("SELECT 1")

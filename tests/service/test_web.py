@@ -10,8 +10,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
-import exporter
-from exporter.web import Readiness, add_routes, make_app
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter.web import Readiness, add_routes, make_app
 
 from .conftest import parse, sample, serving
 
@@ -19,7 +19,7 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 async def test_metrics_text_openmetrics_and_gzip(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
-    exporter.instrument(sqlite_engine, name="web", registry=registry)
+    pool_exporter.instrument(sqlite_engine, name="web", registry=registry)
     held = [sqlite_engine.connect(), sqlite_engine.connect()]
     try:
         async with (
@@ -67,7 +67,7 @@ async def test_custom_metrics_path(registry: CollectorRegistry) -> None:
 
 
 async def test_healthz_readyz_pools_and_index(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
-    handle = exporter.instrument(sqlite_engine, name="web-pools", registry=registry)
+    handle = pool_exporter.instrument(sqlite_engine, name="web-pools", registry=registry)
     conn = sqlite_engine.connect()
     try:
         async with serving(make_app(registry=registry)) as server, aiohttp.ClientSession() as c:
@@ -105,7 +105,7 @@ async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(reg
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine("postgresql+asyncpg://nobody:pw@127.0.0.1:1/none")
-    exporter.instrument(engine, name="unreachable", registry=registry)
+    pool_exporter.instrument(engine, name="unreachable", registry=registry)
     runs = 0
     original = Readiness._run
 
@@ -114,7 +114,9 @@ async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(reg
         runs += 1
         return await original(self)
 
-    readiness = Readiness(lambda: {"pool unreachable": lambda: exporter.web.check_pool(exporter.handle_for(engine))})  # type: ignore[arg-type]
+    readiness = Readiness(
+        lambda: {"pool unreachable": lambda: pool_exporter.web.check_pool(pool_exporter.handle_for(engine))}
+    )  # type: ignore[arg-type]
     readiness._run = counting.__get__(readiness)  # type: ignore[method-assign]
     try:
         async with serving(make_app(registry=registry, readiness=readiness)) as server, aiohttp.ClientSession() as c:
@@ -129,12 +131,12 @@ async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(reg
         assert results[0][1] == {"ready": False, "checks": {"pool unreachable": "failing: ConnectionRefusedError"}}
         assert runs == 1
     finally:
-        exporter.uninstrument(engine)
+        pool_exporter.uninstrument(engine)
         await engine.dispose()
 
 
 async def test_add_routes_to_an_existing_app(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
-    exporter.instrument(sqlite_engine, name="mounted", registry=registry)
+    pool_exporter.instrument(sqlite_engine, name="mounted", registry=registry)
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
@@ -156,7 +158,7 @@ async def test_password_never_in_pools_or_index(registry: CollectorRegistry, tmp
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine("postgresql+asyncpg://postgres:Sup3rS3cret@127.0.0.1:5432/test")
-    exporter.instrument(engine, registry=registry)
+    pool_exporter.instrument(engine, registry=registry)
     try:
         async with serving(make_app(registry=registry)) as server, aiohttp.ClientSession() as c:
             for path in ("/pools", "/", "/metrics"):
@@ -165,5 +167,5 @@ async def test_password_never_in_pools_or_index(registry: CollectorRegistry, tmp
                 assert "Sup3rS3cret" not in body
                 assert "127.0.0.1:5432/test" in body
     finally:
-        exporter.uninstrument(engine)
+        pool_exporter.uninstrument(engine)
         await engine.dispose()

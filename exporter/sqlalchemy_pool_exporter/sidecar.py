@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from . import catalog
 from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 
-log = logging.getLogger("exporter.sidecar")
+log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 
 ARCHIVE = "archive"
 JOURNAL = "pool_exporter_compaction.json"

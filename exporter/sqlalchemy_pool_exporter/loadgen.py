@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-log = logging.getLogger("exporter.loadgen")
+log = logging.getLogger("sqlalchemy_pool_exporter.loadgen")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .stats import Checkout, PoolStats, bump
 if TYPE_CHECKING:
     from .collector import PoolCollector
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("sqlalchemy_pool_exporter")
 perf_counter = time.perf_counter
 
 _HANDLES: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()

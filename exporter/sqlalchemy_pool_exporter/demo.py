@@ -23,7 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .session import session_scope
 
-log = logging.getLogger("exporter.demo")
+log = logging.getLogger("sqlalchemy_pool_exporter.demo")
 
 # Small on purpose: the load generator's bursts exhaust it and wait past the timeout.
 POOL_SIZE = 3

@@ -25,7 +25,7 @@ from ._version import __version__
 if TYPE_CHECKING:
     from .instrument import PoolHandle
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("sqlalchemy_pool_exporter")
 
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_INTERVAL = 1.0

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from .instrument import handle_for
 from .stats import bump
 
-log = logging.getLogger("exporter.session")
+log = logging.getLogger("sqlalchemy_pool_exporter.session")
 
 
 @asynccontextmanager

@@ -24,7 +24,7 @@ from sqlalchemy.pool import NullPool
 from . import catalog
 from .naming import safe_url
 
-log = logging.getLogger("exporter.pgview")
+log = logging.getLogger("sqlalchemy_pool_exporter.pgview")
 
 APPLICATION_NAME = "pool-exporter"
 

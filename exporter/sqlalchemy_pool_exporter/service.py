@@ -27,7 +27,7 @@ from .loadgen import LoadGenerator, LoadPlan
 from .naming import safe_url
 from .settings import SettingError, Settings
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("sqlalchemy_pool_exporter")
 
 
 class StartupError(RuntimeError):
@@ -188,7 +188,7 @@ async def _run_demo_workers(
     }
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "exporter", "demo", "--worker-process", "--app-port", str(app_port)],
+            [sys.executable, "-m", "sqlalchemy_pool_exporter", "demo", "--worker-process", "--app-port", str(app_port)],
             env=env,
         )
         for _ in range(workers)

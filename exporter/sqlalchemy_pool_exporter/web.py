@@ -30,7 +30,7 @@ from .instrument import PoolHandle, handles
 if TYPE_CHECKING:
     import ssl
 
-log = logging.getLogger("exporter.web")
+log = logging.getLogger("sqlalchemy_pool_exporter.web")
 
 PoolsSource = Callable[[], Awaitable[list[dict[str, Any]]]]
 Check = Callable[[], Awaitable[None]]
