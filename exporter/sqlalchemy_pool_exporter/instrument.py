@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool
 
-from . import catalog, dialect
+from . import catalog, dialect, validation
 from .leaks import LeakWatchdog, capture_stack
 from .naming import error_class, pool_name, safe_url
 from .reading import PoolReading, read_pool
@@ -464,13 +464,6 @@ def _sync_engine(engine: Engine | AsyncEngine) -> Engine:
     raise TypeError(f"instrument() takes a SQLAlchemy Engine or AsyncEngine, not {type(engine).__name__}")
 
 
-def _check_buckets(name: str, values: Sequence[float]) -> tuple[float, ...]:
-    bounds = tuple(float(v) for v in values)
-    if not bounds or any(b <= a for a, b in itertools.pairwise(bounds)) or bounds[0] <= 0:
-        raise ValueError(f"buckets[{name!r}] must be positive and strictly increasing, got {list(values)!r}")
-    return bounds
-
-
 def instrument(
     engine: Engine | AsyncEngine,
     *,
@@ -498,15 +491,9 @@ def instrument(
         existing = _HANDLES.get(sync)
         if existing is not None and existing.active:
             return existing
-        if leak_threshold is not None and not leak_threshold > 0:
-            raise ValueError(f"leak_threshold must be a positive number of seconds, got {leak_threshold!r}")
-        if not isinstance(namespace, str) or not all(c.isalnum() or c == "_" for c in namespace):
-            raise ValueError(f"namespace must be letters, digits and underscores, got {namespace!r}")
-        bounds: dict[str, Sequence[float]] = {**catalog.DEFAULT_BUCKETS}
-        for key, values in (buckets or {}).items():
-            if key not in catalog.DEFAULT_BUCKETS:
-                raise ValueError(f"unknown bucket set {key!r}; expected one of {sorted(catalog.DEFAULT_BUCKETS)}")
-            bounds[key] = _check_buckets(key, values)
+        leak_threshold = validation.leak_threshold(leak_threshold)
+        namespace = validation.namespace(namespace)
+        bounds: dict[str, Sequence[float]] = dict(validation.buckets(buckets))
         registry = REGISTRY if registry is None else registry
         collector = collector_for(registry, namespace)
         handle_name = collector.unique_name(name, pool_name(sync.url))

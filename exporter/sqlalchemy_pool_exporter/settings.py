@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import ssl
@@ -15,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import catalog
+from . import catalog, validation
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # Not the default of any well-known exporter; see README "Default port".
@@ -70,13 +69,7 @@ def parse_buckets(value: object) -> dict[str, tuple[float, ...]] | None:
         if key not in catalog.DEFAULT_BUCKETS:
             known = ", ".join(sorted(catalog.DEFAULT_BUCKETS))
             raise ValueError(f"unknown bucket set {key!r}; expected one of {known}")
-        try:
-            floats = tuple(float(b) for b in bounds)
-        except (TypeError, ValueError):
-            raise ValueError(f"bounds of {key!r} must be numbers") from None
-        if not floats or floats[0] <= 0 or any(b <= a for a, b in itertools.pairwise(floats)):
-            raise ValueError(f"bounds of {key!r} must be positive and strictly increasing")
-        out[key] = floats
+        out[key] = validation.bounds(key, bounds)
     return out
 
 
@@ -136,9 +129,7 @@ class Settings(BaseSettings):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if (value and not (value[0].isalpha() or value[0] == "_")) or not all(c.isalnum() or c == "_" for c in value):
-            raise ValueError("must be letters, digits and underscores, not starting with a digit")
-        return value
+        return validation.namespace(value)
 
     @field_validator("buckets", mode="before")
     @classmethod

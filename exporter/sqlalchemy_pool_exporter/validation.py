@@ -1,0 +1,106 @@
+"""One validator per value, shared by the settings (CLI, environment) and the library's own arguments.
+
+Each takes what a user gave and returns the clean value, or raises ValueError with a message that
+names the problem but never repeats a secret. Settings wrap the message into their one-line error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+
+from . import catalog
+
+# Prometheus metric names are ASCII: [a-zA-Z_:][a-zA-Z0-9_:]*; a namespace is their first part.
+_NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_NAME_REST = _NAME_START | frozenset("0123456789")
+# Every bound is a series per labelled histogram: keep what one setting can cost bounded.
+MAX_BUCKETS = 40
+MAX_POOL_NAME = 200
+
+
+def namespace(value: object) -> str:
+    """Letters, digits and underscores (ASCII), not starting with a digit; empty means no prefix."""
+    if not isinstance(value, str):
+        raise ValueError(f"namespace must be a string, got {type(value).__name__}")
+    if value and (value[0] not in _NAME_START or not set(value) <= _NAME_REST):
+        raise ValueError(
+            f"namespace must be ASCII letters, digits and underscores, not starting with a digit: {value!r}"
+        )
+    return value
+
+
+def bounds(name: str, values: object) -> tuple[float, ...]:
+    """Histogram bounds: finite, positive, strictly increasing numbers (the +Inf bucket is implicit)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"buckets[{name!r}] must be a list of numbers, got {type(values).__name__}")
+    try:
+        floats = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"buckets[{name!r}] must be numbers") from None
+    if not floats:
+        raise ValueError(f"buckets[{name!r}] must not be empty")
+    if len(floats) > MAX_BUCKETS:
+        raise ValueError(f"buckets[{name!r}] has {len(floats)} bounds; at most {MAX_BUCKETS}")
+    if not all(math.isfinite(b) for b in floats):
+        raise ValueError(f"buckets[{name!r}] must be finite numbers (+Inf is always added), got {list(values)!r}")
+    if floats[0] <= 0 or any(b <= a for a, b in itertools.pairwise(floats)):
+        raise ValueError(f"buckets[{name!r}] must be positive and strictly increasing, got {list(values)!r}")
+    return floats
+
+
+def buckets(value: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
+    """Every bucket set, the defaults overridden by `value`."""
+    out = dict(catalog.DEFAULT_BUCKETS)
+    if value is None:
+        return out
+    if not isinstance(value, Mapping):
+        raise ValueError(f"buckets must be a mapping of bucket set to bounds, got {type(value).__name__}")
+    for key, values in value.items():
+        if key not in catalog.DEFAULT_BUCKETS:
+            known = ", ".join(sorted(catalog.DEFAULT_BUCKETS))
+            raise ValueError(f"unknown bucket set {key!r}; expected one of {known}")
+        out[key] = bounds(key, values)
+    return out
+
+
+def seconds(name: str, value: object, *, upper: float | None = None) -> float:
+    """A finite, positive number of seconds (at most `upper`)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number of seconds greater than 0, got {value!r}")
+    if upper is not None and number > upper:
+        raise ValueError(f"{name} must be at most {upper:g} seconds, got {value!r}")
+    return number
+
+
+def leak_threshold(value: object) -> float | None:
+    """None (off) or a finite, positive number of seconds."""
+    return None if value is None else seconds("leak_threshold", value)
+
+
+def encodable(text: str) -> str:
+    """`text` as valid UTF-8 text: lone surrogates (from surrogateescape-decoded paths or env) replaced."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        # Bytes smuggled as \udc80-\udcff become what they were, then U+FFFD where not UTF-8.
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def pool_name(value: object) -> str:
+    """A `pool` label value: a non-empty string, made encodable, at most MAX_POOL_NAME characters."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"name must be a non-empty string, got {value!r}")
+    return encodable(value)[:MAX_POOL_NAME]
