@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 
 def _engine() -> Engine:
@@ -30,6 +30,7 @@ def _exercise(engine: Engine) -> None:
 def footprint(pools: int = 20) -> float:
     """Bytes per instrumented pool, its series all present, measured with tracemalloc."""
     registry = CollectorRegistry()
+    exporter = Exporter(registry)
     engines = [_engine() for _ in range(pools)]
     for engine in engines:
         _exercise(engine)
@@ -37,14 +38,14 @@ def footprint(pools: int = 20) -> float:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i, engine in enumerate(engines):
-        pool_exporter.instrument(engine, name=f"m{i}", registry=registry, multiprocess=False)
+        exporter.instrument(engine, name=f"m{i}")
         _exercise(engine)
     generate_latest(registry)
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
+    exporter.close()
     for engine in engines:
-        pool_exporter.uninstrument(engine)
         engine.dispose()
     return (after - before) / pools
 
@@ -53,8 +54,7 @@ def _sizes(handle: Any) -> dict[str, int]:
     return {
         "checkouts": len(handle.stats.checkouts),
         "waiting": len(handle.stats.waiting),
-        "leak_warned": len(handle._leak_warned),
-        "orphans": len(getattr(handle, "_orphans", ())),
+        "leak_warned": len(handle.leaks.warned),
         "statement_histograms": len(handle.stats.statement),
         "transaction_histograms": len(handle.stats.transaction),
     }
@@ -63,7 +63,8 @@ def _sizes(handle: Any) -> dict[str, int]:
 def growth(checkouts: int) -> dict[str, Any]:
     """Allocated blocks and our internal dicts before and after `checkouts` pool cycles."""
     engine = _engine()
-    handle = pool_exporter.instrument(engine, name="growth", registry=CollectorRegistry(), multiprocess=False)
+    exporter = Exporter(CollectorRegistry())
+    handle = exporter.instrument(engine, name="growth")
     pool = engine.pool
     for _ in range(10_000):  # warm every lazily built structure
         pool.connect().close()
@@ -76,7 +77,7 @@ def growth(checkouts: int) -> dict[str, Any]:
     gc.collect()
     blocks1, sizes1 = sys.getallocatedblocks(), _sizes(handle)
     count = handle.stats.wait.count
-    pool_exporter.uninstrument(engine)
+    exporter.close()
     engine.dispose()
     return {
         "checkouts": checkouts,

@@ -17,14 +17,14 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.exposition import Exposition
 
 
-def _busy_engine(registry: CollectorRegistry, name: str) -> Engine:
+def _busy_engine(exporter: Exporter, name: str) -> Engine:
     """An instrumented engine whose every series exists: commits, rollbacks, all statement kinds."""
     engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
-    pool_exporter.instrument(engine, name=name, registry=registry, multiprocess=False)
+    exporter.instrument(engine, name=name)
     with engine.connect() as conn:
         conn.execute(text("CREATE TABLE t (x INTEGER)"))
         conn.execute(text("INSERT INTO t VALUES (1)"))
@@ -44,8 +44,9 @@ def render(pools: int, repeat: int) -> dict[str, float]:
     are interleaved so machine noise hits them alike.
     """
     registry = CollectorRegistry()
-    engines = [_busy_engine(registry, f"db{i}") for i in range(pools)]
-    exposition = Exposition(registry)
+    exporter = Exporter(registry)
+    engines = [_busy_engine(exporter, f"db{i}") for i in range(pools)]
+    exposition = Exposition(registry, [exporter.collector])
     runs = {
         "ms": lambda: exposition.render(generate_latest),
         "openmetrics_ms": lambda: exposition.render(openmetrics.generate_latest),
@@ -62,6 +63,7 @@ def render(pools: int, repeat: int) -> dict[str, float]:
     body = exposition.render(generate_latest)
     if body != generate_latest(registry):  # the fast path must write what prometheus_client writes
         raise AssertionError("Exposition.render() differs from generate_latest()")
+    exporter.close()
     for engine in engines:
         engine.dispose()
     result = {key: statistics.median(values) for key, values in times.items()}

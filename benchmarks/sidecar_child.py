@@ -21,8 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
-import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter.multiprocess import flush_all
+from sqlalchemy_pool_exporter import Exporter
 
 try:  # the sidecar's own merge, with reaping and compaction of dead workers' files
     from sqlalchemy_pool_exporter.sidecar import Sidecar
@@ -33,12 +32,13 @@ except ImportError:  # pragma: no cover - before the sidecar existed
 def _work() -> None:
     """A worker's life: one instrumented engine, a few transactions, numbers flushed to its files."""
     engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
-    pool_exporter.instrument(engine, name="app", registry=CollectorRegistry(), multiprocess=True)
+    exporter = Exporter(CollectorRegistry(), multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    exporter.instrument(engine, name="app")
     for _ in range(5):
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             conn.commit()
-    flush_all()
+    exporter.flush()
 
 
 def _fork(then: Callable[[int, int], None]) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 _names = itertools.count(1)
 
@@ -60,20 +60,13 @@ def _handwritten(engine: Engine) -> None:
 
 
 def _ours(engine: Engine) -> None:
-    """pool_exporter.instrument() with every default metric on, into a registry of its own."""
-    pool_exporter.instrument(engine, name=f"bench{next(_names)}", registry=CollectorRegistry(), multiprocess=False)
+    """Exporter.instrument() with every default metric on, into a registry of its own."""
+    Exporter(CollectorRegistry()).instrument(engine, name=f"bench{next(_names)}")
 
 
 def _ours_pool_only(engine: Engine) -> None:
-    """pool_exporter.instrument() without transaction and statement metrics: pool events only."""
-    pool_exporter.instrument(
-        engine,
-        name=f"bench{next(_names)}",
-        registry=CollectorRegistry(),
-        multiprocess=False,
-        statements=False,
-        transactions=False,
-    )
+    """Exporter.instrument() without transaction and statement metrics: pool events only."""
+    Exporter(CollectorRegistry()).instrument(engine, name=f"bench{next(_names)}", statements=False, transactions=False)
 
 
 def _otel(engine: Engine, *, tracing: bool) -> None:

@@ -2,7 +2,16 @@
 
 from ._version import __version__
 from .catalog import CATALOG, DEFAULT_NAMESPACE
-from .instrument import PoolHandle, handle_for, handles, instrument, uninstrument
+from .core import (
+    AlreadyInstrumented,
+    Exporter,
+    default_exporter,
+    handle_for,
+    handles,
+    instrument,
+    uninstrument,
+)
+from .handle import PoolHandle
 from .naming import pool_name, safe_url
 from .reading import PoolReading
 from .session import session_dependency, session_scope
@@ -10,9 +19,12 @@ from .session import session_dependency, session_scope
 __all__ = [
     "CATALOG",
     "DEFAULT_NAMESPACE",
+    "AlreadyInstrumented",
+    "Exporter",
     "PoolHandle",
     "PoolReading",
     "__version__",
+    "default_exporter",
     "handle_for",
     "handles",
     "instrument",

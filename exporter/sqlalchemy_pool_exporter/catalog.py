@@ -35,7 +35,12 @@ DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
-    """One metric family: its name without namespace, type, help and labels beyond `pool`."""
+    """One metric family: its name without namespace, type, help and labels beyond `pool`.
+
+    `field` names it in a pool's row of /pools and the sidecar's pool view (None: left out); a
+    labelled one becomes a mapping by label value, or, when `flat`, one field per label value.
+    `column` titles it in the / table (None: not shown).
+    """
 
     key: str
     suffix: str
@@ -45,6 +50,9 @@ class MetricSpec:
     buckets: BucketSet | None = None
     mp_mode: MultiprocessMode = "livesum"
     pool_label: bool = True
+    field: str | None = None
+    flat: bool = False
+    column: str | None = None
 
     def name(self, namespace: str) -> str:
         return f"{namespace}_{self.suffix}" if namespace else self.suffix
@@ -54,12 +62,21 @@ class MetricSpec:
         return (("pool",) if self.pool_label else ()) + self.labels
 
 
-def _g(key: str, suffix: str, help: str, labels: tuple[str, ...] = (), mp: MultiprocessMode = "livesum") -> MetricSpec:
-    return MetricSpec(key, suffix, "gauge", help, labels, mp_mode=mp)
+def _g(
+    key: str,
+    suffix: str,
+    help: str,
+    labels: tuple[str, ...] = (),
+    mp: MultiprocessMode = "livesum",
+    field: str | None = None,
+    column: str | None = None,
+) -> MetricSpec:
+    return MetricSpec(key, suffix, "gauge", help, labels, mp_mode=mp, field=field, column=column)
 
 
-def _c(key: str, suffix: str, help: str, labels: tuple[str, ...] = ()) -> MetricSpec:
-    return MetricSpec(key, suffix, "counter", help, labels)
+def _c(key: str, suffix: str, help: str, labels: tuple[str, ...] = (), field: str | None = None,
+       column: str | None = None) -> MetricSpec:  # fmt: skip
+    return MetricSpec(key, suffix, "counter", help, labels, field=field, column=column)
 
 
 def _h(key: str, suffix: str, help: str, buckets: BucketSet, labels: tuple[str, ...] = ()) -> MetricSpec:
@@ -68,37 +85,118 @@ def _h(key: str, suffix: str, help: str, buckets: BucketSet, labels: tuple[str, 
 
 CATALOG: tuple[MetricSpec, ...] = (
     # State, read from the pool itself at scrape time.
-    _g("connections", "pool_connections", "Connections held by the pool, by state (used = checked out).", ("state",)),
-    _g("max_connections", "pool_max_connections", "Most connections the pool may open (pool_size + max_overflow)."),
-    _g("size", "pool_size", "Configured pool_size: connections kept open when idle."),
-    _g("overflow", "pool_overflow_connections", "Connections open beyond pool_size right now."),
-    _g("timeout", "pool_timeout_seconds", "Configured time a caller waits for a connection before failing.", mp="max"),
-    _g("pending", "pool_pending_requests", "Callers waiting for a connection right now."),
+    MetricSpec(
+        "connections",
+        "pool_connections",
+        "gauge",
+        "Connections held by the pool, by state (used = checked out).",
+        ("state",),
+        field="connections",
+        flat=True,
+    ),
+    _g(
+        "max_connections",
+        "pool_max_connections",
+        "Most connections the pool may open (pool_size + max_overflow).",
+        field="max",
+        column="max",
+    ),
+    _g("size", "pool_size", "Configured pool_size: connections kept open when idle.", field="size", column="size"),
+    _g(
+        "overflow",
+        "pool_overflow_connections",
+        "Connections open beyond pool_size right now.",
+        field="overflow",
+        column="overflow",
+    ),
+    _g(
+        "timeout",
+        "pool_timeout_seconds",
+        "Configured time a caller waits for a connection before failing.",
+        mp="max",
+        field="timeout",
+    ),
+    _g(
+        "pending",
+        "pool_pending_requests",
+        "Callers waiting for a connection right now.",
+        field="pending",
+        column="pending",
+    ),
     _g(
         "oldest_pending",
         "pool_oldest_pending_seconds",
         "Age of the longest-waiting caller (0 when none).",
         mp="livemax",
+        field="oldest_pending",
     ),
     _g(
         "oldest_checkout",
         "pool_oldest_checkout_seconds",
         "Age of the longest-held connection (0 when none).",
         mp="livemax",
+        field="oldest_checkout",
+        column="oldest checkout (s)",
     ),
     # Events.
-    _c("checkouts", "pool_checkouts_total", "Connections handed out by the pool."),
-    _c("timeouts", "pool_timeouts_total", "Callers that gave up waiting for a connection (pool limit reached)."),
-    _c("created", "pool_connections_created_total", "DBAPI connections opened."),
-    _c("closed", "pool_connections_closed_total", "DBAPI connections closed (including detached ones)."),
-    _c("connect_errors", "pool_connect_errors_total", "Failures to get a connection, by exception class.", ("error",)),
-    _c("invalidations", "pool_invalidations_total", "Connections invalidated, by kind (hard or soft).", ("kind",)),
-    _c("disconnects", "pool_disconnects_total", "Connections the database dropped (pre-ping included)."),
-    _c("leaked", "pool_connections_leaked_total", "Connections reclaimed by the garbage collector, never returned."),
+    _c(
+        "checkouts",
+        "pool_checkouts_total",
+        "Connections handed out by the pool.",
+        field="checkouts",
+        column="checkouts",
+    ),
+    _c(
+        "timeouts",
+        "pool_timeouts_total",
+        "Callers that gave up waiting for a connection (pool limit reached).",
+        field="timeouts",
+        column="timeouts",
+    ),
+    _c("created", "pool_connections_created_total", "DBAPI connections opened.", field="connections_created"),
+    _c(
+        "closed",
+        "pool_connections_closed_total",
+        "DBAPI connections closed (including detached ones).",
+        field="connections_closed",
+    ),
+    _c(
+        "connect_errors",
+        "pool_connect_errors_total",
+        "Failures to get a connection, by exception class.",
+        ("error",),
+        field="connect_errors",
+    ),
+    _c(
+        "invalidations",
+        "pool_invalidations_total",
+        "Connections invalidated, by kind (hard or soft).",
+        ("kind",),
+        field="invalidations",
+    ),
+    _c(
+        "disconnects",
+        "pool_disconnects_total",
+        "Connections the database dropped (pre-ping included).",
+        field="disconnects",
+    ),
+    _c(
+        "leaked",
+        "pool_connections_leaked_total",
+        "Connections reclaimed by the garbage collector, never returned.",
+        field="leaked",
+        column="leaked",
+    ),
     _h("wait", "pool_wait_seconds", "Time from asking for a connection to having one, creation included.", "wait"),
     _h("use", "pool_use_seconds", "Time a connection was held: checkout to return.", "use"),
     _h("create", "pool_create_seconds", "Time to open a new DBAPI connection.", "create"),
-    _c("transactions", "transactions_total", "Transactions ended, by outcome (commit or rollback).", ("outcome",)),
+    _c(
+        "transactions",
+        "transactions_total",
+        "Transactions ended, by outcome (commit or rollback).",
+        ("outcome",),
+        field="transactions",
+    ),
     _h(
         "transaction_seconds",
         "transaction_seconds",
@@ -106,13 +204,36 @@ CATALOG: tuple[MetricSpec, ...] = (
         "use",
         ("outcome",),
     ),
-    _c("savepoints", "savepoints_total", "Savepoints ended, by outcome (release or rollback).", ("outcome",)),
+    _c(
+        "savepoints",
+        "savepoints_total",
+        "Savepoints ended, by outcome (release or rollback).",
+        ("outcome",),
+        field="savepoints",
+    ),
     _h(
         "statement_seconds", "statement_seconds", "Statement execution time, by operation.", "statement", ("operation",)
     ),
-    _c("statement_errors", "statement_errors_total", "Statements that raised, by exception class.", ("error",)),
-    _c("sessions", "session_scopes_total", "session_scope/session_dependency exits, by outcome.", ("outcome",)),
-    _c("errors", "exporter_errors_total", "Failures inside the exporter's own listeners (never raised to the app)."),
+    _c(
+        "statement_errors",
+        "statement_errors_total",
+        "Statements that raised, by exception class.",
+        ("error",),
+        field="statement_errors",
+    ),
+    _c(
+        "sessions",
+        "session_scopes_total",
+        "session_scope/session_dependency exits, by outcome.",
+        ("outcome",),
+        field="sessions",
+    ),
+    _c(
+        "errors",
+        "exporter_errors_total",
+        "Failures inside the exporter's own listeners (never raised to the app).",
+        field="exporter_errors",
+    ),
     MetricSpec(
         "build_info",
         "exporter_build_info",
@@ -125,6 +246,10 @@ CATALOG: tuple[MetricSpec, ...] = (
 )
 
 
+BY_KEY: dict[str, MetricSpec] = {spec.key: spec for spec in CATALOG}
+
+# Values of `state` on pool_connections, each its own field of the pool views.
+CONNECTION_STATES: tuple[str, ...] = ("used", "idle")
 TRANSACTION_OUTCOMES: tuple[str, ...] = ("commit", "rollback")
 
 # The sidecar's PostgreSQL server view (pg_stat_activity); no `pool` label.

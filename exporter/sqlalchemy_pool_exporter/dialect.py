@@ -6,15 +6,19 @@ event-dispatching code paths: +15% app CPU per ORM transaction before a listener
 (measured, README "Performance"). `Connection` calls `engine.dialect.do_begin/do_commit/
 do_rollback/do_execute…` for each of these steps, so wrapping those methods on this engine's
 dialect instance sees the same moments for the cost of one Python call each. The wrappers are
-instance attributes: other engines are untouched and `unwrap()` restores the class methods.
+instance attributes installed through Hooks: other engines are untouched, and uninstrument() puts
+back what was there (usually nothing, uncovering the class's own methods).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
+from .hooks import Hooks
 from .naming import error_class
 from .stats import PoolStats, bump
 
@@ -51,10 +55,21 @@ def end_transaction(stats: PoolStats, info: dict[Any, Any] | None, outcome: str)
         stats.transaction_histogram(outcome).observe(perf_counter() - started)
 
 
-def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
+def owner_of(obj: Any, name: str) -> Any:
+    """Where a wrapper finds the method it wraps, at each call: `type(obj)`, so that a later patch of
+    the class (another library's class-level wrapper, `mock.patch.object`) still applies; or, when
+    someone set an instance-level wrapper before us, a stand-in that calls theirs."""
+    previous = vars(obj).get(name)
+    if previous is None:
+        return type(obj)
+    return SimpleNamespace(**{name: lambda _obj, *args, **kwargs: previous(*args, **kwargs)})
+
+
+def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) -> None:
     """Time BEGIN → COMMIT/ROLLBACK and count savepoints on this dialect instance."""
-    do_begin, do_commit, do_rollback = dialect.do_begin, dialect.do_commit, dialect.do_rollback
-    do_release, do_rollback_to = dialect.do_release_savepoint, dialect.do_rollback_to_savepoint
+    b, c, r = (owner_of(dialect, name) for name in ("do_begin", "do_commit", "do_rollback"))
+    rs, rts = owner_of(dialect, "do_release_savepoint"), owner_of(dialect, "do_rollback_to_savepoint")
+    on = hooks.on
     savepoints = stats.savepoints
 
     # The pool's reset-on-return calls do_rollback on every checkin, transaction or not: that path
@@ -62,19 +77,20 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
     commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
 
     def begin(dbapi_connection: Any) -> None:
-        try:
-            dbapi_connection.info[TX_START] = perf_counter()
-        except _NO_INFO:
-            pass
-        except Exception as exc:
-            fail("begin", exc)
-        do_begin(dbapi_connection)
+        if on[0]:
+            try:
+                dbapi_connection.info[TX_START] = perf_counter()
+            except _NO_INFO:
+                pass
+            except Exception as exc:
+                fail("begin", exc)
+        b.do_begin(dialect, dbapi_connection)
 
     def commit(dbapi_connection: Any) -> None:
-        do_commit(dbapi_connection)  # a failed COMMIT is followed by a ROLLBACK, recorded there
+        c.do_commit(dialect, dbapi_connection)  # a failed COMMIT is followed by a ROLLBACK, recorded there
         try:
             started = dbapi_connection.info.pop(TX_START, None)
-            if started is not None:
+            if started is not None and on[0]:
                 commits.observe(perf_counter() - started)
         except _NO_INFO:
             pass
@@ -83,12 +99,12 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
 
     def rollback(dbapi_connection: Any) -> None:
         try:
-            do_rollback(dbapi_connection)
+            r.do_rollback(dialect, dbapi_connection)
         finally:
             try:
                 # The pool's reset-on-return also rolls back; with no BEGIN recorded it counts nothing.
                 started = dbapi_connection.info.pop(TX_START, None)
-                if started is not None:
+                if started is not None and on[0]:
                     rollbacks.observe(perf_counter() - started)
             except _NO_INFO:
                 pass
@@ -96,25 +112,33 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
                 fail("rollback", exc)
 
     def release_savepoint(connection: Any, name: str) -> None:
-        do_release(connection, name)
-        savepoints["release"] += 1
+        rs.do_release_savepoint(dialect, connection, name)
+        if on[0]:
+            savepoints["release"] += 1
 
     def rollback_to_savepoint(connection: Any, name: str) -> None:
-        do_rollback_to(connection, name)
-        savepoints["rollback"] += 1
+        rts.do_rollback_to_savepoint(dialect, connection, name)
+        if on[0]:
+            savepoints["rollback"] += 1
 
     wrappers = (begin, commit, rollback, release_savepoint, rollback_to_savepoint)
-    return _install(dialect, dict(zip(TRANSACTION_METHODS, wrappers, strict=True)))
+    for name, wrapper in zip(TRANSACTION_METHODS, wrappers, strict=True):
+        hooks.patch(dialect, name, wrapper)
 
 
-def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
+def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) -> None:
     """Time each DBAPI execute on this dialect instance, by operation; count the ones that raise."""
+    on = hooks.on
 
-    def timed(original: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(name: str) -> Callable[..., Any]:
+        owner = owner_of(dialect, name)
+
         def execute(cursor: Any, statement: str, *args: Any) -> Any:
+            if not on[0]:
+                return getattr(owner, name)(dialect, cursor, statement, *args)
             started = perf_counter()
             try:
-                result = original(cursor, statement, *args)
+                result = getattr(owner, name)(dialect, cursor, statement, *args)
             except Exception as error:
                 try:
                     bump(stats.statement_errors, error_class(error))
@@ -129,20 +153,28 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
 
         return execute
 
-    return _install(dialect, {name: timed(getattr(dialect, name)) for name in STATEMENT_METHODS})
+    for name in STATEMENT_METHODS:
+        hooks.patch(dialect, name, timed(name))
 
 
-def wrap_connections(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
+# Set in the thread of the readiness probe, which opens a connection of its own: not the app's work.
+uncounted = threading.local()
+
+
+def wrap_connections(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) -> None:
     """Time opening DBAPI connections; count connections the database dropped.
 
     These replace the `do_connect` and `handle_error` dialect events: any dialect event makes every
     statement walk the dialect's (empty) dispatch lists, about 1% of app CPU per transaction.
     """
-    connect, is_disconnect = dialect.connect, dialect.is_disconnect
+    c, d = owner_of(dialect, "connect"), owner_of(dialect, "is_disconnect")
+    on = hooks.on
 
     def timed_connect(*cargs: Any, **cparams: Any) -> Any:
+        if not on[0] or getattr(uncounted, "on", False):
+            return c.connect(dialect, *cargs, **cparams)
         started = perf_counter()
-        connection = connect(*cargs, **cparams)
+        connection = c.connect(dialect, *cargs, **cparams)
         try:
             stats.create.observe(perf_counter() - started)
         except Exception as exc:
@@ -150,32 +182,12 @@ def wrap_connections(dialect: Any, stats: PoolStats, fail: Fail) -> Installed:
         return connection
 
     def counted_is_disconnect(error: Any, connection: Any, cursor: Any) -> bool:
-        dropped: bool = is_disconnect(error, connection, cursor)
+        dropped: bool = d.is_disconnect(dialect, error, connection, cursor)
         # SQLAlchemy asks with connection=None about failures to connect, which are not drops:
         # those are counted by error class where they surface, in the pool's connect().
-        if dropped and connection is not None:
+        if dropped and connection is not None and on[0]:
             stats.disconnects += 1
         return dropped
 
-    return _install(dialect, {"connect": timed_connect, "is_disconnect": counted_is_disconnect})
-
-
-Installed = list[tuple[str, Any]]
-_ABSENT = object()
-
-
-def _install(dialect: Any, wrappers: dict[str, Callable[..., Any]]) -> Installed:
-    installed: Installed = []
-    for name, wrapper in wrappers.items():
-        installed.append((name, vars(dialect).get(name, _ABSENT)))
-        setattr(dialect, name, wrapper)
-    return installed
-
-
-def unwrap(dialect: Any, installed: Installed) -> None:
-    """Put back what was there: usually nothing, uncovering the dialect class's own methods."""
-    for name, previous in reversed(installed):
-        if previous is _ABSENT:
-            vars(dialect).pop(name, None)
-        else:
-            setattr(dialect, name, previous)
+    hooks.patch(dialect, "connect", timed_connect)
+    hooks.patch(dialect, "is_disconnect", counted_is_disconnect)

@@ -9,7 +9,8 @@ per histogram. Everything else in the registry still goes through prometheus_cli
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -17,25 +18,27 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any, NamedTuple
 from weakref import WeakKeyDictionary
 
+from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
-from prometheus_client.openmetrics import exposition as om
+from prometheus_client.openmetrics import exposition as om_format
 from prometheus_client.utils import floatToGoString
-from prometheus_client.validation import _is_valid_legacy_metric_name
 
-from . import catalog, samples
+from . import catalog, compat, samples
 from ._version import __version__
-from .collector import _COLLECTORS, PoolCollector
+from .collector import PoolCollector
+from .reading import PoolReading
+from .stats import PoolStats
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
-    from .instrument import PoolHandle
-    from .reading import PoolReading
+    from .reading import PoolSource
     from .stats import Histogram
+
+log = logging.getLogger("sqlalchemy_pool_exporter")
 
 Encoder = Callable[[Any], bytes]
 
 _go: Callable[[float], str] = floatToGoString
+om: Any = compat.FAST_RENDER  # prometheus_client's escaping helpers, or None: then no fast path
 _EOF = b"# EOF\n"
 # Counts below this print as "<n>.0"; from 1e6 up floatToGoString switches to Go's exponent form.
 _PLAIN_BELOW = 1000000
@@ -63,10 +66,10 @@ def format_of(encoder: Encoder) -> Format | None:
         func, kwargs = encoder.func, encoder.keywords
     if set(kwargs) - {"escaping", "version"}:
         return None
-    escaping = kwargs.get("escaping", om.UNDERSCORES)
+    escaping = kwargs.get("escaping", om.UNDERSCORES if om is not None else "underscores")
     if func is text_format.generate_latest:
         return Format(False, escaping)
-    if func is om.generate_latest:  # versions >= 2.0 differ only for native histograms, which we have none of
+    if func is om_format.generate_latest:  # versions >= 2.0 differ only for native histograms, which we have none of
         return Format(True, escaping)
     return None
 
@@ -75,23 +78,20 @@ def _line_start(fmt: Format, name: str, labels: Iterable[tuple[str, str]]) -> st
     """Everything before the value, spelled exactly as prometheus_client's encoder for `fmt` spells it."""
     esc = fmt.escaping
     utf8 = esc == om.ALLOWUTF8
-    legacy = _is_valid_legacy_metric_name(name)
+    legacy = om.is_valid_legacy_metric_name(name)
     if fmt.openmetrics:
         pairs = ",".join(
-            f'{om.escape_label_name(k, esc)}="{om._escape(v, om.ALLOWUTF8, om._is_legacy_labelname_rune)}"'
+            f'{om.escape_label_name(k, esc)}="{om.escape(v, om.ALLOWUTF8, om.is_legacy_labelname_rune)}"'
             for k, v in sorted(labels)
         )
         if utf8 and not legacy:
             inner = om.escape_metric_name(name, esc) + ("," + pairs if pairs else "")
-            return "{" + inner + "} "
-        return om._escape(name, esc, om._is_legacy_labelname_rune) + ("{" + pairs + "}" if pairs else "") + " "
-    pairs = ",".join(
-        f'{om.escape_label_name(k, esc)}="{om._escape(v, om.ALLOWUTF8, False)}"'  # type: ignore[arg-type]
-        for k, v in sorted(labels)
-    )
+            return "{" + str(inner) + "} "
+        return str(om.escape(name, esc, om.is_legacy_labelname_rune)) + ("{" + pairs + "}" if pairs else "") + " "
+    pairs = ",".join(f'{om.escape_label_name(k, esc)}="{om.escape(v, om.ALLOWUTF8, False)}"' for k, v in sorted(labels))
     if not utf8 or legacy:
-        return om.escape_metric_name(name, esc) + ("{" + pairs + "}" if pairs else "") + " "
-    return "{" + om.escape_metric_name(name, esc) + ("," + pairs if pairs else "") + "} "
+        return str(om.escape_metric_name(name, esc)) + ("{" + pairs + "}" if pairs else "") + " "
+    return "{" + str(om.escape_metric_name(name, esc)) + ("," + pairs if pairs else "") + "} "
 
 
 def _header(fmt: Format, name: str, kind: str, doc: str) -> str:
@@ -99,7 +99,7 @@ def _header(fmt: Format, name: str, kind: str, doc: str) -> str:
     esc = fmt.escaping
     if fmt.openmetrics:
         shown = om.escape_metric_name(name, esc)
-        help_ = om._escape(doc, om.ALLOWUTF8, om._is_legacy_labelname_rune)
+        help_ = om.escape(doc, om.ALLOWUTF8, om.is_legacy_labelname_rune)
         return f"# HELP {shown} {help_}\n# TYPE {shown} {kind}\n"
     shown = om.escape_metric_name(name + "_total" if kind == "counter" else name, esc)
     help_ = doc.replace("\\", r"\\").replace("\n", r"\n")
@@ -151,9 +151,9 @@ class _Layout:
         self.by_key = {f.key: f for f in self.families}
         build = self.by_key["build_info"]
         self.build_info = _line_start(fmt, build.names[0], [("version", __version__)]) + "1.0\n"
-        self._series: WeakKeyDictionary[PoolHandle, dict[tuple[str, samples.Labels], Any]] = WeakKeyDictionary()
+        self._series: WeakKeyDictionary[PoolSource, dict[tuple[str, samples.Labels], Any]] = WeakKeyDictionary()
 
-    def series(self, handle: PoolHandle) -> dict[tuple[str, samples.Labels], Any]:
+    def series(self, handle: PoolSource) -> dict[tuple[str, samples.Labels], Any]:
         found = self._series.get(handle)
         if found is None:
             found = self._series[handle] = {}
@@ -177,31 +177,69 @@ class _Layout:
 class Exposition:
     """Renders a registry like the encoder `choose_encoder` picked, with our pool collectors on the fast path.
 
-    One per /metrics handler: it caches line starts per format and per handle (held weakly).
+    One per /metrics handler: it caches line starts per format and per pool (held weakly). Before a
+    format's first fast render, it renders a fixed sample pool both ways and compares the bytes: if
+    prometheus_client ever spells something differently, or a helper we borrow is gone, every
+    render goes through prometheus_client's encoder (slower, still right), logged once and counted.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, collectors: Sequence[PoolCollector] = ()) -> None:
         self.registry = registry
+        self.collectors = list(collectors)
         self._layouts: dict[tuple[str, Format], _Layout] = {}
+        self._checked: dict[tuple[str, Format], bool] = {}
+        self.fast = om is not None
+        if not self.fast:
+            log.warning("fast /metrics renderer off, prometheus_client renders everything: %s",
+                        compat.FAST_RENDER_PROBLEM)  # fmt: skip
 
     def render(self, encoder: Encoder, names: Iterable[str] = ()) -> bytes:
         """What `encoder(registry)` returns (restricted to `names` if any), our families appended last."""
         wanted = frozenset(names) or None
         target: Any = self.registry.restricted_registry(wanted) if wanted else self.registry
-        fmt = format_of(encoder)
-        ours = list(_COLLECTORS.get(self.registry, {}).values())
+        fmt = format_of(encoder) if self.fast else None
+        ours = [c for c in self.collectors if fmt is not None and self._verified(c.namespace, fmt, encoder)]
         if fmt is None or not ours:
             return encoder(target)
+        try:
+            text = "".join(self._render(collector, fmt, wanted) for collector in ours)
+        except Exception as exc:
+            self._give_up(exc)
+            return encoder(target)
         # The encoder sees the registry as it is (target_info, restrictions, every other collector);
-        # our collectors yield nothing to it in this thread, since they are rendered below.
+        # our collectors yield nothing to it in this thread, since they were rendered above.
         with ExitStack() as stack:
             for collector in ours:
                 stack.enter_context(collector.muted())
             rest = encoder(target)
         if fmt.openmetrics and rest.endswith(_EOF):
             rest = rest[: -len(_EOF)]
-        text = "".join(self._render(collector, fmt, wanted) for collector in ours)
         return rest + text.encode("utf-8") + (_EOF if fmt.openmetrics else b"")
+
+    def _verified(self, namespace: str, fmt: Format, encoder: Encoder) -> bool:
+        key = (namespace, fmt)
+        ok = self._checked.get(key)
+        if ok is None:
+            try:
+                ok = self._checked[key] = _self_test(namespace, fmt, encoder)
+            except Exception as exc:
+                ok = self._checked[key] = False
+                log.warning("fast /metrics renderer failed its self-test (%s): prometheus_client renders", exc)
+            if not ok:
+                self._give_up(None)
+        return ok and self.fast
+
+    def _give_up(self, exc: BaseException | None) -> None:
+        """From now on prometheus_client renders everything; say so once, count it once per pool."""
+        if not self.fast:
+            return
+        self.fast = False
+        if exc is not None:
+            log.warning("fast /metrics renderer failed (%s: %s): prometheus_client renders from now on",
+                        type(exc).__name__, exc)  # fmt: skip
+        for collector in self.collectors:
+            for source in collector.sources():
+                source.stats.errors += 1
 
     def _layout(self, namespace: str, fmt: Format) -> _Layout:
         layout = self._layouts.get((namespace, fmt))
@@ -210,38 +248,74 @@ class Exposition:
         return layout
 
     def _render(self, collector: PoolCollector, fmt: Format, wanted: frozenset[str] | None) -> str:
-        layout = self._layout(collector.namespace, fmt)
-        lines: dict[str, list[str]] = {f.key: [] for f in layout.families}
-        if wanted is None or layout.by_key["build_info"].names[0] in wanted:
-            lines["build_info"].append(layout.build_info)
-        for handle in collector.handles():
-            try:
-                reading = handle.read()
-                if reading is None:  # engine garbage-collected: its series go with it
-                    collector.remove(handle)
-                    continue
-                _add_pool(layout, lines, handle, reading, wanted)
-            except Exception as exc:  # as PoolCollector.collect: count it, keep the lines already written
-                handle._fail("collect", exc)
-        out: list[str] = []
-        for family in layout.families:
-            found = lines[family.key]
-            if wanted is not None and not found:  # a restricted registry drops families left without samples
+        return _render_text(self._layout(collector.namespace, fmt), collector.sources(), wanted)
+
+
+def _render_text(layout: _Layout, sources: Iterable[PoolSource], wanted: frozenset[str] | None) -> str:
+    """Our families in `layout`'s format, for `sources`; restricted to the sample names `wanted`."""
+    lines: dict[str, list[str]] = {f.key: [] for f in layout.families}
+    if wanted is None or layout.by_key["build_info"].names[0] in wanted:
+        lines["build_info"].append(layout.build_info)
+    for source in sources:
+        try:
+            reading = source.read()
+            if reading is None:  # engine garbage-collected: its series go with it
                 continue
-            out.append(family.header)
-            out += found
-        return "".join(out)
+            _add_pool(layout, lines, source, reading, wanted)
+        except Exception as exc:  # as PoolCollector.collect: count it, keep the lines already written
+            source.fail("collect", exc)
+    out: list[str] = []
+    for family in layout.families:
+        found = lines[family.key]
+        if wanted is not None and not found:  # a restricted registry drops families left without samples
+            continue
+        out.append(family.header)
+        out += found
+    return "".join(out)
+
+
+class _Sample:
+    """A fixed pool for the self-test: escaped characters in its name, every kind of series."""
+
+    name = 'self-test "pool"\\n\u00e9'
+    url = None
+
+    def __init__(self) -> None:
+        self.stats = PoolStats(catalog.DEFAULT_BUCKETS)
+        self.stats.timeouts = 3
+        self.stats.connect_errors["OperationalError"] = 2
+        self.stats.wait.observe(0.003)
+        self.stats.wait.observe(12.5)
+        self.stats.transaction_histogram("commit").observe(0.25)
+        self.stats.statement_histogram("select").observe(1234567.0)
+
+    def read(self) -> PoolReading:
+        return PoolReading("QueuePool", 2, 1, 5, 15, 0, 30.0, 0, 0.0, 1.5)
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        raise exc
+
+
+def _self_test(namespace: str, fmt: Format, encoder: Encoder) -> bool:
+    """Whether our bytes for a fixed sample pool equal prometheus_client's for `fmt`."""
+    sample = _Sample()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolCollector(namespace, lambda: [sample]))
+    theirs = encoder(registry)
+    if fmt.openmetrics and theirs.endswith(_EOF):
+        theirs = theirs[: -len(_EOF)]
+    return _render_text(_Layout(namespace, fmt), [sample], None).encode("utf-8") == theirs
 
 
 def _add_pool(
     layout: _Layout,
     lines: dict[str, list[str]],
-    handle: PoolHandle,
+    source: PoolSource,
     reading: PoolReading,
     wanted: frozenset[str] | None,
 ) -> None:
-    series = layout.series(handle)
-    pool = handle.name
+    series = layout.series(source)
+    pool = source.name
     by_key = layout.by_key
     for key, labels, value in samples.gauges(reading):
         start = series.get((key, labels))
@@ -249,7 +323,7 @@ def _add_pool(
             start = series[(key, labels)] = layout.line_start(key, pool, labels)
         if wanted is None or by_key[key].names[0] in wanted:
             lines[key].append(start + _value(value) + "\n")
-    stats = handle.stats
+    stats = source.stats
     for key, labels, n in samples.counters(stats):
         start = series.get((key, labels))
         if start is None:

@@ -1,9 +1,15 @@
 """Multi-worker mode: each worker pushes its pools' readings into prometheus_client's shared files.
 
 prometheus_client's multiprocess mode cannot run custom collectors, so a reader of the directory
-(the sidecar) never sees our in-process collector. Instead a writer thread in each worker copies,
-every `interval` seconds, the pool's own live reading into `live*` gauges (dropped when the worker
-dies) and the deltas of our plain counters into counters and histograms (summed across workers).
+(the sidecar) never sees our in-process collector. Instead an Exporter's writer thread copies, every
+`interval` seconds, each pool's own live reading into `live*` gauges (dropped when the worker dies)
+and the deltas of our plain counters into counters and histograms (summed across workers).
+
+prometheus_client decides at import time, from PROMETHEUS_MULTIPROC_DIR, whether its values live in
+files, and writes them to that directory: the writer checks both before it writes anything. A
+directory that is missing, read-only or vanishes never reaches the application: in-process metrics
+go on, the failure is counted in `exporter_errors_total` and logged once, then at most every
+LOG_EVERY seconds.
 """
 
 from __future__ import annotations
@@ -13,17 +19,19 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from . import catalog, samples
+from . import catalog, compat, samples
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .instrument import PoolHandle
+    from .reading import PoolSource
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 
@@ -31,71 +39,57 @@ ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_INTERVAL = 1.0
 # A worker's liveness mark, touched at every flush; readers of the directory use it to reap.
 ALIVE_SUFFIX = ".alive"
+LOG_EVERY = 300.0
 
-_WRITERS: dict[str, MultiprocessWriter] = {}
-_LOCK = threading.Lock()
-
-
-def multiprocess_dir() -> Path | None:
-    value = os.environ.get(ENV_DIR)
-    return Path(value) if value else None
-
-
-def multiprocess_enabled() -> bool:
-    return multiprocess_dir() is not None
+Written = dict[tuple[str, samples.Labels], Any]
 
 
 def alive_path(directory: Path, pid: int) -> Path:
     return directory / f"pool_exporter_{pid}{ALIVE_SUFFIX}"
 
 
-def attach_handle(handle: PoolHandle, interval: float = DEFAULT_INTERVAL) -> None:
-    directory = multiprocess_dir()
-    if directory is None:
-        raise RuntimeError(f"multiprocess mode needs {ENV_DIR} set before prometheus_client is imported")
-    with _LOCK:
-        writer = _WRITERS.get(handle.namespace)
-        if writer is None:
-            writer = _WRITERS[handle.namespace] = MultiprocessWriter(handle, directory, interval)
-        writer.add(handle)
-
-
-def detach_handle(handle: PoolHandle) -> None:
-    with _LOCK:
-        writer = _WRITERS.get(handle.namespace)
-    if writer is not None:
-        writer.remove(handle)
-
-
-def flush_all() -> None:
-    """Write every pending number now (tests, shutdown hooks)."""
-    with _LOCK:
-        writers = list(_WRITERS.values())
-    for writer in writers:
-        writer.flush()
+def environment_dir() -> Path | None:
+    value = os.environ.get(ENV_DIR)
+    return Path(value) if value else None
 
 
 class MultiprocessWriter:
-    """One per process and namespace: owns the prometheus_client metrics and the flush thread."""
+    """One per Exporter: owns its prometheus_client metrics, the flush thread and the process hooks."""
 
-    def __init__(self, first: PoolHandle, directory: Path, interval: float) -> None:
-        self.namespace = first.namespace
+    def __init__(
+        self,
+        namespace: str,
+        directory: Path,
+        buckets: Mapping[str, Sequence[float]],
+        sources: Callable[[], Sequence[PoolSource]],
+        interval: float = DEFAULT_INTERVAL,
+    ) -> None:
+        self.namespace = namespace
         self.directory = directory
         self.interval = interval
-        self._bounds = {key: first.stats.bounds[key] for key in catalog.DEFAULT_BUCKETS}
+        self.bounds = {key: tuple(buckets[key]) for key in catalog.DEFAULT_BUCKETS}
+        self._sources = sources
         self._metrics: dict[str, Any] = {spec.key: self._make(spec) for spec in catalog.CATALOG}
-        self._metrics["build_info"].labels(__version__).set(1)
-        self._handles: list[PoolHandle] = []
-        # What was already written per handle: (metric key, labels) -> count or bucket counts.
-        self._written: weakref.WeakKeyDictionary[PoolHandle, dict[tuple[str, tuple[str, ...]], Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # What was already written per pool: (metric key, labels) -> count, or (bucket counts, sum).
+        self._written: weakref.WeakKeyDictionary[Any, Written] = weakref.WeakKeyDictionary()
+        self._names: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._start()
-        atexit.register(self._at_exit)
-        os.register_at_fork(after_in_child=self._after_fork)
+        self._failing_since: float | None = None
+        self._failures = 0
+        self._logged_at = -LOG_EVERY
+        self.closed = False
+        self._problem = self._check_mode()
+
+    def _check_mode(self) -> str | None:
+        """Why prometheus_client cannot write this directory for us, or None when it can."""
+        if not compat.multiprocess_values():
+            return f"prometheus_client is not in multiprocess mode ({ENV_DIR} was not set when it was imported)"
+        actual = environment_dir()
+        if actual is None or os.path.abspath(actual) != os.path.abspath(self.directory):
+            return f"prometheus_client writes {ENV_DIR}={actual}, not {self.directory}"
+        return None
 
     def _make(self, spec: catalog.MetricSpec) -> Any:
         name = spec.name(self.namespace)
@@ -105,83 +99,38 @@ class MultiprocessWriter:
         if spec.kind == "counter":
             return Counter(name, spec.help, labels, registry=None)
         assert spec.buckets is not None
-        return Histogram(name, spec.help, labels, registry=None, buckets=self._bounds[spec.buckets])
+        return Histogram(name, spec.help, labels, registry=None, buckets=self.bounds[spec.buckets])
 
-    def _start(self) -> None:
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Flush now and every `interval` seconds; flush at exit; restart in a forked child."""
+        self.flush()
+        self._start_thread()
+        atexit.register(self._at_exit)
+        _FORK_WRITERS.add(self)
+        _install_fork_hook()
+
+    def _start_thread(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pool-exporter-mp", daemon=True)
+        self._thread = threading.Thread(target=_run, args=(weakref.ref(self), self._stop, self.interval),
+                                        name="pool-exporter-mp", daemon=True)  # fmt: skip
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
-
-    def add(self, handle: PoolHandle) -> None:
-        for key, bounds in self._bounds.items():
-            if handle.stats.bounds[key] != bounds:
-                raise ValueError(
-                    f"in multiprocess mode every engine of namespace {self.namespace!r} must use the same "
-                    f"{key!r} buckets"
-                )
-        with self._lock:
-            self._handles.append(handle)
+    def close(self) -> None:
+        """Final flush; stop the thread; remove the exit and fork hooks and the liveness mark."""
+        if self.closed:
+            return
         self.flush()
-
-    def remove(self, handle: PoolHandle) -> None:
-        self.flush()
-        with self._lock:
-            if handle in self._handles:
-                self._handles.remove(handle)
-        # The worker lives on, so its live gauges for this pool must read as gone.
-        for spec in catalog.CATALOG:
-            if spec.kind == "gauge" and spec.pool_label:
-                metric = self._metrics[spec.key]
-                labelsets = [("used",), ("idle",)] if spec.labels else [()]
-                for extra in labelsets:
-                    metric.labels(handle.name, *extra).set(0)
-
-    def flush(self) -> None:
-        """Copy every handle's live reading and new counts into the shared files."""
-        with self._lock:
-            handles = list(self._handles)
-            try:
-                for handle in handles:
-                    try:
-                        self._write(handle)
-                    except Exception as exc:
-                        handle._fail("multiprocess_flush", exc)
-                alive_path(self.directory, os.getpid()).touch()
-            except Exception:
-                log.exception("multiprocess flush failed")
-
-    def _write(self, handle: PoolHandle) -> None:
-        m = self._metrics
-        p = handle.name
-        reading = handle.read()
-        if reading is not None:
-            for key, labels, value in samples.gauges(reading):
-                m[key].labels(p, *labels).set(value)
-        written = self._written.setdefault(handle, {})
-        for key, labels, value in samples.counters(handle.stats):
-            before = written.get((key, labels), 0)
-            # Create the child even at 0: as in single-process mode, a counter is exported from the
-            # start, so Prometheus sees its first increase (a series born at 1 hides it from rate()).
-            child = m[key].labels(p, *labels)
-            if value > before:
-                child.inc(value - before)
-            written[(key, labels)] = value
-        for key, labels, hist in samples.histograms(handle.stats):
-            counts, total = list(hist.counts), hist.sum
-            before_counts, before_total = written.get((key, labels), ([0] * len(counts), 0.0))
-            child = m[key].labels(p, *labels)
-            # prometheus_client has no public "add n observations"; its per-bucket values are
-            # non-cumulative, like ours, so the deltas go straight into them.
-            for i, (now_n, then_n) in enumerate(zip(counts, before_counts, strict=True)):
-                if now_n > then_n:
-                    child._buckets[i].inc(now_n - then_n)
-            if total != before_total:
-                child._sum.inc(total - before_total)
-            written[(key, labels)] = (counts, total)
+        self.closed = True
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        atexit.unregister(self._at_exit)
+        _FORK_WRITERS.discard(self)
+        with contextlib.suppress(OSError):
+            alive_path(self.directory, os.getpid()).unlink(missing_ok=True)
 
     def _at_exit(self) -> None:
         self._stop.set()
@@ -189,14 +138,133 @@ class MultiprocessWriter:
         with contextlib.suppress(OSError):
             alive_path(self.directory, os.getpid()).unlink(missing_ok=True)
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
         # The parent already wrote what it counted before the fork; the child starts from there.
         self._lock = threading.Lock()
-        for handle in self._handles:
-            written: dict[tuple[str, tuple[str, ...]], Any] = {
-                (key, labels): n for key, labels, n in samples.counters(handle.stats)
-            }
-            for key, labels, hist in samples.histograms(handle.stats):
+        for source in self._sources():
+            written: Written = {(key, labels): n for key, labels, n in samples.counters(source.stats)}
+            for key, labels, hist in samples.histograms(source.stats):
                 written[(key, labels)] = (list(hist.counts), hist.sum)
-            self._written[handle] = written
-        self._start()
+            self._written[source] = written
+        if not self.closed:
+            self._start_thread()
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Copy every pool's live reading and new counts into the shared files."""
+        if self.closed:
+            return
+        with self._lock:
+            sources = [s for s in self._sources() if _same(s, self.bounds)]
+            try:
+                if self._problem is not None:
+                    raise RuntimeError(self._problem)
+                alive_path(self.directory, os.getpid()).touch()
+                self._metrics["build_info"].labels(__version__).set(1)
+                names = set()
+                for source in sources:
+                    names.add(source.name)
+                    try:
+                        self._write(source)
+                    except OSError:
+                        raise
+                    except Exception as exc:
+                        source.fail("multiprocess_flush", exc)
+                for gone in self._names - names:
+                    self._zero_live(gone)
+                self._names = names
+            except (OSError, RuntimeError) as exc:
+                self._environment_failed(exc, sources)
+                return
+        if self._failing_since is not None:
+            log.warning("multiprocess directory %s is writable again", self.directory)
+            self._failing_since = None
+
+    def _environment_failed(self, exc: BaseException, sources: list[PoolSource]) -> None:
+        """The directory (not our code) failed: count it on every pool, log once, then throttled."""
+        for source in sources:
+            source.stats.errors += 1
+        self._failures += 1
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._logged_at < LOG_EVERY:
+            return
+        self._logged_at = now
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.warning(
+            "cannot write the multiprocess directory %s: %s (in-process metrics still work; "
+            "the sidecar sees nothing from this worker; %d failed flushes so far)",
+            self.directory,
+            reason,
+            self._failures,
+        )
+
+    def forget(self, name: str) -> None:
+        """A pool left this worker, which lives on: its live gauges must read as gone."""
+        with self._lock:
+            if self._problem is None and name in self._names:
+                with contextlib.suppress(OSError):
+                    self._zero_live(name)
+                self._names.discard(name)
+
+    def _zero_live(self, name: str) -> None:
+        for spec in catalog.CATALOG:
+            if spec.kind == "gauge" and spec.pool_label:
+                metric = self._metrics[spec.key]
+                for extra in [(state,) for state in catalog.CONNECTION_STATES] if spec.labels else [()]:
+                    metric.labels(name, *extra).set(0)
+
+    def _write(self, source: PoolSource) -> None:
+        m = self._metrics
+        p = source.name
+        reading = source.read()
+        if reading is not None:
+            for key, labels, value in samples.gauges(reading):
+                m[key].labels(p, *labels).set(value)
+        written = self._written.setdefault(source, {})
+        for key, labels, value in samples.counters(source.stats):
+            before = written.get((key, labels), 0)
+            # Create the child even at 0: as in single-process mode, a counter is exported from the
+            # start, so Prometheus sees its first increase (a series born at 1 hides it from rate()).
+            child = m[key].labels(p, *labels)
+            if value > before:
+                child.inc(value - before)
+            written[(key, labels)] = value
+        for key, labels, hist in samples.histograms(source.stats):
+            counts, total = list(hist.counts), hist.sum
+            before_counts, before_total = written.get((key, labels), ([0] * len(counts), 0.0))
+            deltas = [(i, now - then) for i, (now, then) in enumerate(zip(counts, before_counts, strict=True))]
+            compat.add_to_histogram(m[key].labels(p, *labels), [(i, d) for i, d in deltas if d > 0],
+                                    total - before_total)  # fmt: skip
+            written[(key, labels)] = (counts, total)
+
+
+def _same(source: PoolSource, bounds: dict[str, tuple[float, ...]]) -> bool:
+    return all(tuple(source.stats.bounds[key]) == b for key, b in bounds.items())
+
+
+def _run(ref: weakref.ref[MultiprocessWriter], stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        writer = ref()
+        if writer is None:
+            return
+        writer.flush()
+        del writer
+
+
+# os.register_at_fork has no unregister: one hook per process, which restarts the writers still open.
+_FORK_WRITERS: weakref.WeakSet[MultiprocessWriter] = weakref.WeakSet()
+_fork_hook = [False]
+
+
+def _install_fork_hook() -> None:
+    if not _fork_hook[0]:
+        _fork_hook[0] = True
+        os.register_at_fork(after_in_child=_after_fork)
+
+
+def _after_fork() -> None:
+    for writer in list(_FORK_WRITERS):
+        writer.after_fork()

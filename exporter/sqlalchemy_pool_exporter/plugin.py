@@ -1,26 +1,34 @@
 """Zero-code install: `create_engine("…?plugin=pool_exporter")` instruments the engine it creates.
 
 Options come from the URL query (`pool_exporter_name`, `pool_exporter_namespace`,
-`pool_exporter_leak_threshold`) and are stripped before the driver sees them.
+`pool_exporter_leak_threshold`) and are stripped before the driver sees them. This path never
+raises into create_engine(): a bad option or a failure to instrument is logged (the URL's password
+never is) and the engine works, uninstrumented or with that option left out.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy.engine import URL, CreateEnginePlugin, Engine
 
-from .instrument import instrument
+from . import validation
+from .core import default_exporter
+from .naming import safe_url
+
+log = logging.getLogger("sqlalchemy_pool_exporter")
 
 _PREFIX = "pool_exporter_"
 _OPTIONS = ("name", "namespace", "leak_threshold")
 
 
 class PoolExporterPlugin(CreateEnginePlugin):
-    """Adapts URL options to a plain instrument() call."""
+    """Adapts URL options to a plain Exporter.instrument() call on the default Exporter."""
 
     def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
         super().__init__(url, kwargs)
+        self._url = url
         self._options: dict[str, Any] = {}
         for option in _OPTIONS:
             value = url.query.get(_PREFIX + option)
@@ -28,16 +36,24 @@ class PoolExporterPlugin(CreateEnginePlugin):
                 value = value[-1]
             if value is None:
                 continue
-            if option == "leak_threshold":
-                try:
-                    self._options[option] = float(value)
-                except ValueError:
-                    raise ValueError(f"{_PREFIX}leak_threshold must be a number of seconds, got {value!r}") from None
-            else:
-                self._options[option] = value
+            try:
+                if option == "leak_threshold":
+                    self._options[option] = validation.leak_threshold(value)
+                elif option == "namespace":
+                    self._options[option] = validation.namespace(value)
+                else:
+                    self._options[option] = validation.pool_name(value)
+            except ValueError as exc:
+                log.error("%s%s ignored: %s (engine %s)", _PREFIX, option, exc, safe_url(url))
 
     def update_url(self, url: URL) -> URL:
         return url.difference_update_query([_PREFIX + o for o in _OPTIONS])
 
     def engine_created(self, engine: Engine) -> None:
-        instrument(engine, **self._options)
+        options = dict(self._options)
+        namespace = options.pop("namespace", None)
+        try:
+            exporter = default_exporter(namespace) if namespace is not None else default_exporter()
+            exporter.instrument(engine, **options)
+        except Exception as exc:
+            log.error("engine %s is not instrumented: %s: %s", safe_url(self._url), type(exc).__name__, exc)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple, Protocol
 
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
+from . import compat
 from .stats import PoolStats
 
 perf_counter = time.perf_counter
@@ -27,6 +28,20 @@ class PoolReading(NamedTuple):
     oldest_checkout: float
 
 
+class PoolSource(Protocol):
+    """What collectors, the exposition, the multiprocess writer and the views read of one pool."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> PoolStats: ...
+
+    def read(self) -> PoolReading | None: ...
+
+    def fail(self, where: str, exc: BaseException) -> None: ...
+
+
 def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
     """Read live state where it lives: QueuePool counts itself; other pools through our checkouts."""
     now = perf_counter()
@@ -35,7 +50,7 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
     oldest_checkout = stats.oldest_checkout(now)
     if isinstance(pool, QueuePool):
         size = pool.size()
-        max_overflow: int = pool._max_overflow
+        max_overflow = compat.max_overflow(pool)
         used = pool.checkedout()
         idle = _idle_open(pool)
         return PoolReading(
@@ -43,7 +58,7 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
             used=used,
             idle=idle,
             size=size,
-            max=size + max_overflow if max_overflow >= 0 else None,
+            max=size + max_overflow if max_overflow is not None and max_overflow >= 0 else None,
             overflow=max(0, used + idle - size),
             timeout=pool.timeout(),
             pending=pending,
@@ -71,14 +86,7 @@ def _idle_open(pool: QueuePool) -> int:
     or a garbage-collected async connection (it reconnects at its next checkout): counting it
     would report connections the database no longer has.
     """
-    queue: Any = pool._pool
-    items = getattr(queue, "queue", None)  # sqlalchemy.util.queue.Queue: a deque
-    if items is None:
-        # AsyncAdaptedQueue creates its asyncio.Queue lazily; not created yet means empty.
-        if "_queue" not in vars(queue):
-            return 0
-        items = getattr(queue._queue, "_queue", None)
-    if items is None:
+    records = compat.idle_records(pool)
+    if records is None:
         return pool.checkedin()
-    # tuple() copies the deque in one C call, so a concurrent get/put cannot break the walk.
-    return sum(1 for record in tuple(items) if record.dbapi_connection is not None)
+    return sum(1 for record in records if record.dbapi_connection is not None)

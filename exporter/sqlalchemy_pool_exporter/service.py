@@ -22,9 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import demo, web
 from .auth import Auth
-from .instrument import PoolHandle, instrument
+from .core import Exporter
 from .loadgen import LoadGenerator, LoadPlan
 from .naming import safe_url
+from .readiness import Readiness
 from .settings import SettingError, Settings
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -136,22 +137,22 @@ async def run_demo(settings: Settings, *, duration: float | None, workers: int =
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _instrument_demo(engine: AsyncEngine, settings: Settings, *, multiprocess: bool | None) -> PoolHandle:
-    return instrument(
-        engine,
-        name=demo.POOL_NAME,
-        namespace=settings.namespace,
-        buckets=settings.bucket_bounds(),
-        leak_threshold=settings.leak_threshold,
-        multiprocess=multiprocess,
+def _demo_exporter(settings: Settings, multiprocess_dir: Path | None) -> Exporter:
+    return Exporter(
+        REGISTRY, namespace=settings.namespace, buckets=settings.bucket_bounds(), multiprocess_dir=multiprocess_dir
     )
+
+
+def _instrument_demo(exporter: Exporter, engine: AsyncEngine, settings: Settings) -> None:
+    exporter.instrument(engine, name=demo.POOL_NAME, leak_threshold=settings.leak_threshold)
 
 
 async def _run_demo_single(settings: Settings, url: URL, duration: float | None, out: TextIO) -> int:
     engine = demo.create_engine(url)
-    handle = _instrument_demo(engine, settings, multiprocess=False)
+    exporter = _demo_exporter(settings, None)
+    _instrument_demo(exporter, engine, settings)
     auth = auth_from(settings)
-    app = web.make_app(registry=REGISTRY, metrics_path=settings.metrics_path, auth=auth)
+    app = web.make_app(exporter, metrics_path=settings.metrics_path, auth=auth)
     demo.add_demo_routes(app, engine)
     server = await listen(app, settings)
     _banner(out, url, server.url, settings.metrics_path, duration, 1)
@@ -164,7 +165,7 @@ async def _run_demo_single(settings: Settings, url: URL, duration: float | None,
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await server.stop()
-        handle.uninstrument()
+        exporter.close()
         await engine.dispose()
     print(f"pool-exporter demo: stopped; requests by route and status: {dict(sorted(load.sent.items()))}", file=out)
     return 0
@@ -200,7 +201,7 @@ async def _run_demo_workers(
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools,
-        readiness=web.Readiness(sidecar.checks),
+        readiness=Readiness(sidecar.checks),
         auth=auth_from(settings),
         offload=True,
         executor=sidecar.executor,
@@ -241,8 +242,9 @@ async def run_demo_worker(settings: Settings, app_port: int) -> int:
     url = settings.url()
     assert url is not None, "the parent passes the database URL"
     engine = demo.create_engine(url)
-    # PROMETHEUS_MULTIPROC_DIR is set by the parent: instrument() also writes the shared files.
-    handle = _instrument_demo(engine, settings, multiprocess=None)
+    # PROMETHEUS_MULTIPROC_DIR is set by the parent, before prometheus_client was imported.
+    exporter = _demo_exporter(settings, settings.multiproc_dir)
+    _instrument_demo(exporter, engine, settings)
     app = Application()
     demo.add_demo_routes(app, engine)
     server = web.Server(app, "127.0.0.1", app_port, reuse_port=True)
@@ -261,7 +263,7 @@ async def run_demo_worker(settings: Settings, app_port: int) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await server.stop()
-        handle.uninstrument()
+        exporter.close()
         await engine.dispose()
     return 0
 
@@ -303,7 +305,7 @@ async def run_serve(settings: Settings) -> int:
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools if sidecar is not None else _no_pools,
-        readiness=web.Readiness(sidecar.checks if sidecar is not None else dict),
+        readiness=Readiness(sidecar.checks if sidecar is not None else dict),
         auth=auth_from(settings),
         offload=True,
         executor=sidecar.executor if sidecar is not None else None,

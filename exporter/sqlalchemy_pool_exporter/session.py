@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from .instrument import handle_for
+from .core import handle_for
 from .stats import bump
 
 log = logging.getLogger("sqlalchemy_pool_exporter.session")

@@ -36,7 +36,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from . import catalog
+from . import catalog, views
 from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 
 log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
@@ -253,7 +253,7 @@ class Sidecar(Collector):
     async def pools(self) -> list[dict[str, Any]]:
         """Per-pool numbers rebuilt from the merged metrics, for /pools and / in sidecar mode."""
         metrics = await asyncio.get_running_loop().run_in_executor(self.executor, self.merge)
-        return pools_from_metrics(metrics, self.namespace)
+        return views.pools_from_metrics(metrics, self.namespace)
 
     def checks(self) -> dict[str, Callable[[], Any]]:
         async def directory() -> None:
@@ -293,43 +293,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# Sample name suffix -> /pools field, for the single-valued pool metrics.
-_POOL_FIELDS: dict[str, str] = {
-    "pool_size": "size",
-    "pool_max_connections": "max",
-    "pool_overflow_connections": "overflow",
-    "pool_timeout_seconds": "timeout",
-    "pool_pending_requests": "pending",
-    "pool_oldest_pending_seconds": "oldest_pending",
-    "pool_oldest_checkout_seconds": "oldest_checkout",
-    "pool_checkouts_total": "checkouts",
-    "pool_timeouts_total": "timeouts",
-    "pool_connections_created_total": "connections_created",
-    "pool_connections_closed_total": "connections_closed",
-    "pool_disconnects_total": "disconnects",
-    "pool_connections_leaked_total": "leaked",
-    "exporter_errors_total": "exporter_errors",
-}
-
-
-def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[str, Any]]:
-    """The /pools shape (a subset: no URL, no pool class) from merged multiprocess samples."""
-    ns = f"{namespace}_" if namespace else ""
-    fields = {ns + suffix: name for suffix, name in _POOL_FIELDS.items()}
-    pools: dict[str, dict[str, Any]] = {}
-    for metric in metrics:
-        for s in metric.samples:
-            pool = s.labels.get("pool")
-            if pool is None:
-                continue
-            row = pools.setdefault(pool, {"name": pool, "transactions": {}})
-            value: float | int = int(s.value) if s.value.is_integer() else s.value
-            if s.name == f"{ns}pool_connections" and s.labels.get("state") in ("used", "idle"):
-                row[s.labels["state"]] = value
-            elif s.name == f"{ns}transactions_total":
-                row["transactions"][s.labels.get("outcome", "")] = value
-            elif s.name in fields:
-                row[fields[s.name]] = value
-    return [pools[name] for name in sorted(pools)]

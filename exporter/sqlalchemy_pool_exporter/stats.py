@@ -9,7 +9,7 @@ inside `x[i] += 1`), so counts stay exact for threaded sync engines too.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client.utils import floatToGoString
@@ -62,7 +62,7 @@ class Checkout(NamedTuple):
 class PoolStats:
     """Everything counted for one instrumented engine since it was instrumented."""
 
-    def __init__(self, buckets: dict[str, Sequence[float]]) -> None:
+    def __init__(self, buckets: Mapping[str, Sequence[float]]) -> None:
         self.wait = Histogram(buckets["wait"])
         self.use = Histogram(buckets["use"])
         self.create = Histogram(buckets["create"])

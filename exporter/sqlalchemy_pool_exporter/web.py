@@ -11,21 +11,20 @@ import asyncio
 import html
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web import ContentCoding
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from . import _version
+from . import _version, views
 from .auth import Auth
+from .core import Exporter, default_exporter
 from .exposition import Exposition
-from .instrument import PoolHandle, handles
+from .readiness import Check, Readiness, check_pool
 
 if TYPE_CHECKING:
     import ssl
@@ -33,86 +32,43 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlalchemy_pool_exporter.web")
 
 PoolsSource = Callable[[], Awaitable[list[dict[str, Any]]]]
-Check = Callable[[], Awaitable[None]]
 
 REGISTRY_KEY = web.AppKey("pool_exporter_registry", CollectorRegistry)
 
 
-# -- readiness ----------------------------------------------------------------------------------
+# -- what an exporter's routes serve ----------------------------------------------------------------
 
 
-@dataclass
-class Readiness:
-    """Named async checks run together with a timeout; one run at a time, its result reused briefly.
+def pool_checks(exporter: Exporter) -> Callable[[], dict[str, Check]]:
+    """One readiness check per pool of `exporter`: its database answers a connection of our own."""
 
-    Concurrent /readyz requests share the run in flight, so probes never pile up on the database.
-    """
+    def checks() -> dict[str, Check]:
+        return {f"pool {h.name}": (lambda h=h: check_pool(h)) for h in exporter.handles()}  # type: ignore[misc]
 
-    checks: Callable[[], dict[str, Check]]
-    timeout: float = 2.0
-    cache_for: float = 1.0
-    _task: asyncio.Task[tuple[bool, dict[str, str]]] | None = field(default=None, init=False)
-    _result: tuple[bool, dict[str, str]] | None = field(default=None, init=False)
-    _at: float = field(default=0.0, init=False)
-
-    async def check(self) -> tuple[bool, dict[str, str]]:
-        if self._result is not None and time.monotonic() - self._at < self.cache_for:
-            return self._result
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
-        return await asyncio.shield(self._task)
-
-    async def _run(self) -> tuple[bool, dict[str, str]]:
-        checks = self.checks()
-        names = list(checks)
-        results = await asyncio.gather(
-            *(asyncio.wait_for(checks[n](), self.timeout) for n in names), return_exceptions=True
-        )
-        detail: dict[str, str] = {}
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException):
-                kind = "timeout" if isinstance(result, TimeoutError) else type(result).__name__
-                detail[name] = f"failing: {kind}"
-            else:
-                detail[name] = "ok"
-        ok = all(v == "ok" for v in detail.values())
-        self._result, self._at = (ok, detail), time.monotonic()
-        return ok, detail
+    return checks
 
 
-async def check_pool(handle: PoolHandle) -> None:
-    """Borrow one connection from the instrumented pool and run SELECT 1 (counted like any checkout)."""
-    engine = handle.engine
-    if engine is None:
-        raise RuntimeError("engine is gone")
-    if engine.dialect.is_async:
-        from sqlalchemy.ext.asyncio import AsyncEngine
+def local_pools(exporter: Exporter) -> PoolsSource:
+    """/pools and / for the pools of `exporter`, in this process."""
 
-        async with AsyncEngine(engine).connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-    else:
+    async def pools() -> list[dict[str, Any]]:
+        return [h.snapshot() for h in exporter.handles()]
 
-        def ping() -> None:
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-
-        await asyncio.to_thread(ping)
+    return pools
 
 
-def pool_checks() -> dict[str, Check]:
-    """One check per instrumented pool of this process."""
-    return {f"pool {h.name}": (lambda h=h: check_pool(h)) for h in handles()}  # type: ignore[misc]
-
-
-async def local_pools() -> list[dict[str, Any]]:
-    return [h.snapshot() for h in handles()]
+async def _no_pools() -> list[dict[str, Any]]:
+    return []
 
 
 # -- handlers -----------------------------------------------------------------------------------
 
 
 def metrics_handler(
-    registry: CollectorRegistry, executor: Executor | None = None, offload: bool = False
+    registry: CollectorRegistry,
+    executor: Executor | None = None,
+    offload: bool = False,
+    exporters: Sequence[Exporter] = (),
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     """Render the registry as the client asked; in `offload` mode, off the event loop.
 
@@ -120,7 +76,7 @@ def metrics_handler(
     so a burst of scrapers costs one render, not one each.
     """
     inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
-    exposition = Exposition(registry)
+    exposition = Exposition(registry, [e.collector for e in exporters if e.registry is registry])
 
     async def render(encoder: Callable[[Any], bytes], content_type: str, names: tuple[str, ...]) -> bytes:
         if not offload:
@@ -164,22 +120,6 @@ def pools_handler(pools: PoolsSource) -> Callable[[web.Request], Awaitable[web.R
     return pools_json
 
 
-_COLUMNS: Sequence[tuple[str, str]] = (
-    ("name", "pool"),
-    ("pool_class", "class"),
-    ("used", "used"),
-    ("idle", "idle"),
-    ("size", "size"),
-    ("max", "max"),
-    ("overflow", "overflow"),
-    ("pending", "pending"),
-    ("oldest_checkout", "oldest checkout (s)"),
-    ("checkouts", "checkouts"),
-    ("timeouts", "timeouts"),
-    ("leaked", "leaked"),
-)
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -191,11 +131,11 @@ def _cell(value: Any) -> str:
 def index_handler(pools: PoolsSource, metrics_path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def index(request: web.Request) -> web.Response:
         rows = await pools()
-        head = "".join(f"<th>{html.escape(title)}</th>" for _, title in _COLUMNS)
+        head = "".join(f"<th>{html.escape(title)}</th>" for _, title in views.COLUMNS)
         body = "".join(
-            "<tr>" + "".join(f"<td>{_cell(row.get(key))}</td>" for key, _ in _COLUMNS) + "</tr>" for row in rows
+            "<tr>" + "".join(f"<td>{_cell(row.get(key))}</td>" for key, _ in views.COLUMNS) + "</tr>" for row in rows
         )
-        empty = "" if rows else f'<tr><td colspan="{len(_COLUMNS)}">no instrumented pools yet</td></tr>'
+        empty = "" if rows else f'<tr><td colspan="{len(views.COLUMNS)}">no instrumented pools yet</td></tr>'
         page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>SQLAlchemy pool exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:right}}
@@ -215,21 +155,36 @@ td:first-child,th:first-child{{text-align:left}}</style></head>
 
 def add_routes(
     app: web.Application,
+    exporter: Exporter | None = None,
     *,
-    registry: CollectorRegistry = REGISTRY,
+    registry: CollectorRegistry | None = None,
     metrics_path: str = "/metrics",
-    pools: PoolsSource = local_pools,
+    pools: PoolsSource | None = None,
     readiness: Readiness | None = None,
     auth: Auth | None = None,
     offload: bool = True,
     executor: Executor | None = None,
     index: bool = True,
 ) -> None:
-    """Add the exporter's routes to an aiohttp app (yours or ours); `auth` guards all but /healthz."""
-    readiness = readiness or Readiness(pool_checks)
+    """Add the exporter's routes to an aiohttp app (yours or ours); `auth` guards all but /healthz.
+
+    They serve `exporter`'s pools and registry (by default the default Exporter's, bound to
+    prometheus_client.REGISTRY); pass `registry=` alone to serve a registry with no pools of this
+    process (the sidecar), with `pools=` and `readiness=` of its own.
+    """
+    if exporter is None and registry is None:
+        exporter = default_exporter()
+    if registry is None:
+        assert exporter is not None
+        registry = exporter.registry
+    if pools is None:
+        pools = local_pools(exporter) if exporter is not None else _no_pools
+    if readiness is None:
+        readiness = Readiness(pool_checks(exporter) if exporter is not None else dict)
+    exporters = [exporter] if exporter is not None else []
     guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
     app[REGISTRY_KEY] = registry
-    app.router.add_get(metrics_path, guard(metrics_handler(registry, executor, offload)))
+    app.router.add_get(metrics_path, guard(metrics_handler(registry, executor, offload, exporters)))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", guard(readyz_handler(readiness)))
     app.router.add_get("/pools", guard(pools_handler(pools)))
@@ -238,20 +193,22 @@ def add_routes(
 
 
 def make_app(
+    exporter: Exporter | None = None,
     *,
-    registry: CollectorRegistry = REGISTRY,
+    registry: CollectorRegistry | None = None,
     metrics_path: str = "/metrics",
-    pools: PoolsSource = local_pools,
+    pools: PoolsSource | None = None,
     readiness: Readiness | None = None,
     auth: Auth | None = None,
     offload: bool = True,
     executor: Executor | None = None,
 ) -> web.Application:
-    """A standalone exporter app; with `auth`, every route but /healthz (and 404s) needs credentials."""
+    """A standalone exporter app (see add_routes); with `auth`, all but /healthz (and 404s) need credentials."""
     middlewares = [auth.middleware()] if auth is not None and auth.enabled else []
     app = web.Application(middlewares=middlewares)
     add_routes(
         app,
+        exporter,
         registry=registry,
         metrics_path=metrics_path,
         pools=pools,
@@ -322,14 +279,14 @@ class Server:
 async def start_http_server(
     host: str = "127.0.0.1",
     port: int = 0,
+    exporter: Exporter | None = None,
     *,
-    registry: CollectorRegistry = REGISTRY,
     metrics_path: str = "/metrics",
     auth: Auth | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Server:
-    """The one-liner for a single-process asyncio app: serve this process's pools from its own loop."""
-    app = make_app(registry=registry, metrics_path=metrics_path, auth=auth)
+    """The one-liner for a single-process asyncio app: serve `exporter`'s pools (default Exporter's) from its loop."""
+    app = make_app(exporter, metrics_path=metrics_path, auth=auth)
     server = Server(app, host, port, ssl_context=ssl_context)
     await server.start()
     return server

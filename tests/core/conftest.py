@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PGPORT", "5432"))
@@ -85,6 +86,14 @@ async def terminate_backend(pid: int) -> None:
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
+
+
+@pytest.fixture
+def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
+    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
+    made = Exporter(registry)
+    yield made
+    made.close()
 
 
 PgEngineFactory = Callable[..., tuple[AsyncEngine, str]]

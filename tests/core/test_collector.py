@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool, StaticPool
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 from .conftest import sample, series
 
@@ -27,11 +27,11 @@ def names_for(registry: CollectorRegistry, pool: str) -> set[str]:
 
 
 def test_nullpool_exports_what_is_meaningful(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/null.db", poolclass=NullPool)
     sync_engines.append(engine)
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     p = handle.name
     assert p == f"sqlite:{tmp_path}/null.db"
 
@@ -57,9 +57,9 @@ def test_nullpool_exports_what_is_meaningful(
     generate_latest(registry)
 
 
-async def test_async_nullpool_over_aiosqlite(registry: CollectorRegistry, tmp_path: Path) -> None:
+async def test_async_nullpool_over_aiosqlite(registry: CollectorRegistry, exporter: Exporter, tmp_path: Path) -> None:
     engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/null.db", poolclass=NullPool)
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     p = handle.name
     try:
         async with engine.connect() as conn:
@@ -79,10 +79,12 @@ async def test_async_nullpool_over_aiosqlite(registry: CollectorRegistry, tmp_pa
         await engine.dispose()
 
 
-def test_staticpool_exports_what_is_meaningful(registry: CollectorRegistry, sync_engines: list[Engine]) -> None:
+def test_staticpool_exports_what_is_meaningful(
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine]
+) -> None:
     engine = create_engine("sqlite://", poolclass=StaticPool)
     sync_engines.append(engine)
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     p = handle.name
     assert p == "sqlite:memory"
 
@@ -105,13 +107,13 @@ def test_staticpool_exports_what_is_meaningful(registry: CollectorRegistry, sync
 
 
 def test_queuepool_series_and_unlimited_overflow_has_no_max(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     limited = create_engine(f"sqlite:///{tmp_path}/q.db", pool_size=3, max_overflow=4, pool_timeout=7)
     unlimited = create_engine(f"sqlite:///{tmp_path}/u.db", pool_size=1, max_overflow=-1)
     sync_engines.extend((limited, unlimited))
-    pool_exporter.instrument(limited, registry=registry, name="limited")
-    pool_exporter.instrument(unlimited, registry=registry, name="unlimited")
+    exporter.instrument(limited, name="limited")
+    exporter.instrument(unlimited, name="unlimited")
 
     assert sample(registry, "sqlalchemy_pool_max_connections", pool="limited") == 7
     assert sample(registry, "sqlalchemy_pool_size", pool="limited") == 3

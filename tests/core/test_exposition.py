@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, QueuePool
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.exposition import Exposition, format_of
 from sqlalchemy_pool_exporter.web import Server, make_app
 
@@ -63,9 +63,14 @@ def assert_same(ours: bytes, theirs: bytes, fmt: str) -> None:
                 assert v == w, n
 
 
-def check_both(registry: CollectorRegistry, *, exact: bool = True) -> dict[str, bytes]:
+def exposition_of(exporter: Exporter) -> Exposition:
+    return Exposition(exporter.registry, [exporter.collector])
+
+
+def check_both(exporter: Exporter, *, exact: bool = True) -> dict[str, bytes]:
     """Render the registry both ways in both formats; `exact`: byte for byte (nothing checked out)."""
-    exposition = Exposition(registry)
+    registry = exporter.registry
+    exposition = exposition_of(exporter)
     out = {}
     for fmt, encoder in ENCODERS.items():
         for _ in range(2):  # the second render reuses the cached line starts
@@ -87,11 +92,11 @@ def promtool(body: bytes, tmp_path: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["promtool", "check", "metrics"], stdin=stdin, capture_output=True, text=True)
 
 
-def busy_sqlite(registry: CollectorRegistry, engines: list[Engine], path: Path, name: str) -> Engine:
+def busy_sqlite(exporter: Exporter, engines: list[Engine], path: Path, name: str) -> Engine:
     """A SQLite QueuePool that has run commits, rollbacks, savepoints, every statement kind, errors and a timeout."""
     engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.01)
     engines.append(engine)
-    pool_exporter.instrument(engine, name=name, registry=registry)
+    exporter.instrument(engine, name=name)
     with engine.connect() as conn:
         conn.execute(text("CREATE TABLE t (x INTEGER)"))
         conn.execute(text("INSERT INTO t VALUES (1)"))
@@ -112,11 +117,11 @@ def busy_sqlite(registry: CollectorRegistry, engines: list[Engine], path: Path, 
 
 
 def test_sqlite_pools_render_exactly_as_prometheus_client(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     for i in range(3):
-        busy_sqlite(registry, sync_engines, tmp_path / f"{i}.db", f"db{i}")
-    bodies = check_both(registry)
+        busy_sqlite(exporter, sync_engines, tmp_path / f"{i}.db", f"db{i}")
+    bodies = check_both(exporter)
     parsed = families(bodies["text"], "text")
     assert ("sqlalchemy_pool_timeouts_total", {"pool": "db1"}, 1.0) in parsed["sqlalchemy_pool_timeouts"][2]
     assert ("sqlalchemy_statement_errors_total", {"pool": "db2", "error": "OperationalError"}, 1.0) in parsed[
@@ -127,68 +132,68 @@ def test_sqlite_pools_render_exactly_as_prometheus_client(
 
 
 def test_checked_out_connections_and_hostile_names(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     """Quotes, backslashes, newlines, non-ASCII and format characters in pool names; live ages."""
-    busy_sqlite(registry, sync_engines, tmp_path / "a.db", HOSTILE)
-    other = busy_sqlite(registry, sync_engines, tmp_path / "b.db", '\\\\ "" \n\n é')
-    check_both(registry)
+    busy_sqlite(exporter, sync_engines, tmp_path / "a.db", HOSTILE)
+    other = busy_sqlite(exporter, sync_engines, tmp_path / "b.db", '\\\\ "" \n\n é')
+    check_both(exporter)
     with other.connect():  # held during the renders: a used connection and a moving age
-        bodies = check_both(registry, exact=False)
+        bodies = check_both(exporter, exact=False)
     pools = {s[1]["pool"] for s in families(bodies["openmetrics"], "openmetrics")["sqlalchemy_pool_connections"][2]}
     assert pools == {HOSTILE, '\\\\ "" \n\n é'}
     result = promtool(bodies["text"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_nullpool(registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path) -> None:
+def test_nullpool(registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/null.db", poolclass=NullPool)
     sync_engines.append(engine)
-    pool_exporter.instrument(engine, name="null", registry=registry)
+    exporter.instrument(engine, name="null")
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
-    bodies = check_both(registry)
+    bodies = check_both(exporter)
     assert b"sqlalchemy_pool_size" not in bodies["text"].replace(b"# HELP sqlalchemy_pool_size", b"").replace(
         b"# TYPE sqlalchemy_pool_size", b""
     )
     assert promtool(bodies["text"], tmp_path).returncode == 0
 
 
-def test_no_pools_yet_and_a_gone_engine(registry: CollectorRegistry, tmp_path: Path) -> None:
+def test_no_pools_yet_and_a_gone_engine(registry: CollectorRegistry, exporter: Exporter, tmp_path: Path) -> None:
     """Families with no series still get HELP and TYPE; a garbage-collected engine's series go."""
     engine = create_engine(f"sqlite:///{tmp_path}/gone.db")
-    pool_exporter.instrument(engine, name="gone", registry=registry)
-    check_both(registry)
+    exporter.instrument(engine, name="gone")
+    check_both(exporter)
     engine.dispose()
     del engine
     gc.collect()
-    bodies = check_both(registry)
+    bodies = check_both(exporter)
     assert b'pool="gone"' not in bodies["text"]
 
 
 def test_counts_past_a_million_use_go_float_format(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     """floatToGoString writes 1.234567e+06 from a million up: counters, buckets and sums alike."""
-    busy_sqlite(registry, sync_engines, tmp_path / "big.db", "big")
-    stats = pool_exporter.handles()[-1].stats
+    busy_sqlite(exporter, sync_engines, tmp_path / "big.db", "big")
+    stats = exporter.handles()[-1].stats
     stats.timeouts = 1_234_567
     stats.wait.counts[2] += 2_500_000
     stats.wait.sum += 12_345_678.5
     stats.use.sum = float("inf")
-    bodies = check_both(registry)
+    bodies = check_both(exporter)
     assert b'sqlalchemy_pool_timeouts_total{pool="big"} 1.234567e+06\n' in bodies["text"]
     assert b'sqlalchemy_pool_use_seconds_sum{pool="big"} +Inf\n' in bodies["text"]
 
 
 @pytest.mark.postgres
 async def test_asyncpg_pool_renders_exactly_as_prometheus_client(
-    registry: CollectorRegistry, pg_engine: PgEngineFactory, tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, pg_engine: PgEngineFactory, tmp_path: Path
 ) -> None:
     engine, _ = pg_engine(pool_size=1, max_overflow=0, pool_timeout=0.05)
-    pool_exporter.instrument(engine, name="pg", registry=registry)
+    exporter.instrument(engine, name="pg")
     bad, _ = pg_engine(PG_URL.rsplit("/", 1)[0] + "/no_such_database_here")
-    pool_exporter.instrument(bad, name="pg-bad", registry=registry)
+    exporter.instrument(bad, name="pg-bad")
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
         await conn.commit()
@@ -202,14 +207,14 @@ async def test_asyncpg_pool_renders_exactly_as_prometheus_client(
     with pytest.raises(Exception, match="no_such_database_here"):
         async with bad.connect():
             pass
-    bodies = check_both(registry)
+    bodies = check_both(exporter)
     parsed = families(bodies["text"], "text")
     errors = {s[1]["pool"]: s[1]["error"] for s in parsed["sqlalchemy_pool_connect_errors"][2]}
     assert set(errors) == {"pg-bad"}
     assert promtool(bodies["text"], tmp_path).returncode == 0
     async with engine.connect():  # a live checkout in an async pool, rendered off the loop as the handler does
         for fmt, encoder in ENCODERS.items():
-            ours, theirs = await asyncio.to_thread(Exposition(registry).render, encoder), encoder(registry)
+            ours, theirs = await asyncio.to_thread(exposition_of(exporter).render, encoder), encoder(registry)
             assert_same(ours, theirs, fmt)
 
 
@@ -217,9 +222,10 @@ def test_other_collectors_target_info_and_name_filters(sync_engines: list[Engine
     """The rest of the registry goes through prometheus_client, around ours; `name[]` filters both."""
     registry = CollectorRegistry(target_info={"service": "app"})
     Counter("before", "Registered before the pools.", ["k"], registry=registry).labels("v").inc(3)
-    busy_sqlite(registry, sync_engines, tmp_path / "a.db", "a")
+    exporter = Exporter(registry)
+    busy_sqlite(exporter, sync_engines, tmp_path / "a.db", "a")
     Gauge("after", "Registered after the pools.", registry=registry).set(2.5)
-    exposition = Exposition(registry)
+    exposition = exposition_of(exporter)
     for fmt, encoder in ENCODERS.items():
         ours, theirs = exposition.render(encoder), encoder(registry)
         assert_same(ours, theirs, fmt)
@@ -258,35 +264,40 @@ def test_other_collectors_target_info_and_name_filters(sync_engines: list[Engine
     ],
 )
 def test_every_negotiated_encoder(
-    accept: str, registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    accept: str, registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
-    busy_sqlite(registry, sync_engines, tmp_path / "a.db", HOSTILE)
+    busy_sqlite(exporter, sync_engines, tmp_path / "a.db", HOSTILE)
     encoder, _ = choose_encoder(accept)
     assert format_of(encoder) is not None
-    assert Exposition(registry).render(encoder) == encoder(registry)
+    assert exposition_of(exporter).render(encoder) == encoder(registry)
 
 
 def test_an_encoder_we_do_not_mirror_renders_everything_itself(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
-    busy_sqlite(registry, sync_engines, tmp_path / "a.db", "a")
+    busy_sqlite(exporter, sync_engines, tmp_path / "a.db", "a")
 
     def custom(target: Any) -> bytes:
         return b"".join(m.name.encode() + b"\n" for m in target.collect())
 
     assert format_of(custom) is None
     assert format_of(partial(generate_latest, escaping="underscores", extra=1)) is None  # type: ignore[call-arg]
-    assert Exposition(registry).render(custom) == custom(registry)
+    assert exposition_of(exporter).render(custom) == custom(registry)
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "on-loop"])
 @pytest.mark.parametrize("accept", ["text/plain", "application/openmetrics-text; version=1.0.0"])
 async def test_metrics_route_serves_the_fast_rendering(
-    offload: bool, accept: str, registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    offload: bool,
+    accept: str,
+    registry: CollectorRegistry,
+    exporter: Exporter,
+    sync_engines: list[Engine],
+    tmp_path: Path,
 ) -> None:
-    busy_sqlite(registry, sync_engines, tmp_path / "a.db", HOSTILE)
+    busy_sqlite(exporter, sync_engines, tmp_path / "a.db", HOSTILE)
     encoder, content_type = choose_encoder(accept)
-    server = Server(make_app(registry=registry, offload=offload))
+    server = Server(make_app(exporter, offload=offload))
     await server.start()
     try:
         headers = {"Accept": accept, "Accept-Encoding": "gzip"}
@@ -309,13 +320,13 @@ async def test_metrics_route_serves_the_fast_rendering(
 
 
 def test_listeners_keep_counting_between_renders(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     """Cached line starts never freeze values: each render reads the stats again."""
-    engine = busy_sqlite(registry, sync_engines, tmp_path / "a.db", "a")
+    engine = busy_sqlite(exporter, sync_engines, tmp_path / "a.db", "a")
     seen: list[str] = []
     event.listen(engine, "checkout", lambda *a: seen.append("x"))
-    exposition = Exposition(registry)
+    exposition = exposition_of(exporter)
     before = exposition.render(generate_latest)
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))

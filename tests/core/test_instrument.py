@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import Pool
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
 
 from .conftest import PG_NAME, PgEngineFactory, sample, series
@@ -25,16 +26,19 @@ def pool_labels(registry: CollectorRegistry) -> set[str]:
 
 
 async def test_instrument_twice_returns_the_same_handle(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, _ = pg_engine()
-    handle = pool_exporter.instrument(engine, registry=registry)
-    assert pool_exporter.instrument(engine, registry=registry) is handle
-    assert pool_exporter.instrument(engine.sync_engine, registry=CollectorRegistry(), name="other") is handle
+    handle = exporter.instrument(engine)
+    assert exporter.instrument(engine) is handle
+    assert exporter.instrument(engine.sync_engine, name=PG_NAME) is handle
+    # An execution_options() copy shares the engine's pool and dialect: the same engine to us.
+    assert exporter.instrument(engine.sync_engine.execution_options(isolation_level="AUTOCOMMIT")) is handle
     assert pool_exporter.handle_for(engine) is handle
     assert pool_exporter.handle_for(engine.sync_engine) is handle
-    assert handle in pool_exporter.handles()
-    assert len(handle._listeners) == len({(n, id(f)) for n, f in handle._listeners})
+    assert exporter.handles() == [handle]
+    assert handle not in pool_exporter.handles()  # the default Exporter's, not ours
+    assert len(handle.hooks.listeners) == len({(n, id(f)) for n, f in handle.hooks.listeners})
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     # Listeners were attached once: one checkout counted once.
@@ -43,11 +47,11 @@ async def test_instrument_twice_returns_the_same_handle(
 
 
 async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempotent(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, _ = pg_engine()
     sync = engine.sync_engine
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     # Also wrap the pool dispose() puts in place, so both must be restored.
@@ -56,7 +60,7 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     second_pool = sync.pool
     assert "connect" in vars(first_pool)
     assert "connect" in vars(second_pool)
-    listeners = list(handle._listeners)
+    listeners = list(handle.hooks.listeners)
     assert {name for name, _ in listeners} == {
         "checkin", "detach", "connect", "close", "close_detached", "invalidate", "soft_invalidate",
     }  # fmt: skip
@@ -77,7 +81,8 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     assert pool_labels(registry) == set()
     assert series(registry, "sqlalchemy_pool_connections") == []
     assert pool_exporter.handle_for(engine) is None
-    assert handle not in pool_exporter.handles()
+    assert handle not in exporter.handles()
+    assert "_sqlalchemy_pool_exporter_handle" not in vars(sync.dialect)
     # Idempotent, by the handle and by the engine.
     handle.uninstrument()
     pool_exporter.uninstrument(engine)
@@ -89,7 +94,7 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     assert series(registry, "sqlalchemy_pool_connections") == []
 
     # Instrumenting again starts afresh under the same default name.
-    again = pool_exporter.instrument(engine, registry=registry)
+    again = exporter.instrument(engine)
     assert again is not handle
     assert again.name == PG_NAME
     async with engine.connect() as conn:
@@ -98,9 +103,11 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     assert sample(registry, "sqlalchemy_pool_connections", pool=PG_NAME, state="idle") == 1
 
 
-def test_sync_engine_is_held_weakly_and_its_series_vanish(registry: CollectorRegistry, tmp_path: Path) -> None:
+def test_sync_engine_is_held_weakly_and_its_series_vanish(
+    registry: CollectorRegistry, exporter: Exporter, tmp_path: Path
+) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/weak.db")
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     assert pool_labels(registry) == {handle.name}
@@ -121,9 +128,11 @@ def test_sync_engine_is_held_weakly_and_its_series_vanish(registry: CollectorReg
     handle.uninstrument()
 
 
-async def test_async_engine_is_held_weakly_and_its_series_vanish(registry: CollectorRegistry) -> None:
+async def test_async_engine_is_held_weakly_and_its_series_vanish(
+    registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine = create_async_engine("sqlite+aiosqlite://")
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     assert pool_labels(registry) == {"sqlite:memory"}
@@ -139,14 +148,14 @@ async def test_async_engine_is_held_weakly_and_its_series_vanish(registry: Colle
 
 
 async def test_several_engines_get_their_own_pool_label(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     first, _ = pg_engine()
     second, _ = pg_engine()
     named, _ = pg_engine()
-    h1 = pool_exporter.instrument(first, registry=registry)
-    h2 = pool_exporter.instrument(second, registry=registry)
-    h3 = pool_exporter.instrument(named, registry=registry, name="reports")
+    h1 = exporter.instrument(first)
+    h2 = exporter.instrument(second)
+    h3 = exporter.instrument(named, name="reports")
     assert (h1.name, h2.name, h3.name) == (PG_NAME, f"{PG_NAME}#2", "reports")
 
     for engine, n in ((first, 3), (second, 1), (named, 2)):
@@ -162,25 +171,27 @@ async def test_several_engines_get_their_own_pool_label(
         assert sample(registry, "sqlalchemy_pool_connections", pool=name, state="idle") == 1
         assert sample(registry, "sqlalchemy_pool_connections_created_total", pool=name) == 1
 
-    # An explicit name that is taken is refused; the engine stays uninstrumented.
+    # An explicit name a live engine uses is not an error (an engine factory, the app and Alembic
+    # from one URL): the newcomer gets the next free suffix, and one WARNING says so.
     fourth, _ = pg_engine()
-    with pytest.raises(ValueError, match="already used"):
-        pool_exporter.instrument(fourth, registry=registry, name="reports")
-    with pytest.raises(ValueError, match="already used"):
-        pool_exporter.instrument(fourth, registry=registry, name=PG_NAME)
-    assert pool_exporter.handle_for(fourth) is None
-    # Names are per registry: the same name in another registry is fine.
-    other = pool_exporter.instrument(fourth, registry=CollectorRegistry(), name="reports")
-    assert other.name == "reports"
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_pool_exporter"):
+        assert exporter.instrument(fourth, name="reports").name == "reports#2"
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "'reports'" in warning.getMessage() and "'reports#2'" in warning.getMessage()
+    # Names are per Exporter: the same name in another registry is fine.
+    fifth, _ = pg_engine()
+    with Exporter(CollectorRegistry()) as other:
+        assert other.instrument(fifth, name="reports").name == "reports"
 
     # A freed name can be taken again.
     h3.uninstrument()
-    fifth, _ = pg_engine()
-    assert pool_exporter.instrument(fifth, registry=registry, name="reports").name == "reports"
+    sixth, _ = pg_engine()
+    assert exporter.instrument(sixth, name="reports").name == "reports"
 
 
 def test_a_listener_bug_never_reaches_the_app(
     registry: CollectorRegistry,
+    exporter: Exporter,
     sync_engines: list[Engine],
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -188,7 +199,7 @@ def test_a_listener_bug_never_reaches_the_app(
     caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine = create_engine("sqlite://")
     sync_engines.append(engine)
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
 
     def broken(operation: str) -> None:
         raise RuntimeError("exporter bug")
@@ -209,6 +220,7 @@ def test_a_listener_bug_never_reaches_the_app(
 
 def test_a_failing_reading_is_counted_and_other_pools_still_export(
     registry: CollectorRegistry,
+    exporter: Exporter,
     sync_engines: list[Engine],
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -216,8 +228,8 @@ def test_a_failing_reading_is_counted_and_other_pools_still_export(
     caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     broken_engine, healthy_engine = create_engine("sqlite://"), create_engine("sqlite://")
     sync_engines.extend((broken_engine, healthy_engine))
-    broken = pool_exporter.instrument(broken_engine, registry=registry, name="broken")
-    pool_exporter.instrument(healthy_engine, registry=registry, name="healthy")
+    broken = exporter.instrument(broken_engine, name="broken")
+    exporter.instrument(healthy_engine, name="healthy")
 
     def boom() -> None:
         raise RuntimeError("reading failed")
@@ -231,25 +243,34 @@ def test_a_failing_reading_is_counted_and_other_pools_still_export(
     assert len([r for r in caplog.records if r.levelno == logging.ERROR and r.name == "sqlalchemy_pool_exporter"]) == 1
 
 
-def test_instrument_rejects_what_is_not_an_engine_and_bad_options(registry: CollectorRegistry) -> None:
+def test_instrument_rejects_what_is_not_an_engine_and_bad_options(
+    registry: CollectorRegistry, exporter: Exporter
+) -> None:
     with pytest.raises(TypeError, match="Engine or AsyncEngine"):
-        pool_exporter.instrument("sqlite://", registry=registry)  # type: ignore[arg-type]
+        exporter.instrument("sqlite://")  # type: ignore[arg-type]
     engine = create_engine("sqlite://")
     with pytest.raises(ValueError, match="namespace"):
-        pool_exporter.instrument(engine, registry=registry, namespace="bad-name")
+        Exporter(CollectorRegistry(), namespace="bad-name")
+    with pytest.raises(ValueError, match="namespace"):
+        Exporter(CollectorRegistry(), namespace="pööl")
+    with pytest.raises(ValueError, match="finite"):
+        exporter.instrument(engine, buckets={"wait": [0.1, float("inf")]})
+    with pytest.raises(ValueError, match="finite"):
+        exporter.instrument(engine, leak_threshold=float("nan"))
     with pytest.raises(ValueError, match="buckets"):
-        pool_exporter.instrument(engine, registry=registry, buckets={"wait": [1.0, 0.5]})
+        exporter.instrument(engine, buckets={"wait": [1.0, 0.5]})
     with pytest.raises(ValueError, match="bucket set"):
-        pool_exporter.instrument(engine, registry=registry, buckets={"nope": [1.0]})
+        exporter.instrument(engine, buckets={"nope": [1.0]})
     with pytest.raises(ValueError, match="name"):
-        pool_exporter.instrument(engine, registry=registry, name="")
+        exporter.instrument(engine, name="")
     assert pool_exporter.handle_for(engine) is None
 
 
 def test_namespace_and_buckets_options(registry: CollectorRegistry, sync_engines: list[Engine]) -> None:
     engine = create_engine("sqlite://")
     sync_engines.append(engine)
-    handle = pool_exporter.instrument(engine, registry=registry, namespace="app_db", buckets={"wait": [0.5, 1.0]})
+    exporter = Exporter(registry, namespace="app_db")
+    handle = exporter.instrument(engine, buckets={"wait": [0.5, 1.0]})
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     assert sample(registry, "app_db_pool_checkouts_total", pool=handle.name) == 1

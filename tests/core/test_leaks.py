@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 from .conftest import PgEngineFactory, poll, poll_sync
 
@@ -21,11 +22,11 @@ def exporter_records(caplog: pytest.LogCaptureFixture, level: int) -> list[loggi
 
 
 async def test_async_connection_held_past_threshold_warns_once_with_the_checkout_stack(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine, _ = pg_engine(pool_size=2, max_overflow=0)
-    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=0.2)
+    handle = exporter.instrument(engine, leak_threshold=0.2)
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
@@ -48,12 +49,16 @@ async def test_async_connection_held_past_threshold_warns_once_with_the_checkout
 
 
 def test_sync_leak_warning_and_info_on_return(
-    registry: CollectorRegistry, sync_engines: list[Engine], caplog: pytest.LogCaptureFixture, tmp_path: Path
+    registry: CollectorRegistry,
+    exporter: Exporter,
+    sync_engines: list[Engine],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine = create_engine(f"sqlite:///{tmp_path}/leak.db")
     sync_engines.append(engine)
-    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=0.2)
+    handle = exporter.instrument(engine, leak_threshold=0.2)
 
     def hold_a_connection_too_long() -> None:
         with engine.connect() as conn:
@@ -72,11 +77,11 @@ def test_sync_leak_warning_and_info_on_return(
 
 
 async def test_without_threshold_no_stack_is_captured_and_nothing_is_logged(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
     engine, _ = pg_engine()
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
@@ -90,10 +95,10 @@ async def test_without_threshold_no_stack_is_captured_and_nothing_is_logged(
 
 
 async def test_with_threshold_the_stack_is_captured_at_checkout(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, _ = pg_engine()
-    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=60)
+    handle = exporter.instrument(engine, leak_threshold=60)
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
@@ -103,10 +108,12 @@ async def test_with_threshold_the_stack_is_captured_at_checkout(
         assert "test_with_threshold_the_stack_is_captured_at_checkout" in names
 
 
-def test_leak_threshold_must_be_positive(registry: CollectorRegistry, sync_engines: list[Engine]) -> None:
+def test_leak_threshold_must_be_positive(
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine]
+) -> None:
     engine = create_engine("sqlite://")
     sync_engines.append(engine)
     for bad in (0, -1.0):
         with pytest.raises(ValueError, match="leak_threshold"):
-            pool_exporter.instrument(engine, registry=registry, leak_threshold=bad)
+            exporter.instrument(engine, leak_threshold=bad)
     assert pool_exporter.handle_for(engine) is None

@@ -21,7 +21,7 @@ WORKER = """
 import os, sys
 from sqlalchemy import create_engine, text
 import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter.multiprocess import flush_all
+from sqlalchemy_pool_exporter import default_exporter
 
 checkouts, hold, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 engine = create_engine(f"sqlite:///{db}", pool_size=5, max_overflow=0, pool_timeout=30)
@@ -30,7 +30,7 @@ for _ in range(checkouts):
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
 held = [engine.connect() for _ in range(hold)]
-flush_all()
+default_exporter().flush()
 print("ready", os.getpid(), flush=True)
 sys.stdin.readline()
 for conn in held:
@@ -145,11 +145,11 @@ def test_counters_sum_live_gauges_follow_live_workers(
 
 
 def test_a_running_worker_flushes_on_its_own(tmp_path: Path) -> None:
-    """Without flush_all(), the writer thread publishes within its 1 s interval."""
+    """Without default_exporter().flush(), the writer thread publishes within its 1 s interval."""
     directory = tmp_path / "multiproc"
     directory.mkdir()
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.replace("flush_all()\n", ""))
+    script.write_text(WORKER.replace("default_exporter().flush()\n", ""))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
     with subprocess.Popen(
         [sys.executable, str(script), "4", "1", str(tmp_path / "w.db")],

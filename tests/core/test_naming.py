@@ -11,8 +11,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter import pool_name, safe_url
+from sqlalchemy_pool_exporter import Exporter, pool_name, safe_url
 
 from .conftest import PG_NAME, PG_URL, PgEngineFactory, poll
 
@@ -46,12 +45,12 @@ def test_safe_url_masks_passwords_and_secret_query_values() -> None:
 
 
 async def test_a_password_never_shows_in_label_handle_or_logs(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     url = PG_URL.replace("postgres@", f"postgres:{SECRET}@")  # trust auth: the password is ignored
     engine, _ = pg_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.1)
-    handle = pool_exporter.instrument(engine, registry=registry, leak_threshold=0.1)
+    handle = exporter.instrument(engine, leak_threshold=0.1)
     assert handle.name == PG_NAME
     assert handle.url == f"postgresql+asyncpg://postgres:***@{PG_NAME}"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +24,8 @@ async def test_plugin_instruments_with_url_options_the_driver_never_sees(pg_engi
     try:
         assert handle.name == "core_plugin_x"
         assert handle.leak_threshold == 30.0
-        assert handle.registry is REGISTRY
+        assert handle.owner is pool_exporter.default_exporter()
+        assert pool_exporter.default_exporter().registry is REGISTRY
         assert not any(k.startswith("pool_exporter_") or k == "plugin" for k in engine.url.query)
         sent: list[dict[str, Any]] = []
 
@@ -42,7 +45,7 @@ async def test_plugin_instruments_with_url_options_the_driver_never_sees(pg_engi
     assert REGISTRY.get_sample_value("sqlalchemy_pool_checkouts_total", {"pool": "core_plugin_x"}) is None
 
 
-def test_plugin_default_name_and_bad_option() -> None:
+def test_plugin_default_name_and_bad_option(caplog: pytest.LogCaptureFixture) -> None:
     engine = create_engine("sqlite://?plugin=pool_exporter&pool_exporter_namespace=core_plugin_ns")
     handle = pool_exporter.handle_for(engine)
     assert handle is not None
@@ -54,5 +57,39 @@ def test_plugin_default_name_and_bad_option() -> None:
     finally:
         handle.uninstrument()
         engine.dispose()
-    with pytest.raises(ValueError, match="leak_threshold"):
-        create_engine("sqlite://?plugin=pool_exporter&pool_exporter_leak_threshold=soon")
+    # A bad option never makes create_engine() raise: it is left out, with one ERROR line.
+    caplog.set_level(logging.ERROR, logger="sqlalchemy_pool_exporter")
+    engine = create_engine("sqlite://?plugin=pool_exporter&pool_exporter_leak_threshold=soon")
+    handle = pool_exporter.handle_for(engine)
+    try:
+        assert handle is not None and handle.leak_threshold is None
+        (error,) = [r.getMessage() for r in caplog.records]
+        assert "pool_exporter_leak_threshold ignored" in error and "'soon'" in error
+    finally:
+        pool_exporter.uninstrument(engine)
+        engine.dispose()
+
+
+def test_two_engines_from_one_url_never_raise(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """The app and Alembic (or an engine factory) create engines from one URL with one explicit name."""
+    url = f"sqlite:///{tmp_path}/app.db?plugin=pool_exporter&pool_exporter_name=core_plugin_twice"
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_pool_exporter")
+    first, second = create_engine(url), create_engine(url)
+    try:
+        names = [h.name for h in (pool_exporter.handle_for(first), pool_exporter.handle_for(second)) if h]
+        assert names == ["core_plugin_twice", "core_plugin_twice#2"]
+        assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+        # A disposed engine's name is free again, even before it is garbage-collected.
+        second.dispose()
+        pool_exporter.uninstrument(second)
+        first.dispose()
+        third = create_engine(url)
+        handle = pool_exporter.handle_for(third)
+        assert handle is not None and handle.name == "core_plugin_twice"
+        assert pool_exporter.handle_for(first) is None
+        pool_exporter.uninstrument(third)
+        third.dispose()
+    finally:
+        for engine in (first, second):
+            pool_exporter.uninstrument(engine)
+            engine.dispose()

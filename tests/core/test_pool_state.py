@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 from .conftest import PG_NAME, PgEngineFactory, poll, poll_sync, real_connections, sample, terminate_backend
 
@@ -68,9 +68,11 @@ async def hold_six(engine: AsyncEngine, registry: CollectorRegistry) -> dict[str
     return seen
 
 
-async def test_six_holders_on_a_two_plus_one_pool(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
+async def test_six_holders_on_a_two_plus_one_pool(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=1, pool_timeout=0.2)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
 
     seen = await hold_six(engine, registry)
 
@@ -103,10 +105,10 @@ async def test_six_holders_on_a_two_plus_one_pool(pg_engine: PgEngineFactory, re
 
 
 async def test_timeout_logs_one_warning_with_the_pool_numbers(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine, _ = pg_engine(pool_size=2, max_overflow=1, pool_timeout=0.2)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     caplog.set_level(logging.INFO, logger="sqlalchemy_pool_exporter")
 
     await hold_six(engine, registry)
@@ -126,10 +128,10 @@ async def test_timeout_logs_one_warning_with_the_pool_numbers(
 
 
 async def test_waits_pending_and_timeouts_keep_working_after_dispose(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=1, pool_timeout=0.2)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     old_pool = engine.sync_engine.pool
@@ -166,10 +168,10 @@ async def assert_no_drift(engine: AsyncEngine, registry: CollectorRegistry, app:
 
 
 async def test_no_drift_through_invalidate_detach_recycle_preping_dispose_and_gc(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=1, pool_pre_ping=True)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     created = closed = checkouts = 0
 
     # Three at once (one overflow), all returned: the overflow one is closed.
@@ -297,10 +299,10 @@ async def poll_real(app: str, expected: int) -> None:
 
 
 async def test_recycle_closes_and_reopens_without_drift(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, app = pg_engine(pool_size=2, max_overflow=0, pool_recycle=3600)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
     # Age the pooled connection past pool_recycle instead of waiting an hour.
@@ -326,11 +328,11 @@ async def test_recycle_closes_and_reopens_without_drift(
 
 
 def test_sync_connection_garbage_collected_is_returned_and_counted_as_leaked(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/core.db", poolclass=QueuePool, pool_size=1, max_overflow=0)
     sync_engines.append(engine)
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     name = handle.name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -352,11 +354,11 @@ def test_sync_connection_garbage_collected_is_returned_and_counted_as_leaked(
 
 
 def test_sync_threads_waiting_and_timing_out(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/threads.db", pool_size=1, max_overflow=0, pool_timeout=0.3)
     sync_engines.append(engine)
-    name = pool_exporter.instrument(engine, registry=registry).name
+    name = exporter.instrument(engine).name
     failures: list[BaseException] = []
 
     def wait_for_a_connection() -> None:

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 from .conftest import PG_NAME, PgEngineFactory, sample
 
@@ -47,9 +48,11 @@ async def drop(engine: AsyncEngine) -> None:
         await conn.execute(text(f"DROP TABLE IF EXISTS {TABLE}"))
 
 
-async def test_commit_on_success_rollback_on_any_exception(table: AsyncEngine, registry: CollectorRegistry) -> None:
+async def test_commit_on_success_rollback_on_any_exception(
+    table: AsyncEngine, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine = table
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     sessions = async_sessionmaker(engine)
     try:
         for _ in range(3):
@@ -79,9 +82,11 @@ async def test_commit_on_success_rollback_on_any_exception(table: AsyncEngine, r
         await drop(engine)
 
 
-async def test_cancellation_rolls_back_and_counts_cancelled(table: AsyncEngine, registry: CollectorRegistry) -> None:
+async def test_cancellation_rolls_back_and_counts_cancelled(
+    table: AsyncEngine, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine = table
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     sessions = async_sessionmaker(engine)
     inside = asyncio.Event()
     try:
@@ -108,9 +113,11 @@ async def test_cancellation_rolls_back_and_counts_cancelled(table: AsyncEngine, 
         await drop(engine)
 
 
-async def test_session_dependency_the_way_fastapi_drives_it(table: AsyncEngine, registry: CollectorRegistry) -> None:
+async def test_session_dependency_the_way_fastapi_drives_it(
+    table: AsyncEngine, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine = table
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     get_session = pool_exporter.session_dependency(async_sessionmaker(engine))
     # FastAPI wraps generator dependencies in an async context manager: success resumes the
     # generator, an exception is thrown into it.
@@ -133,10 +140,10 @@ async def test_session_dependency_the_way_fastapi_drives_it(table: AsyncEngine, 
 
 
 async def test_debug_log_carries_pool_status_as_fields(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine, _ = pg_engine(pool_size=2, max_overflow=1)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     sessions = async_sessionmaker(engine)
     caplog.set_level(logging.DEBUG, logger="sqlalchemy_pool_exporter.session")
 

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 from .conftest import PG_NAME, PgEngineFactory, sample
 
@@ -43,9 +43,11 @@ class Item(Base):
     n: Mapped[int] = mapped_column(Integer)
 
 
-async def test_core_commits_and_rollbacks(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
+async def test_core_commits_and_rollbacks(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine, _ = pg_engine()
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
 
     for _ in range(7):
         async with engine.begin() as conn:
@@ -67,9 +69,11 @@ async def test_core_commits_and_rollbacks(pg_engine: PgEngineFactory, registry: 
     assert ops(registry) == {"select": 12}
 
 
-async def test_savepoints_release_and_rollback(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
+async def test_savepoints_release_and_rollback(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine, _ = pg_engine()
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
 
     async with engine.begin() as conn:
         for _ in range(3):
@@ -87,9 +91,11 @@ async def test_savepoints_release_and_rollback(pg_engine: PgEngineFactory, regis
     assert tx(registry, "rollback") == 0
 
 
-async def test_statements_by_operation(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
+async def test_statements_by_operation(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine, _ = pg_engine()
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
 
     async with engine.begin() as conn:
         await conn.execute(text(f"CREATE TEMPORARY TABLE {TABLE} (id int PRIMARY KEY, n int)"))
@@ -107,10 +113,10 @@ async def test_statements_by_operation(pg_engine: PgEngineFactory, registry: Col
 
 
 async def test_statement_errors_are_counted_by_the_class_handle_error_sees(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, _ = pg_engine()
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     seen: list[str] = []
 
     @event.listens_for(engine.sync_engine, "handle_error")
@@ -138,9 +144,11 @@ async def test_statement_errors_are_counted_by_the_class_handle_error_sees(
     assert tx(registry, "rollback") == 3
 
 
-async def test_connect_errors_by_exception_class(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
+async def test_connect_errors_by_exception_class(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine, _ = pg_engine("postgresql+asyncpg://postgres@127.0.0.1:1/test", pool_size=1)
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     for _ in range(2):
         # Not a DBAPI error, so SQLAlchemy lets it through unwrapped.
         with pytest.raises(ConnectionRefusedError):
@@ -170,12 +178,12 @@ def _connect_error_labels(registry: CollectorRegistry) -> list[dict[str, str]]:
 
 
 def test_sync_orm_session_commits_and_rollbacks(
-    registry: CollectorRegistry, sync_engines: list[Engine], tmp_path: Path
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/orm.db")
     sync_engines.append(engine)
     Base.metadata.create_all(engine)
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     name = handle.name
 
     for i in range(7):
@@ -195,12 +203,14 @@ def test_sync_orm_session_commits_and_rollbacks(
     assert ops(registry, name) == {"insert": 7 + 3, "select": 1}
 
 
-async def test_async_orm_session_commits_and_rollbacks(pg_engine: PgEngineFactory, registry: CollectorRegistry) -> None:
+async def test_async_orm_session_commits_and_rollbacks(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
     engine, _ = pg_engine()
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
         await conn.run_sync(Base.metadata.create_all)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     try:
         for i in range(7):
@@ -229,10 +239,10 @@ async def test_async_orm_session_commits_and_rollbacks(pg_engine: PgEngineFactor
 
 
 async def test_connect_error_from_the_server_names_the_driver_class(
-    pg_engine: PgEngineFactory, registry: CollectorRegistry
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
 ) -> None:
     engine, _ = pg_engine("postgresql+asyncpg://postgres@127.0.0.1:5432/core_no_such_database")
-    handle = pool_exporter.instrument(engine, registry=registry)
+    handle = exporter.instrument(engine)
     with pytest.raises(sa_exc.DBAPIError, match="does not exist"):
         async with engine.connect():
             pass

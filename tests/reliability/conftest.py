@@ -34,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 # Set in every scenario's URL; nothing we emit may ever contain it.
 SECRET = "Hunter2-XyZZy-91c5"
@@ -196,6 +197,14 @@ async def make_engine(live_cluster: Cluster) -> AsyncIterator[Callable[..., tupl
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
+
+
+@pytest.fixture
+def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
+    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
+    made = Exporter(registry)
+    yield made
+    made.close()
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -363,11 +372,11 @@ class Scrapes:
 
 
 @contextlib.asynccontextmanager
-async def serving(registry: CollectorRegistry, **kwargs: Any) -> AsyncIterator[str]:
-    """The exporter's own aiohttp app (exporter.web) on 127.0.0.1, a free port; yields its base URL."""
+async def serving(exporter: Exporter, **kwargs: Any) -> AsyncIterator[str]:
+    """The exporter's own aiohttp app (sqlalchemy_pool_exporter.web) on 127.0.0.1, a free port; yields its URL."""
     from sqlalchemy_pool_exporter import web
 
-    server = web.Server(web.make_app(registry=registry, **kwargs), "127.0.0.1", 0)
+    server = web.Server(web.make_app(exporter, **kwargs), "127.0.0.1", 0)
     await server.start()
     try:
         yield server.url
@@ -377,21 +386,21 @@ async def serving(registry: CollectorRegistry, **kwargs: Any) -> AsyncIterator[s
 
 @pytest.fixture
 def serve() -> Callable[..., Any]:
-    """`async with serve(registry, **make_app_kwargs) as base_url:`"""
+    """`async with serve(exporter, **make_app_kwargs) as base_url:`"""
     return serving
 
 
 @pytest.fixture
 def scrape_loop(emitted: Emitted) -> Callable[..., Any]:
-    """`async with scrape_loop(registry) as s:` serves the registry and GETs /metrics every 20 ms meanwhile."""
+    """`async with scrape_loop(exporter) as s:` serves its pools and GETs /metrics every 20 ms meanwhile."""
 
     @contextlib.asynccontextmanager
-    async def loop(registry: CollectorRegistry, every: float = 0.02) -> AsyncIterator[Scrapes]:
+    async def loop(exporter: Exporter, every: float = 0.02) -> AsyncIterator[Scrapes]:
         import aiohttp
 
         result = Scrapes()
         stop = asyncio.Event()
-        async with serving(registry) as base, aiohttp.ClientSession() as http:
+        async with serving(exporter) as base, aiohttp.ClientSession() as http:
 
             async def run() -> None:
                 while not stop.is_set():

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -23,14 +23,16 @@ async def _until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-un
     raise AssertionError("condition not met")
 
 
-async def test_cancel_while_waiting(make_engine, registry: CollectorRegistry, at_rest, live_cluster) -> None:
+async def test_cancel_while_waiting(
+    make_engine, registry: CollectorRegistry, exporter: Exporter, at_rest, live_cluster
+) -> None:
     """Fault: 20 tasks wait on an exhausted pool (size 1) and are cancelled before it frees up.
 
     Each task ends in CancelledError, as without us; pending drops from 20 to 0 at once; no timeout
     and no connect error is counted; the pool then serves normally.
     """
     engine, app = make_engine(pool_size=1, max_overflow=0, pool_timeout=10)
-    handle = pool_exporter.instrument(engine, registry=registry, name="cancel-wait")
+    handle = exporter.instrument(engine, name="cancel-wait")
     s = registry.get_sample_value
     p = {"pool": "cancel-wait"}
     held = await engine.connect()
@@ -61,14 +63,16 @@ async def test_cancel_while_waiting(make_engine, registry: CollectorRegistry, at
     await at_rest(handle, registry, live_cluster, app)
 
 
-async def test_cancel_while_holding(make_engine, registry: CollectorRegistry, witness, at_rest, live_cluster) -> None:
+async def test_cancel_while_holding(
+    make_engine, registry: CollectorRegistry, exporter: Exporter, witness, at_rest, live_cluster
+) -> None:
     """Fault: 5 tasks are cancelled in the middle of a statement, inside `async with engine.connect()`.
 
     Each task ends in CancelledError, as without us; SQLAlchemy returns or discards each connection
     and our used gauge, checkout table and counts follow it exactly, back to zero.
     """
     engine, app = make_engine(pool_size=5, max_overflow=0, pool_timeout=5)
-    handle = pool_exporter.instrument(engine, registry=registry, name="cancel-hold")
+    handle = exporter.instrument(engine, name="cancel-hold")
     seen = witness(engine)
     s = registry.get_sample_value
     p = {"pool": "cancel-hold"}
@@ -99,7 +103,7 @@ async def test_cancel_while_holding(make_engine, registry: CollectorRegistry, wi
 
 
 async def test_dropped_connection_reclaimed_by_gc(
-    make_engine, registry: CollectorRegistry, witness, at_rest, live_cluster
+    make_engine, registry: CollectorRegistry, exporter: Exporter, witness, at_rest, live_cluster
 ) -> None:
     """Fault: a cancelled task leaves 3 AsyncConnections unclosed; the garbage collector reclaims them.
 
@@ -107,7 +111,7 @@ async def test_dropped_connection_reclaimed_by_gc(
     gauge and our checkout table go back to zero, and the closes are counted.
     """
     engine, app = make_engine(pool_size=5, max_overflow=0)
-    handle = pool_exporter.instrument(engine, registry=registry, name="gc-leak")
+    handle = exporter.instrument(engine, name="gc-leak")
     seen = witness(engine)
     s = registry.get_sample_value
     p = {"pool": "gc-leak"}

@@ -13,7 +13,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -74,7 +74,15 @@ class Load:
 
 
 async def test_restart_under_load(
-    make_engine, registry: CollectorRegistry, witness, unwrap, at_rest, live_cluster, scrape_loop, raised_by_us
+    make_engine,
+    registry: CollectorRegistry,
+    exporter: Exporter,
+    witness,
+    unwrap,
+    at_rest,
+    live_cluster,
+    scrape_loop,
+    raised_by_us,
 ) -> None:
     """Fault: PostgreSQL is stopped (fast shutdown) and started again while 10 workers hammer a pool.
 
@@ -83,7 +91,7 @@ async def test_restart_under_load(
     made during the outage was answered.
     """
     engine, app = make_engine(pool_size=5, max_overflow=5, pool_timeout=2)
-    handle = pool_exporter.instrument(engine, registry=registry, name="restart")
+    handle = exporter.instrument(engine, name="restart")
     seen = witness(engine)
     load = Load(engine, unwrap)
 
@@ -93,7 +101,7 @@ async def test_restart_under_load(
         await asyncio.sleep(0.3)
         await asyncio.to_thread(live_cluster.start)
 
-    async with scrape_loop(registry) as scrapes:
+    async with scrape_loop(exporter) as scrapes:
         await asyncio.gather(load.run(10, time.monotonic() + 2.5), restart())
         # Recovery without any restart of ours: a clean round of work succeeds.
         before = (load.ok, load.checkouts, load.invalidated, sum(load.connect_errors.values()))

@@ -10,13 +10,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 pytestmark = pytest.mark.reliability
 
 
 async def test_dispose_under_load(
-    make_engine, registry: CollectorRegistry, witness, raised_by_us, at_rest, live_cluster, scrape_loop
+    make_engine,
+    registry: CollectorRegistry,
+    exporter: Exporter,
+    witness,
+    raised_by_us,
+    at_rest,
+    live_cluster,
+    scrape_loop,
 ) -> None:
     """Fault: engine.dispose() is called 4 times while 12 workers check out and run statements.
 
@@ -26,7 +33,7 @@ async def test_dispose_under_load(
     equal the server's count once the replaced pools are gone.
     """
     engine, app = make_engine(pool_size=4, max_overflow=4, pool_timeout=5)
-    handle = pool_exporter.instrument(engine, registry=registry, name="dispose")
+    handle = exporter.instrument(engine, name="dispose")
     seen = witness(engine)
     done = 0
     pools = {id(engine.pool)}
@@ -45,7 +52,7 @@ async def test_dispose_under_load(
             await engine.dispose()
             pools.add(id(engine.pool))
 
-    async with scrape_loop(registry) as scrapes:
+    async with scrape_loop(exporter) as scrapes:
         results = await asyncio.gather(*(worker() for _ in range(12)), disposer(), return_exceptions=True)
     errors = [r for r in results if r is not None]
     assert not [e for e in errors if raised_by_us(e)]

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 pytestmark = pytest.mark.reliability
 
@@ -17,7 +17,9 @@ CALLERS = 200
 POOL_SIZE = 5
 
 
-async def test_exhaustion_storm(make_engine, registry: CollectorRegistry, raised_by_us, at_rest, live_cluster) -> None:
+async def test_exhaustion_storm(
+    make_engine, registry: CollectorRegistry, exporter: Exporter, raised_by_us, at_rest, live_cluster
+) -> None:
     """Fault: 200 callers at once on pool_size=5, max_overflow=0, pool_timeout=0.4 s, each holding 50 ms.
 
     Every caller either gets a connection or the pool's own TimeoutError, as without us; our
@@ -25,7 +27,7 @@ async def test_exhaustion_storm(make_engine, registry: CollectorRegistry, raised
     storm rages no gauge is ever negative or above its bound; afterwards nothing is stuck.
     """
     engine, app = make_engine(pool_size=POOL_SIZE, max_overflow=0, pool_timeout=0.4)
-    handle = pool_exporter.instrument(engine, registry=registry, name="storm")
+    handle = exporter.instrument(engine, name="storm")
     async with engine.connect() as conn:  # open one connection first, so the storm is about waiting
         await conn.execute(text("SELECT 1"))
     ok = timeouts = 0

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.sidecar import Sidecar
 
 pytestmark = pytest.mark.reliability
@@ -41,7 +42,7 @@ def promtool(exposition: bytes, tmp_path: Path) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr).decode(errors="replace")
 
 
-def _engines(registry: CollectorRegistry) -> list:  # type: ignore[type-arg]
+def _engines(registry: CollectorRegistry, exporter: Exporter) -> list:  # type: ignore[type-arg]
     engines = []
     for i, name in enumerate(NAMES):
         error_name = ERROR_NAMES[i % len(ERROR_NAMES)]
@@ -51,11 +52,11 @@ def _engines(registry: CollectorRegistry) -> list:  # type: ignore[type-arg]
             raise failing("no database here")
 
         good = create_engine("sqlite://", poolclass=QueuePool)
-        pool_exporter.instrument(good, registry=registry, name=name)
+        exporter.instrument(good, name=name)
         with good.connect() as conn:
             conn.execute(text("SELECT 1"))
         bad = create_engine("sqlite://", creator=creator, poolclass=QueuePool)
-        pool_exporter.instrument(bad, registry=registry, name=f"{name}-bad")
+        exporter.instrument(bad, name=f"{name}-bad")
         for _ in range(2):
             with pytest.raises(failing):
                 bad.connect()
@@ -63,13 +64,15 @@ def _engines(registry: CollectorRegistry) -> list:  # type: ignore[type-arg]
     return engines
 
 
-async def test_hostile_names_in_process(registry: CollectorRegistry, tmp_path: Path, serve, emitted) -> None:
+async def test_hostile_names_in_process(
+    registry: CollectorRegistry, exporter: Exporter, tmp_path: Path, serve, emitted
+) -> None:
     """Fault: pool names and raised exception class names carry quotes, newlines, backslashes, markup, emoji.
 
     The text exposition passes `promtool check metrics` and parses back to the exact names; the
     OpenMetrics one parses too; /pools round-trips them through JSON; / shows them HTML-escaped.
     """
-    engines = _engines(registry)
+    engines = _engines(registry, exporter)
     try:
         body = generate_latest(registry)
         promtool(body, tmp_path)
@@ -81,7 +84,7 @@ async def test_hostile_names_in_process(registry: CollectorRegistry, tmp_path: P
         }
         assert errors == {(f"{n}-bad", ERROR_NAMES[i % len(ERROR_NAMES)], 2.0) for i, n in enumerate(NAMES)}
 
-        async with serve(registry) as base, aiohttp.ClientSession() as http:
+        async with serve(exporter) as base, aiohttp.ClientSession() as http:
             async with http.get(base + "/metrics", headers={"Accept": "application/openmetrics-text"}) as r:
                 assert r.status == 200
                 om = await r.text()
@@ -111,7 +114,7 @@ WORKER = textwrap.dedent(
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import QueuePool
     import sqlalchemy_pool_exporter as pool_exporter
-    from sqlalchemy_pool_exporter.multiprocess import flush_all
+    from sqlalchemy_pool_exporter import default_exporter
     names = json.loads(sys.argv[1])
     engines = []
     for name in names:
@@ -120,7 +123,7 @@ WORKER = textwrap.dedent(
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         engines.append(engine)
-    flush_all()
+    default_exporter().flush()
     """
 )
 

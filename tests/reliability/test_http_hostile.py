@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.auth import Auth
 
 pytestmark = pytest.mark.reliability
@@ -38,7 +39,9 @@ async def _raw(port: int, request: bytes) -> tuple[int, bytes]:
 
 
 @pytest.mark.parametrize("auth", [None, "token", "basic"])
-async def test_hostile_http(registry: CollectorRegistry, serve, emitted, secret: str, auth: str | None) -> None:
+async def test_hostile_http(
+    registry: CollectorRegistry, exporter: Exporter, serve, emitted, secret: str, auth: str | None
+) -> None:
     """Fault: a client that asks for unknown paths, uses wrong methods, sends 64 KiB headers, and (auth on)
     sends no, wrong, malformed or other-scheme credentials.
 
@@ -46,7 +49,7 @@ async def test_hostile_http(registry: CollectorRegistry, serve, emitted, secret:
     body carries a stack trace, and the server keeps serving good requests afterwards.
     """
     engine = create_engine(f"postgresql+asyncpg://app:{secret}@127.0.0.1:1/app")
-    pool_exporter.instrument(engine, registry=registry, name="web")
+    exporter.instrument(engine, name="web")
     guard = {None: None, "token": Auth(token=TOKEN), "basic": Auth(user=USER, password=PASSWORD)}[auth]
     good = {
         None: {},
@@ -54,7 +57,7 @@ async def test_hostile_http(registry: CollectorRegistry, serve, emitted, secret:
         "basic": {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()},
     }[auth]
     try:
-        async with serve(registry, auth=guard) as base, aiohttp.ClientSession() as http:
+        async with serve(exporter, auth=guard) as base, aiohttp.ClientSession() as http:
 
             async def call(method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
                 async with http.request(method, base + path, headers=headers) as r:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.sidecar import Sidecar
 
 pytestmark = pytest.mark.reliability
@@ -62,7 +62,14 @@ SCRAPER = textwrap.dedent(
 
 @pytest.mark.parametrize("pause", [0.0, 0.25], ids=["back-to-back", "every-250ms"])
 async def test_fifty_scrapers_while_the_app_runs(
-    make_engine, registry: CollectorRegistry, serve, at_rest, live_cluster, record_property, pause: float
+    make_engine,
+    registry: CollectorRegistry,
+    exporter: Exporter,
+    serve,
+    at_rest,
+    live_cluster,
+    record_property,
+    pause: float,
 ) -> None:
     """Load: 50 scrapers (another process) GET the in-process /metrics back to back while 10 app tasks
     run transactions flat out in the same event loop as the endpoint.
@@ -72,7 +79,7 @@ async def test_fifty_scrapers_while_the_app_runs(
     (printed, and record_property `throughput_ratio`); no timing assertion is made.
     """
     engine, app = make_engine(pool_size=5, max_overflow=5)
-    handle = pool_exporter.instrument(engine, registry=registry, name="scraped")
+    handle = exporter.instrument(engine, name="scraped")
     done = 0
 
     async def work(seconds: float) -> int:
@@ -91,7 +98,7 @@ async def test_fifty_scrapers_while_the_app_runs(
         done += n
         return n
 
-    async with serve(registry) as base:
+    async with serve(exporter) as base:
         scrapers = subprocess.Popen(
             [sys.executable, "-c", SCRAPER, base + "/metrics", str(SCRAPERS), str(pause)],
             stdin=subprocess.PIPE,
@@ -138,11 +145,11 @@ SPAWNER = textwrap.dedent(
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import QueuePool
     import sqlalchemy_pool_exporter as pool_exporter
-    from sqlalchemy_pool_exporter.multiprocess import flush_all
+    from sqlalchemy_pool_exporter import default_exporter
 
     engine = create_engine("sqlite://", poolclass=QueuePool)
     pool_exporter.instrument(engine, name="churn")
-    flush_all()
+    default_exporter().flush()
     total = 0
     for wave in range(int(sys.argv[1])):
         sys.stdin.readline()
@@ -154,7 +161,7 @@ SPAWNER = textwrap.dedent(
                 for _ in range(n):
                     with engine.connect() as conn:
                         conn.execute(text("SELECT 1"))
-                flush_all()
+                default_exporter().flush()
                 if i % 2 == 0:
                     atexit._run_exitfuncs()  # a clean exit, minus the slow interpreter teardown
                 os._exit(0)  # odd ones vanish like a crash: no clean-up at all

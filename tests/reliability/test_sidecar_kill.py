@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
     import sqlalchemy_pool_exporter as pool_exporter
-    from sqlalchemy_pool_exporter.multiprocess import flush_all
+    from sqlalchemy_pool_exporter import default_exporter
 
     async def main(url, app, checkouts, hold):
         engine = create_async_engine(url, pool_size=2, connect_args={"server_settings": {"application_name": app}})
@@ -35,7 +35,7 @@ WORKER = textwrap.dedent(
         if hold:
             conn = await engine.connect()
             await conn.execute(text("SELECT 1"))  # a transaction is now open on the server
-        flush_all()
+        default_exporter().flush()
         print("ready", flush=True)
         await asyncio.sleep(60)
 

@@ -7,14 +7,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 
 pytestmark = pytest.mark.reliability
 
 
 @pytest.mark.parametrize("pre_ping", [False, True], ids=["no-pre-ping", "pre-ping"])
 async def test_terminate_pooled_connections(
-    make_engine, registry: CollectorRegistry, witness, at_rest, live_cluster, pre_ping: bool
+    make_engine, registry: CollectorRegistry, exporter: Exporter, witness, at_rest, live_cluster, pre_ping: bool
 ) -> None:
     """Fault: the server kills every idle pooled backend, then one that is checked out mid-transaction.
 
@@ -24,7 +24,7 @@ async def test_terminate_pooled_connections(
     server's count afterwards.
     """
     engine, app = make_engine(pool_size=3, max_overflow=0, pool_pre_ping=pre_ping)
-    handle = pool_exporter.instrument(engine, registry=registry, name="terminated")
+    handle = exporter.instrument(engine, name="terminated")
     seen = witness(engine)
 
     async def hold_all() -> None:

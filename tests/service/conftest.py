@@ -20,6 +20,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.web import Server
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -60,6 +61,14 @@ def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
+
+
+@pytest.fixture
+def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
+    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
+    made = Exporter(registry)
+    yield made
+    made.close()
 
 
 @pytest.fixture

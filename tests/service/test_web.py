@@ -11,19 +11,23 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter.web import Readiness, add_routes, make_app
+from sqlalchemy_pool_exporter import Exporter
+from sqlalchemy_pool_exporter.readiness import Readiness, check_pool
+from sqlalchemy_pool_exporter.web import add_routes, make_app
 
 from .conftest import parse, sample, serving
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
-async def test_metrics_text_openmetrics_and_gzip(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
-    pool_exporter.instrument(sqlite_engine, name="web", registry=registry)
+async def test_metrics_text_openmetrics_and_gzip(
+    registry: CollectorRegistry, exporter: Exporter, sqlite_engine: Engine
+) -> None:
+    exporter.instrument(sqlite_engine, name="web")
     held = [sqlite_engine.connect(), sqlite_engine.connect()]
     try:
         async with (
-            serving(make_app(registry=registry)) as server,
+            serving(make_app(exporter)) as server,
             aiohttp.ClientSession(auto_decompress=False, headers={"Accept-Encoding": "identity"}) as c,
         ):
             async with c.get(f"{server.url}/metrics") as r:
@@ -66,11 +70,13 @@ async def test_custom_metrics_path(registry: CollectorRegistry) -> None:
             assert r.status == 404
 
 
-async def test_healthz_readyz_pools_and_index(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
-    handle = pool_exporter.instrument(sqlite_engine, name="web-pools", registry=registry)
+async def test_healthz_readyz_pools_and_index(
+    registry: CollectorRegistry, exporter: Exporter, sqlite_engine: Engine
+) -> None:
+    handle = exporter.instrument(sqlite_engine, name="web-pools")
     conn = sqlite_engine.connect()
     try:
-        async with serving(make_app(registry=registry)) as server, aiohttp.ClientSession() as c:
+        async with serving(make_app(exporter)) as server, aiohttp.ClientSession() as c:
             async with c.get(f"{server.url}/healthz") as r:
                 assert (r.status, await r.text()) == (200, "ok\n")
             async with c.get(f"{server.url}/readyz") as r:
@@ -81,31 +87,33 @@ async def test_healthz_readyz_pools_and_index(registry: CollectorRegistry, sqlit
             async with c.get(f"{server.url}/pools") as r:
                 pools = {p["name"]: p for p in (await r.json())["pools"]}
             mine = pools["web-pools"]
-            # The readiness check borrowed (and returned) one connection too.
+            # The readiness check opened a connection of its own, outside the pool: not counted.
             assert {k: mine[k] for k in ("pool_class", "used", "idle", "size", "max", "overflow", "checkouts")} == {
                 "pool_class": "QueuePool",
                 "used": 1,
-                "idle": 1,
+                "idle": 0,
                 "size": 2,
                 "max": 3,
                 "overflow": 0,
-                "checkouts": 2,
+                "checkouts": 1,
             }
             assert mine == json.loads(json.dumps(handle.snapshot() | {"oldest_checkout": mine["oldest_checkout"]}))
             async with c.get(f"{server.url}/") as r:
                 assert r.headers["Content-Type"].startswith("text/html")
                 page = await r.text()
-            assert "<td>web-pools</td><td>QueuePool</td><td>1</td><td>1</td><td>2</td><td>3</td>" in page
+            assert "<td>web-pools</td><td>QueuePool</td><td>1</td><td>0</td><td>3</td><td>2</td>" in page
             assert 'href="/metrics"' in page
     finally:
         conn.close()
 
 
-async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(registry: CollectorRegistry) -> None:
+async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(
+    registry: CollectorRegistry, exporter: Exporter
+) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine("postgresql+asyncpg://nobody:pw@127.0.0.1:1/none")
-    pool_exporter.instrument(engine, name="unreachable", registry=registry)
+    exporter.instrument(engine, name="unreachable")
     runs = 0
     original = Readiness._run
 
@@ -115,11 +123,11 @@ async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(reg
         return await original(self)
 
     readiness = Readiness(
-        lambda: {"pool unreachable": lambda: pool_exporter.web.check_pool(pool_exporter.handle_for(engine))}
+        lambda: {"pool unreachable": lambda: check_pool(pool_exporter.handle_for(engine))}
     )  # type: ignore[arg-type]
     readiness._run = counting.__get__(readiness)  # type: ignore[method-assign]
     try:
-        async with serving(make_app(registry=registry, readiness=readiness)) as server, aiohttp.ClientSession() as c:
+        async with serving(make_app(exporter, readiness=readiness)) as server, aiohttp.ClientSession() as c:
             import asyncio
 
             async def get() -> tuple[int, dict[str, object]]:
@@ -135,15 +143,17 @@ async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(reg
         await engine.dispose()
 
 
-async def test_add_routes_to_an_existing_app(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
-    pool_exporter.instrument(sqlite_engine, name="mounted", registry=registry)
+async def test_add_routes_to_an_existing_app(
+    registry: CollectorRegistry, exporter: Exporter, sqlite_engine: Engine
+) -> None:
+    exporter.instrument(sqlite_engine, name="mounted")
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
 
     app = web.Application()
     app.router.add_get("/hello", hello)
-    add_routes(app, registry=registry, index=False)
+    add_routes(app, exporter, index=False)
     async with serving(app) as server, aiohttp.ClientSession() as c:
         async with c.get(f"{server.url}/hello") as r:
             assert await r.text() == "hello"
@@ -154,13 +164,15 @@ async def test_add_routes_to_an_existing_app(registry: CollectorRegistry, sqlite
             assert r.status == 404
 
 
-async def test_password_never_in_pools_or_index(registry: CollectorRegistry, tmp_path: object) -> None:
+async def test_password_never_in_pools_or_index(
+    registry: CollectorRegistry, exporter: Exporter, tmp_path: object
+) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine("postgresql+asyncpg://postgres:Sup3rS3cret@127.0.0.1:5432/test")
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     try:
-        async with serving(make_app(registry=registry)) as server, aiohttp.ClientSession() as c:
+        async with serving(make_app(exporter)) as server, aiohttp.ClientSession() as c:
             for path in ("/pools", "/", "/metrics"):
                 async with c.get(f"{server.url}{path}") as r:
                     body = await r.text()

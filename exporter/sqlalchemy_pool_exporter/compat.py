@@ -1,0 +1,107 @@
+"""Every private name of SQLAlchemy, prometheus_client and aiohttp that the exporter touches, in one place.
+
+Each entry says what it is for, the versions it was checked on, and what happens when it is gone:
+a public-API fallback where one exists, otherwise a feature that degrades (logged, counted), never
+an exception in the application. Tests run on the floors and the latest releases (docs/compatibility.md).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy.pool import Pool, QueuePool
+
+# -- SQLAlchemy (checked on 2.0.x and 2.1.9) ---------------------------------------------------
+
+# The pool record behind a checked-out _ConnectionFairy: the key of our checkout table, the same
+# object the checkin/close/invalidate events pass. An attrgetter is one C call on the hot path.
+fairy_record: Callable[[Any], Any] = operator.attrgetter("_connection_record")
+
+
+def max_overflow(pool: QueuePool) -> int | None:
+    """QueuePool's max_overflow (-1 = unlimited), which it has no public reader for; None if unknown."""
+    value = getattr(pool, "_max_overflow", None)
+    return value if isinstance(value, int) else None
+
+
+def idle_records(pool: QueuePool) -> Iterable[Any] | None:
+    """The records waiting in a QueuePool's queue (each may or may not hold a DBAPI connection).
+
+    `sqlalchemy.util.queue.Queue` keeps a deque in `.queue`; `AsyncAdaptedQueue` creates an
+    asyncio.Queue lazily in `_queue`, whose deque is `_queue`. None when neither shape is found:
+    the caller falls back to the public `checkedin()`.
+    """
+    queue: Any = getattr(pool, "_pool", None)
+    if queue is None:
+        return None
+    items = getattr(queue, "queue", None)
+    if items is None:
+        if "_queue" not in vars(queue):
+            return ()  # the asyncio queue is created at first use: nothing idle yet
+        items = getattr(queue._queue, "_queue", None)
+    if items is None:
+        return None
+    # tuple() copies the deque in one C call, so a concurrent get/put cannot break a walk over it.
+    return tuple(items)
+
+
+def pool_creator(pool: Pool) -> Callable[[], Any] | None:
+    """The function a pool calls to open a DBAPI connection (do_connect listeners and creator= included).
+
+    The readiness probe opens its own connection through it, outside the pool: it never waits in
+    the pool nor shows in its numbers. None when the attribute is gone (the probe then reports
+    that it cannot check).
+    """
+    creator = getattr(pool, "_creator", None)
+    return creator if callable(creator) else None
+
+
+# -- prometheus_client (checked on 0.23.1 and 0.26.0) ------------------------------------------
+
+# The fast /metrics renderer spells names and labels exactly as prometheus_client's encoders do, with
+# their own escaping helpers. If any is missing, FAST_RENDER is None and /metrics uses
+# prometheus_client's encoder for everything (exposition.py logs that once and counts it).
+try:
+    from prometheus_client.openmetrics import exposition as _om
+    from prometheus_client.utils import floatToGoString as _float_to_go
+    from prometheus_client.validation import _is_valid_legacy_metric_name
+
+    class _Escapes:
+        """The escaping helpers of prometheus_client's encoders, as one object."""
+
+        ALLOWUTF8: str = _om.ALLOWUTF8
+        UNDERSCORES: str = _om.UNDERSCORES
+        escape = staticmethod(_om._escape)
+        is_legacy_labelname_rune = staticmethod(_om._is_legacy_labelname_rune)
+        escape_label_name = staticmethod(_om.escape_label_name)
+        escape_metric_name = staticmethod(_om.escape_metric_name)
+        is_valid_legacy_metric_name = staticmethod(_is_valid_legacy_metric_name)
+        float_to_go = staticmethod(_float_to_go)
+
+    FAST_RENDER: type[_Escapes] | None = _Escapes
+    FAST_RENDER_PROBLEM = ""
+except (ImportError, AttributeError) as exc:  # pragma: no cover - exercised on old prometheus_client
+    FAST_RENDER = None
+    FAST_RENDER_PROBLEM = f"{type(exc).__name__}: {exc}"
+
+
+def add_to_histogram(child: Any, bucket_deltas: Iterable[tuple[int, float]], sum_delta: float) -> None:
+    """Add observations to a prometheus_client Histogram child by bucket, without replaying them.
+
+    prometheus_client has no public "add n observations"; its per-bucket values are non-cumulative,
+    like ours, so deltas go straight into `_buckets[i]` and `_sum` (both value objects with inc()).
+    """
+    buckets = child._buckets
+    for i, delta in bucket_deltas:
+        buckets[i].inc(delta)
+    if sum_delta:
+        child._sum.inc(sum_delta)
+
+
+def multiprocess_values() -> bool:
+    """Whether prometheus_client writes metric values to files (PROMETHEUS_MULTIPROC_DIR was set at import)."""
+    from prometheus_client import values
+
+    return bool(getattr(values.ValueClass, "_multiprocess", False))

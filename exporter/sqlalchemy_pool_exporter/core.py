@@ -1,0 +1,311 @@
+"""Exporter: one registry and namespace, the engines it instruments, its collector and multiprocess writer.
+
+Nothing here is process state: an Exporter owns what it registers and close() takes all of it
+back. The module-level instrument()/uninstrument() use a default Exporter bound to
+prometheus_client.REGISTRY, made at first use (the 95% case stays one line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import catalog, validation
+from .collector import PoolCollector
+from .handle import PoolHandle, handle_of
+from .multiprocess import MultiprocessWriter, environment_dir
+from .naming import pool_name
+
+log = logging.getLogger("sqlalchemy_pool_exporter")
+
+
+class AlreadyInstrumented(ValueError):
+    """The engine is instrumented already, with other options or by another Exporter."""
+
+
+def sync_engine(engine: Engine | AsyncEngine) -> Engine:
+    if isinstance(engine, AsyncEngine):
+        return engine.sync_engine
+    if isinstance(engine, Engine):
+        return engine
+    raise TypeError(f"instrument() takes a SQLAlchemy Engine or AsyncEngine, not {type(engine).__name__}")
+
+
+class Exporter:
+    """Exports the pools of the engines it instruments into one registry, under one namespace.
+
+    `multiprocess_dir` (default: none) also writes their numbers into prometheus_client's
+    multiprocess directory for a sidecar; prometheus_client must be in multiprocess mode for that
+    same directory (PROMETHEUS_MULTIPROC_DIR set before it was imported). `buckets` are the
+    histogram bounds by set (`wait`, `use`, `create`, `statement`) for every engine.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        namespace: str = catalog.DEFAULT_NAMESPACE,
+        multiprocess_dir: str | os.PathLike[str] | None = None,
+        buckets: Mapping[str, Sequence[float]] | None = None,
+        multiprocess_interval: float = 1.0,
+    ) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        self.namespace = validation.namespace(namespace)
+        self.buckets = validation.buckets(buckets)
+        self.multiprocess_dir = Path(multiprocess_dir) if multiprocess_dir else None
+        self._interval = validation.seconds("multiprocess_interval", multiprocess_interval)
+        self._lock = threading.RLock()
+        # Held weakly by engine: a dropped engine takes its handle (and its series) with it.
+        self._handles: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()
+        self._by_name: weakref.WeakValueDictionary[str, PoolHandle] = weakref.WeakValueDictionary()
+        self.collector = PoolCollector(self.namespace, self.handles)
+        self._writer: MultiprocessWriter | None = None
+        self.closed = False
+        try:
+            self.registry.register(self.collector)
+        except ValueError as exc:
+            # All or nothing: nothing is kept of an Exporter whose metrics the registry refused.
+            raise ValueError(
+                f"cannot export namespace {self.namespace!r} into this registry: {exc} "
+                f"(another Exporter, or metrics of your own, already use these names); "
+                f"pass namespace='...' to use other names"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"Exporter(namespace={self.namespace!r}, pools={[h.name for h in self.handles()]!r})"
+
+    # -- instrumenting --------------------------------------------------------------------------
+
+    def instrument(
+        self,
+        engine: Engine | AsyncEngine,
+        *,
+        name: str | None = None,
+        buckets: Mapping[str, Sequence[float]] | None = None,
+        leak_threshold: float | None = None,
+        statements: bool = True,
+        transactions: bool = True,
+    ) -> PoolHandle:
+        """Export one engine's pool, connections and transactions; a second call returns the same handle.
+
+        `name` becomes the `pool` label (default `host:port/database`; a name a live engine already
+        uses gets `#2`, `#3`…, with a WARNING when it was explicit). `leak_threshold` (seconds) warns,
+        with the checkout's stack, about connections held longer.
+        """
+        sync = sync_engine(engine)
+        leak_threshold = validation.leak_threshold(leak_threshold)
+        bounds = validation.buckets({**self.buckets, **(buckets or {})}) if buckets else self.buckets
+        explicit = validation.pool_name(name) if name is not None else None
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this Exporter is closed")
+            existing = handle_of(sync)
+            if existing is not None:
+                return self._same(existing, explicit, leak_threshold, statements, transactions)
+            if self.multiprocess_dir is not None and bounds != self.buckets:
+                raise ValueError(
+                    "in multiprocess mode every engine of an Exporter uses its buckets: pass buckets= to the Exporter"
+                )
+            handle = PoolHandle(
+                sync,
+                name=self._claim(explicit, validation.pool_name(pool_name(sync.url))),
+                owner=self,
+                buckets=bounds,
+                leak_threshold=leak_threshold,
+                statements=statements,
+                transactions=transactions,
+                detach=self._detach,
+            )
+            self._handles[sync] = handle
+            self._by_name[handle.name] = handle
+            writer = self._writer_for_new_handle()
+        if writer is not None:
+            writer.flush()
+        return handle
+
+    def _same(
+        self, existing: PoolHandle, name: str | None, leak_threshold: float | None, statements: bool, transactions: bool
+    ) -> PoolHandle:
+        """instrument() on an engine already instrumented: the same handle, or an error saying why not."""
+        if existing.owner is not self:
+            raise AlreadyInstrumented(
+                f"engine is already instrumented as pool {existing.name!r} by {existing.owner!r}; "
+                "uninstrument() it there first"
+            )
+        asked: dict[str, object] = {
+            "leak_threshold": leak_threshold,
+            "statements": statements,
+            "transactions": transactions,
+        }
+        differs = {k: v for k, v in asked.items() if existing.options[k] != v}
+        if name is not None and name != existing.name:
+            differs["name"] = name
+        if differs:
+            raise AlreadyInstrumented(
+                f"engine is already instrumented as pool {existing.name!r} with other options "
+                f"({', '.join(f'{k}={v!r}' for k, v in differs.items())}); uninstrument() it first"
+            )
+        return existing
+
+    def _claim(self, explicit: str | None, default: str) -> str:
+        """A free `pool` label: the one asked for, unless a live engine uses it (then `#2`, `#3`…)."""
+        wanted = explicit if explicit is not None else default
+        name, n = wanted, 1
+        while True:
+            holder = self._by_name.get(name)
+            if holder is None or not holder.active or holder.engine is None:
+                break
+            if holder.probe.disposed_idle:
+                # dispose() ran and the engine was not used since: its name is free again.
+                log.info("pool %s: name taken over by a new engine; the disposed one is no longer exported", name)
+                holder.uninstrument()
+                break
+            n += 1
+            name = f"{wanted}#{n}"
+        if explicit is not None and name != explicit:
+            log.warning(
+                "pool name %r is used by another live engine of this Exporter; exporting this one as %r",
+                explicit,
+                name,
+                extra={"pool": name},
+            )
+        return name
+
+    def _writer_for_new_handle(self) -> MultiprocessWriter | None:
+        if self.multiprocess_dir is None:
+            return None
+        if self._writer is None:
+            self._writer = MultiprocessWriter(
+                self.namespace, self.multiprocess_dir, self.buckets, self.handles, self._interval
+            )
+            self._writer.start()
+        return self._writer
+
+    def _detach(self, handle: PoolHandle) -> None:
+        with self._lock:
+            engine = handle.engine
+            if engine is not None and self._handles.get(engine) is handle:
+                del self._handles[engine]
+            if self._by_name.get(handle.name) is handle:
+                del self._by_name[handle.name]
+            writer = self._writer
+        if writer is not None:
+            writer.forget(handle.name)
+
+    def uninstrument(self, engine: Engine | AsyncEngine) -> None:
+        """Undo instrument() on this engine if this Exporter instrumented it; a no-op otherwise."""
+        with self._lock:
+            handle = self._handles.get(sync_engine(engine))
+        if handle is not None:
+            handle.uninstrument()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def handle_for(self, engine: Engine | AsyncEngine) -> PoolHandle | None:
+        """This Exporter's active handle of an engine, if it instruments it."""
+        with self._lock:
+            handle = self._handles.get(sync_engine(engine))
+        return handle if handle is not None and handle.active else None
+
+    def handles(self) -> list[PoolHandle]:
+        """Every active handle whose engine is still alive."""
+        with self._lock:
+            return [h for h in self._handles.values() if h.active]
+
+    def flush(self) -> None:
+        """Write every pending number to the multiprocess directory now (tests, shutdown hooks)."""
+        writer = self._writer
+        if writer is not None:
+            writer.flush()
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Uninstrument every engine, stop the writer, remove every hook and the collector; idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.uninstrument()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        with contextlib.suppress(KeyError):
+            self.registry.unregister(self.collector)
+
+    def __enter__(self) -> Exporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- the default Exporter, for the module-level one-liners --------------------------------------------
+
+_defaults: dict[str, Exporter] = {}
+_defaults_lock = threading.Lock()
+
+
+def default_exporter(namespace: str = catalog.DEFAULT_NAMESPACE) -> Exporter:
+    """The Exporter of `namespace` bound to prometheus_client.REGISTRY, made at first use.
+
+    Its multiprocess directory is PROMETHEUS_MULTIPROC_DIR, read when it is made. If its
+    registration fails (a name clash), nothing is kept and the next call tries again.
+    """
+    with _defaults_lock:
+        exporter = _defaults.get(namespace)
+        if exporter is None or exporter.closed:
+            exporter = _defaults[namespace] = Exporter(
+                REGISTRY, namespace=namespace, multiprocess_dir=environment_dir()
+            )
+        return exporter
+
+
+def instrument(
+    engine: Engine | AsyncEngine,
+    *,
+    name: str | None = None,
+    buckets: Mapping[str, Sequence[float]] | None = None,
+    leak_threshold: float | None = None,
+    statements: bool = True,
+    transactions: bool = True,
+) -> PoolHandle:
+    """Instrument `engine` with the default Exporter (prometheus_client.REGISTRY): see Exporter.instrument."""
+    return default_exporter().instrument(
+        engine,
+        name=name,
+        buckets=buckets,
+        leak_threshold=leak_threshold,
+        statements=statements,
+        transactions=transactions,
+    )
+
+
+def uninstrument(engine: Engine | AsyncEngine) -> None:
+    """Undo instrument() on this engine, whichever Exporter instrumented it; a no-op if none did."""
+    handle = handle_of(sync_engine(engine))
+    if handle is not None:
+        handle.uninstrument()
+
+
+def handle_for(engine: Engine | AsyncEngine) -> PoolHandle | None:
+    """The active handle of an engine, whichever Exporter instrumented it."""
+    return handle_of(sync_engine(engine))
+
+
+def handles() -> list[PoolHandle]:
+    """The default Exporters' active handles."""
+    with _defaults_lock:
+        exporters = list(_defaults.values())
+    return [h for exporter in exporters for h in exporter.handles()]

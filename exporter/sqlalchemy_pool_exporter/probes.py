@@ -1,0 +1,253 @@
+"""The pool side of one instrumented engine: each pool's connect() and recreate(), and the pool events.
+
+This is the hot path: every checkout and return of the application runs through `connect()` and
+`on_return()` below. They are closures over plain locals, with Histogram.observe() inlined and no
+method calls on the way, because here a Python-level call costs as much as the update it makes
+(docs/performance.md). Keep them flat; the slow, rare work (timeouts, leaks, dispose) is elsewhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool
+
+from . import compat, dialect
+from .hooks import Hooks
+from .leaks import LeakTracker, capture_stack
+from .naming import error_class
+from .stats import Checkout, PoolStats, bump
+
+log = logging.getLogger("sqlalchemy_pool_exporter")
+perf_counter = time.perf_counter
+
+Fail = Callable[[str, BaseException], None]
+
+
+class PoolProbe:
+    """Wraps every pool the engine uses (dispose() makes new ones) and listens to its pool events."""
+
+    def __init__(
+        self,
+        stats: PoolStats,
+        hooks: Hooks,
+        fail: Fail,
+        leaks: LeakTracker,
+        on_timeout: Callable[[], None],
+    ) -> None:
+        self.stats = stats
+        self.hooks = hooks
+        self.fail = fail
+        self.leaks = leaks
+        self.on_timeout = on_timeout
+        self._wrapped: weakref.WeakSet[Pool] = weakref.WeakSet()
+        # Per wrapped pool: set once dispose() swapped it out (its waiters still get served).
+        self._replaced: weakref.WeakKeyDictionary[Pool, list[bool]] = weakref.WeakKeyDictionary()
+        # Records checked out of a pool that dispose() replaced: SQLAlchemy parks them in the dead
+        # pool on return and they close when it is garbage-collected, with no `close` event.
+        self._orphans: weakref.WeakKeyDictionary[Any, weakref.finalize[Any, Any] | None] = weakref.WeakKeyDictionary()
+        # Checkouts counted when dispose() last ran (None: never): a name may be reused once the
+        # engine was disposed and not used since (core.py).
+        self.disposed_at: int | None = None
+
+    def install(self, engine: Engine) -> None:
+        listen = self.hooks.listen
+        # Pool events registered on the Engine follow it to the pool that dispose() creates.
+        listen(engine, "checkin", self._make_on_return("checkin"))
+        listen(engine, "detach", self._make_on_return("detach"))
+        listen(engine, "connect", self._on_connect)
+        listen(engine, "close", self._on_close)
+        listen(engine, "close_detached", self._on_close_detached)
+        listen(engine, "invalidate", self._on_invalidate)
+        listen(engine, "soft_invalidate", self._on_soft_invalidate)
+        # No event fires when a caller starts waiting, so the pool's one entry point is wrapped.
+        self._wrap_pool(engine.pool)
+
+    @property
+    def disposed_idle(self) -> bool:
+        """dispose() ran and nothing was checked out since: the engine is done with."""
+        return self.disposed_at is not None and self.disposed_at == self.stats.wait.count and not self.stats.checked_out
+
+    # -- wrappers -------------------------------------------------------------------------------
+
+    def _wrap_pool(self, pool: Pool) -> None:
+        if pool in self._wrapped:
+            return
+        self.hooks.patch(pool, "connect", self._make_connect(pool))
+        # engine.dispose() swaps the pool for pool.recreate(): hooked here rather than through the
+        # engine_disposed event, because any ConnectionEvents listener makes every Connection join
+        # the engine's dispatch, +15% app CPU per transaction (docs/performance.md).
+        self.hooks.patch(pool, "recreate", self._make_recreate(pool))
+        self._wrapped.add(pool)
+
+    def _make_recreate(self, pool: Pool) -> Callable[[], Pool]:
+        owner = dialect.owner_of(pool, "recreate")
+        on = self.hooks.on
+
+        def recreate() -> Pool:
+            new: Pool = owner.recreate(pool)
+            if on[0]:
+                try:
+                    self._on_pool_replaced(pool, new)
+                except Exception as exc:
+                    self.fail("pool_replaced", exc)
+            return new
+
+        return recreate
+
+    def _make_connect(self, pool: Pool) -> Callable[[], Any]:
+        # Looked up on `owner` at each call, not bound once: a later patch of the pool class still
+        # applies (owner is the class, or a stand-in for a wrapper someone installed before us).
+        owner = dialect.owner_of(pool, "connect")
+        on = self.hooks.on
+        stats = self.stats
+        waiting = stats.waiting
+        checkouts = stats.checked_out
+        wait = stats.wait
+        tokens = itertools.count()
+        capture = self.leaks.threshold is not None
+        ref = weakref.ref
+        record_of = compat.fairy_record
+        on_timeout = self.on_timeout
+        on_connect_error = self._on_connect_error
+        fail = self.fail
+        orphans = self._orphans
+        # Histogram.observe() inlined; the counts list is never replaced, so it can be held.
+        wait_counts = wait.counts
+        wait_bounds = wait.bounds
+        replaced = self._replaced_flag(pool)
+
+        def connect() -> Any:
+            if not on[0]:  # uninstrumented while another layer still calls us: pass through
+                return owner.connect(pool)
+            t0 = perf_counter()
+            token = next(tokens)
+            waiting[token] = t0
+            try:
+                fairy = owner.connect(pool)
+            except sa_exc.TimeoutError:
+                waiting.pop(token, None)
+                on_timeout()
+                raise
+            except Exception as exc:
+                waiting.pop(token, None)
+                on_connect_error(exc)
+                raise
+            except BaseException:  # cancelled while waiting: not an error of the pool
+                waiting.pop(token, None)
+                raise
+            try:
+                del waiting[token]
+                t1 = perf_counter()
+                waited = t1 - t0
+                wait_counts[bisect_left(wait_bounds, waited)] += 1
+                wait.sum += waited
+                record = record_of(fairy)
+                checkouts[record] = (t1, ref(fairy), capture_stack() if capture else None)  # see PoolStats
+                if replaced[0]:
+                    orphans.setdefault(record, None)
+            except Exception as exc:
+                fail("checkout", exc)
+            return fairy
+
+        return connect
+
+    def _replaced_flag(self, pool: Pool) -> list[bool]:
+        flag = self._replaced[pool] = [False]
+        return flag
+
+    def _make_on_return(self, event_name: str) -> Callable[[Any, Any], None]:
+        """The checkin (or detach) listener: the connection is no longer held."""
+        checkouts = self.stats.checked_out
+        use = self.stats.use
+        use_counts = use.counts
+        use_bounds = use.bounds
+        leaks = self.leaks
+        leak_warned = leaks.warned
+        # A detached connection is closed through close_detached, never with its dead pool.
+        orphans = self._orphans if event_name == "checkin" else None
+        fail = self.fail
+
+        def on_return(dbapi_connection: Any, record: Any) -> None:
+            try:
+                entry = checkouts.pop(record, None)
+                if entry is None:
+                    return
+                held = perf_counter() - entry[0]
+                use_counts[bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
+                use.sum += held
+                if entry[1]() is None:
+                    leaks.reclaimed(Checkout._make(entry))
+                if leak_warned:
+                    leaks.returned(record, Checkout._make(entry))
+                if orphans and record in orphans:
+                    self._orphan_returned(record)
+            except Exception as exc:
+                fail(event_name, exc)
+
+        return on_return
+
+    # -- pool events ----------------------------------------------------------------------------
+
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        self.stats.created += 1
+
+    def _on_close(self, dbapi_connection: Any, record: Any) -> None:
+        self.stats.closed += 1
+        if self._orphans:
+            finalizer = self._orphans.pop(record, None)
+            if finalizer is not None:
+                finalizer.detach()
+
+    def _orphan_returned(self, record: Any) -> None:
+        # Count the close when the record dies with its dead pool, unless a `close` event comes first.
+        # A waiter of the dead pool may check the same record out and in again: one count per record.
+        previous = self._orphans.get(record)
+        if previous is not None:
+            previous.detach()
+        finalizer = weakref.finalize(record, _count_close, self.stats)
+        finalizer.atexit = False
+        self._orphans[record] = finalizer
+
+    def _on_close_detached(self, dbapi_connection: Any) -> None:
+        self.stats.closed += 1
+
+    def _on_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+        self.stats.invalidations["hard"] += 1
+        try:
+            # No ROLLBACK is sent on a connection being thrown away; the server rolls it back.
+            dialect.end_transaction(self.stats, record.info, "rollback")
+        except Exception as exc:
+            self.fail("invalidate", exc)
+
+    def _on_soft_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
+        self.stats.invalidations["soft"] += 1
+
+    def _on_pool_replaced(self, old: Pool, new: Pool) -> None:
+        """engine.dispose() made `new` to replace `old` (it becomes engine.pool right after)."""
+        self.disposed_at = self.stats.wait.count
+        # The new pool has handed nothing out yet: every checkout now is from a replaced pool.
+        for record in tuple(self.stats.checked_out):
+            self._orphans.setdefault(record, None)
+        for pool, flag in list(self._replaced.items()):
+            if pool is not new:
+                flag[0] = True
+        self._wrap_pool(new)
+
+    def _on_connect_error(self, error: BaseException) -> None:
+        try:
+            bump(self.stats.connect_errors, error_class(error))
+        except Exception as exc:
+            self.fail("connect_error", exc)
+
+
+def _count_close(stats: PoolStats) -> None:
+    stats.closed += 1
