@@ -224,8 +224,10 @@ class Exposition:
                 ok = self._checked[key] = _self_test(namespace, fmt, encoder)
             except Exception as exc:
                 ok = self._checked[key] = False
-                log.warning("fast /metrics renderer failed its self-test (%s): prometheus_client renders", exc)
+                log.warning("fast /metrics renderer failed its self-test (%s: %s)", type(exc).__name__, exc)
             if not ok:
+                if self.fast:
+                    log.warning("fast /metrics renderer failed its self-test: prometheus_client renders from now on")
                 self._give_up(None)
         return ok and self.fast
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from . import dialect, views
+from . import dialect, validation, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
@@ -46,7 +46,7 @@ class PoolHandle:
         detach: Callable[[PoolHandle], None],
     ) -> None:
         self.name = name
-        self.url = safe_url(engine.url)
+        self.url = _printable_url(engine)
         self.owner = owner  # the Exporter that made this handle
         self.leak_threshold = leak_threshold
         self.options = {"leak_threshold": leak_threshold, "statements": statements, "transactions": transactions}
@@ -158,6 +158,14 @@ class PoolHandle:
         self.hooks.undo()
         self.leaks.stop()
         self._detach(self)
+
+
+def _printable_url(engine: Engine) -> str:
+    """The engine's URL with the password hidden, made encodable (a file path may carry lone surrogates)."""
+    url = engine.url
+    if url.database:
+        url = url.set(database=validation.encodable(url.database))
+    return validation.encodable(safe_url(url))
 
 
 def handle_of(engine: Engine) -> PoolHandle | None:

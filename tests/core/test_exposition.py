@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import logging
 import subprocess
 from collections.abc import Callable
 from functools import partial
@@ -24,11 +25,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, QueuePool
 
-from sqlalchemy_pool_exporter import Exporter
+from sqlalchemy_pool_exporter import Exporter, compat
+from sqlalchemy_pool_exporter import exposition as exposition_module
 from sqlalchemy_pool_exporter.exposition import Exposition, format_of
 from sqlalchemy_pool_exporter.web import Server, make_app
 
-from .conftest import PG_URL, PgEngineFactory
+from .conftest import PG_URL, PgEngineFactory, sample
 
 Encoder = Callable[[Any], bytes]
 ENCODERS: dict[str, Encoder] = {"text": generate_latest, "openmetrics": openmetrics.generate_latest}
@@ -334,3 +336,43 @@ def test_listeners_keep_counting_between_renders(
     assert before != after
     assert after == generate_latest(registry)
     assert seen == ["x"]
+
+
+def test_a_prometheus_client_that_spells_differently_gets_its_own_encoder(
+    exporter: Exporter, sync_engines: list[Engine], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The renderer checks itself against prometheus_client before its first render of a format: if a
+    helper it borrows behaves differently (another version), prometheus_client renders from then on."""
+    busy_sqlite(exporter, sync_engines, tmp_path / "a.db", HOSTILE)
+    assert compat.FAST_RENDER is not None
+    monkeypatch.setattr(compat.FAST_RENDER, "escape", staticmethod(lambda s, escaping, rune: s.upper()))
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_pool_exporter")
+    caplog.clear()  # busy_sqlite's own pool timeout
+    exposition = exposition_of(exporter)
+    for _ in range(3):
+        for encoder in ENCODERS.values():
+            assert exposition.render(encoder) == encoder(exporter.registry)
+    assert exposition.fast is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "fast /metrics renderer failed its self-test: prometheus_client renders from now on"
+    ]
+    handle = exporter.handles()[0]
+    assert sample(exporter.registry, "sqlalchemy_exporter_errors_total", pool=handle.name) == 1
+
+
+def test_a_prometheus_client_without_the_helpers_gets_its_own_encoder(
+    exporter: Exporter, sync_engines: list[Engine], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    busy_sqlite(exporter, sync_engines, tmp_path / "a.db", "a")
+    monkeypatch.setattr(exposition_module, "om", None)
+    monkeypatch.setattr(compat, "FAST_RENDER_PROBLEM", "ImportError: cannot import name '_escape'")
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_pool_exporter")
+    caplog.clear()  # busy_sqlite's own pool timeout
+    exposition = exposition_of(exporter)
+    for encoder in ENCODERS.values():
+        assert exposition.render(encoder) == encoder(exporter.registry)
+    assert [r.getMessage() for r in caplog.records] == [
+        "fast /metrics renderer off, prometheus_client renders everything: ImportError: cannot import name '_escape'"
+    ]

@@ -122,9 +122,7 @@ async def test_readyz_fails_for_an_unreachable_database_and_shares_one_check(
         runs += 1
         return await original(self)
 
-    readiness = Readiness(
-        lambda: {"pool unreachable": lambda: check_pool(pool_exporter.handle_for(engine))}
-    )  # type: ignore[arg-type]
+    readiness = Readiness(lambda: {"pool unreachable": lambda: check_pool(pool_exporter.handle_for(engine))})  # type: ignore[arg-type]
     readiness._run = counting.__get__(readiness)  # type: ignore[method-assign]
     try:
         async with serving(make_app(exporter, readiness=readiness)) as server, aiohttp.ClientSession() as c:
