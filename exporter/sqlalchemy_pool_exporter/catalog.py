@@ -180,4 +180,11 @@ SIDECAR_CATALOG: tuple[MetricSpec, ...] = (
         "Failures while maintaining the multiprocess directory.",
         pool_label=False,
     ),
+    MetricSpec(
+        "quarantined",
+        "exporter_sidecar_quarantined_files_total",
+        "counter",
+        "Files moved out of the multiprocess directory as unreadable: not regular, too large, corrupt.",
+        pool_label=False,
+    ),
 )

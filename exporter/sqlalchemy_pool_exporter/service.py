@@ -200,7 +200,7 @@ async def _run_demo_workers(
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools,
-        readiness=web.Readiness(sidecar.checks),
+        readiness=web.Readiness(sidecar.checks, details=sidecar.details),
         auth=auth_from(settings),
         offload=True,
         executor=sidecar.executor,
@@ -303,7 +303,9 @@ async def run_serve(settings: Settings) -> int:
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools if sidecar is not None else _no_pools,
-        readiness=web.Readiness(sidecar.checks if sidecar is not None else dict),
+        readiness=web.Readiness(sidecar.checks, details=sidecar.details)
+        if sidecar is not None
+        else web.Readiness(dict),
         auth=auth_from(settings),
         offload=True,
         executor=sidecar.executor if sidecar is not None else None,

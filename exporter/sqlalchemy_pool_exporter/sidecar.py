@@ -12,6 +12,8 @@ scrapes slow down. At each scrape, before merging, the sidecar:
    stays flat. The fold is crash-safe: new archives are written beside the old ones, a journal
    records the swap, then renames and removals are replayed from the journal if we die midway.
 
+Whoever can write the directory is not trusted (docs/reliability.md): files are read by mpfile
+(regular files only, without following symlinks or blocking, bounded), and a bad one is quarantined.
 All of it runs in one worker thread (`executor`), never on the event loop, and one at a time.
 """
 
@@ -33,11 +35,12 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 
-from . import catalog
+from . import catalog, mpfile
 from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
+from .quarantine import Quarantine
 
 log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 
@@ -47,8 +50,8 @@ LOCK = "pool_exporter_sidecar.lock"
 NEW_SUFFIX = ".new"  # never matches prometheus_client's `*.db` glob
 DEFAULT_STALE_AFTER = 10 * DEFAULT_INTERVAL
 
-_DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$")
-_ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$")
+_DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$", re.ASCII)
+_ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$", re.ASCII)
 # How a dead worker's file folds into the archive of its type; live* gauges are dropped instead,
 # and `all`/`mostrecent` gauges (per-pid by design) are left alone.
 _FOLD: dict[str, Callable[[float, float], float]] = {
@@ -64,13 +67,13 @@ _FOLD: dict[str, Callable[[float, float], float]] = {
 def _running(pid: int) -> bool | None:
     """Whether `pid` runs in our pid namespace: None when /proc cannot tell."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
     except OSError:
         return None
     # A zombie (killed, not yet waited for) is dead for our purpose.
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    return stat_line.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _maps(pid: int, directory: str) -> bool:
@@ -102,6 +105,7 @@ class Sidecar(Collector):
         self._seen_alive: set[int] = set()
         self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="pool-exporter-merge")
+        self.quarantine = Quarantine(self.directory)
         self.live_workers = 0
         self.reaped = 0
         self.errors = 0
@@ -124,12 +128,56 @@ class Sidecar(Collector):
                 self.errors += 1
                 log.exception("maintaining %s failed; merging it as it is", self.directory)
             with self._locked(fcntl.LOCK_SH):
-                files = [str(p) for p in self.directory.glob("*.db")]
-                self.files = len(files)
-                return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+                return self._merge_files()
+
+    def _merge_files(self) -> list[Metric]:
+        found: list[tuple[os.stat_result, str, re.Match[str]]] = []
+        with os.scandir(self.directory) as listing:
+            for entry in listing:
+                m = mpfile.FILE.fullmatch(entry.name)
+                if m is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append((entry.stat(follow_symlinks=False), entry.name, m))
+        # Smallest first: a worker's file is small, so the file that would take a merge past
+        # MAX_SERIES (and is rejected for it) is the big one a hostile writer made.
+        found.sort(key=lambda f: f[0].st_size)
+        reader, merge = mpfile.Reader(_no_deadline), mpfile.Merge()
+        for seen, name, m in found:
+            try:
+                entries = reader.load(self.directory / name, mpfile.MAX_SERIES - merge.series, seen)
+                if entries is None:
+                    self._unwritten(name, m["ident"], seen)
+                else:
+                    merge.add(m["kind"], m["mode"], m["ident"], entries)
+            except FileNotFoundError:  # a live gauge of a worker reaped meanwhile
+                continue
+            except mpfile.Rejected as exc:
+                self.quarantine.move(name, str(exc))
+        self.files = merge.files
+        return merge.result()
+
+    def _unwritten(self, name: str, ident: str, seen: os.stat_result) -> None:
+        """A file with no header yet: a worker between creating and initialising it, for an instant."""
+        if time.time() - seen.st_mtime <= self.stale_after:
+            return
+        if (
+            ident.isascii()
+            and ident.isdigit()
+            and self._shared
+            and _running(int(ident))
+            and _maps(int(ident), str(self.directory.resolve()))
+        ):
+            return  # a live writer of ours, stopped in a debugger, say: never move a live worker's file
+        raise mpfile.Rejected(f"is empty for more than {self.stale_after:g} s (its writer died before writing it)")
 
     def _own_metrics(self) -> Iterator[Metric]:
-        values = {"workers": self.live_workers, "files": self.files, "reaped": self.reaped, "errors": self.errors}
+        values = {
+            "workers": self.live_workers,
+            "files": self.files,
+            "reaped": self.reaped,
+            "errors": self.errors,
+            "quarantined": self.quarantine.moved,
+        }
         for spec in catalog.SIDECAR_CATALOG:
             family = GaugeMetricFamily if spec.kind == "gauge" else CounterMetricFamily
             yield family(spec.name(self.namespace), spec.help, values[spec.key])
@@ -150,7 +198,7 @@ class Sidecar(Collector):
         marks: dict[int, float | None] = {}
         for pid in pids:
             try:
-                marks[pid] = now - alive_path(self.directory, pid).stat().st_mtime
+                marks[pid] = now - alive_path(self.directory, pid).lstat().st_mtime
             except FileNotFoundError:
                 marks[pid] = None
         if self._probe_shared and not self._shared:
@@ -195,27 +243,36 @@ class Sidecar(Collector):
         for pid in dead:
             for kind in _FOLD:
                 path = self.directory / f"{kind}_{pid}.db"
-                if path.exists():
+                if os.path.lexists(path):
                     by_kind.setdefault(kind, []).append(path)
         if not by_kind:
             return
+        reader = mpfile.Reader(_no_deadline)
         replace: list[tuple[str, str]] = []
+        removed: list[str] = []
         for kind, paths in by_kind.items():
             archive = self.directory / f"{kind}_{ARCHIVE}.db"
             fold = _FOLD[kind]
             values: dict[str, tuple[float, float]] = {}
-            for path in ([archive] if archive.exists() else []) + paths:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
-                    if key in values:
-                        old, old_ts = values[key]
-                        values[key] = (fold(old, value), max(old_ts, timestamp))
-                    else:
-                        values[key] = (value, timestamp)
+            for path in (archive, *paths):
+                try:
+                    entries = reader.load(path, mpfile.MAX_SERIES - len(values))
+                except FileNotFoundError:
+                    continue
+                except mpfile.Rejected as exc:  # not folded, and gone from the directory
+                    self.quarantine.move(path.name, str(exc))
+                    continue
+                for key, value, timestamp in entries or ():
+                    old = values.get(key.raw)
+                    values[key.raw] = (
+                        (value, timestamp) if old is None else (fold(old[0], value), max(old[1], timestamp))
+                    )
+                if path != archive:
+                    removed.append(str(path))
             new = archive.with_name(archive.name + NEW_SUFFIX)
             new.unlink(missing_ok=True)
             _write(new, values)
             replace.append((str(new), str(archive)))
-        removed = [str(p) for paths in by_kind.values() for p in paths]
         # Commit point: once the journal exists, the swap is replayed to the end, even after a crash.
         _write_json(self.directory / JOURNAL, {"replace": replace, "remove": removed})
         self._recover()
@@ -262,8 +319,16 @@ class Sidecar(Collector):
 
         return {"multiproc_dir": directory}
 
+    def details(self) -> dict[str, Any]:
+        """For /readyz: the files moved aside most recently, oldest first."""
+        return {"quarantined": list(self.quarantine.recent)}
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _no_deadline() -> None:
+    pass
 
 
 def _write(path: Path, values: dict[str, tuple[float, float]]) -> None:

@@ -46,11 +46,13 @@ class Readiness:
     """Named async checks run together with a timeout; one run at a time, its result reused briefly.
 
     Concurrent /readyz requests share the run in flight, so probes never pile up on the database.
+    `details` adds fields of its own to the /readyz JSON.
     """
 
     checks: Callable[[], dict[str, Check]]
     timeout: float = 2.0
     cache_for: float = 1.0
+    details: Callable[[], dict[str, Any]] | None = None
     _task: asyncio.Task[tuple[bool, dict[str, str]]] | None = field(default=None, init=False)
     _result: tuple[bool, dict[str, str]] | None = field(default=None, init=False)
     _at: float = field(default=0.0, init=False)
@@ -152,7 +154,8 @@ async def healthz(request: web.Request) -> web.Response:
 def readyz_handler(readiness: Readiness) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def readyz(request: web.Request) -> web.Response:
         ok, detail = await readiness.check()
-        return web.json_response({"ready": ok, "checks": detail}, status=200 if ok else 503)
+        extra = readiness.details() if readiness.details is not None else {}
+        return web.json_response({"ready": ok, "checks": detail, **extra}, status=200 if ok else 503)
 
     return readyz
 
