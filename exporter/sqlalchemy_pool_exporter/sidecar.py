@@ -13,8 +13,9 @@ scrapes slow down. At each scrape, before merging, the sidecar:
    records the swap, then renames and removals are replayed from the journal if we die midway.
 
 Whoever can write the directory is not trusted (docs/reliability.md): files are read by mpfile
-(regular files only, without following symlinks or blocking, bounded), and a bad one is quarantined.
-All of it runs in one worker thread (`executor`), never on the event loop, and one at a time.
+(regular files only, without following symlinks or blocking, bounded), a bad one is quarantined, and
+the journal may only name our own files by their plain names (compaction.py). All of it runs in one
+worker thread (`executor`), never on the event loop, and one at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -34,34 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.registry import Collector
 
 from . import catalog, mpfile
+from .compaction import BATCH, JOURNAL, Compaction
 from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 from .quarantine import Quarantine
 
 log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 
-ARCHIVE = "archive"
-JOURNAL = "pool_exporter_compaction.json"
-LOCK = "pool_exporter_sidecar.lock"
-NEW_SUFFIX = ".new"  # never matches prometheus_client's `*.db` glob
+__all__ = ["JOURNAL", "Sidecar", "pools_from_metrics"]
+
 DEFAULT_STALE_AFTER = 10 * DEFAULT_INTERVAL
 
 _DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$", re.ASCII)
 _ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$", re.ASCII)
-# How a dead worker's file folds into the archive of its type; live* gauges are dropped instead,
-# and `all`/`mostrecent` gauges (per-pid by design) are left alone.
-_FOLD: dict[str, Callable[[float, float], float]] = {
-    "counter": lambda a, b: a + b,
-    "histogram": lambda a, b: a + b,
-    "summary": lambda a, b: a + b,
-    "gauge_sum": lambda a, b: a + b,
-    "gauge_max": max,
-    "gauge_min": min,
-}
 
 
 def _running(pid: int) -> bool | None:
@@ -106,11 +93,12 @@ class Sidecar(Collector):
         self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="pool-exporter-merge")
         self.quarantine = Quarantine(self.directory)
+        self.compaction = Compaction(self.directory, self.quarantine)
         self.live_workers = 0
         self.reaped = 0
         self.errors = 0
         self.files = 0
-        with self._locked(fcntl.LOCK_EX):
+        with self.compaction.locked(fcntl.LOCK_EX):
             self._recover()
 
     # -- prometheus_client Collector ------------------------------------------------------------
@@ -127,7 +115,7 @@ class Sidecar(Collector):
             except Exception:
                 self.errors += 1
                 log.exception("maintaining %s failed; merging it as it is", self.directory)
-            with self._locked(fcntl.LOCK_SH):
+            with self.compaction.locked(fcntl.LOCK_SH):
                 return self._merge_files()
 
     def _merge_files(self) -> list[Metric]:
@@ -175,7 +163,7 @@ class Sidecar(Collector):
             "workers": self.live_workers,
             "files": self.files,
             "reaped": self.reaped,
-            "errors": self.errors,
+            "errors": self.errors + self.compaction.ignored,
             "quarantined": self.quarantine.moved,
         }
         for spec in catalog.SIDECAR_CATALOG:
@@ -225,85 +213,28 @@ class Sidecar(Collector):
 
     def maintain(self) -> None:
         """Reap dead workers and fold their files into the archives."""
-        dead = self.dead_workers(self.workers())
+        dead = sorted(self.dead_workers(self.workers()))
         if not dead:
             return
-        with self._locked(fcntl.LOCK_EX):
-            for pid in dead:
-                mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
-            self._compact(dead)
-            for pid in dead:
-                alive_path(self.directory, pid).unlink(missing_ok=True)
-                self._seen_alive.discard(pid)
-        self.reaped += len(dead)
-        log.info("reaped %d dead worker(s): %s", len(dead), ", ".join(map(str, sorted(dead))))
-
-    def _compact(self, dead: set[int]) -> None:
-        by_kind: dict[str, list[Path]] = {}
-        for pid in dead:
-            for kind in _FOLD:
-                path = self.directory / f"{kind}_{pid}.db"
-                if os.path.lexists(path):
-                    by_kind.setdefault(kind, []).append(path)
-        if not by_kind:
-            return
         reader = mpfile.Reader(_no_deadline)
-        replace: list[tuple[str, str]] = []
-        removed: list[str] = []
-        for kind, paths in by_kind.items():
-            archive = self.directory / f"{kind}_{ARCHIVE}.db"
-            fold = _FOLD[kind]
-            values: dict[str, tuple[float, float]] = {}
-            for path in (archive, *paths):
-                try:
-                    entries = reader.load(path, mpfile.MAX_SERIES - len(values))
-                except FileNotFoundError:
-                    continue
-                except mpfile.Rejected as exc:  # not folded, and gone from the directory
-                    self.quarantine.move(path.name, str(exc))
-                    continue
-                for key, value, timestamp in entries or ():
-                    old = values.get(key.raw)
-                    values[key.raw] = (
-                        (value, timestamp) if old is None else (fold(old[0], value), max(old[1], timestamp))
-                    )
-                if path != archive:
-                    removed.append(str(path))
-            new = archive.with_name(archive.name + NEW_SUFFIX)
-            new.unlink(missing_ok=True)
-            _write(new, values)
-            replace.append((str(new), str(archive)))
-        # Commit point: once the journal exists, the swap is replayed to the end, even after a crash.
-        _write_json(self.directory / JOURNAL, {"replace": replace, "remove": removed})
-        self._recover()
+        with self.compaction.locked(fcntl.LOCK_EX):
+            for start in range(0, len(dead), BATCH):
+                batch = dead[start : start + BATCH]
+                for pid in batch:
+                    self.compaction.drop_live(pid)
+                self._compact(batch, reader)
+                for pid in batch:
+                    self.compaction.clear(alive_path(self.directory, pid).name)
+                    self._seen_alive.discard(pid)
+                self.reaped += len(batch)
+                log.info("reaped %d dead worker(s): %s", len(batch), ", ".join(map(str, batch)))
+
+    def _compact(self, dead: list[int], reader: mpfile.Reader) -> None:
+        if self.compaction.prepare(dead, reader):
+            self._recover()
 
     def _recover(self) -> None:
-        """Finish a compaction the journal describes, or drop one that never reached its journal."""
-        journal = self.directory / JOURNAL
-        try:
-            plan = json.loads(journal.read_text())
-        except FileNotFoundError:
-            for stray in self.directory.glob("*.db" + NEW_SUFFIX):
-                stray.unlink(missing_ok=True)
-            return
-        for new, archive in plan["replace"]:
-            if os.path.exists(new):
-                os.replace(new, archive)
-        for path in plan["remove"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        _fsync_dir(self.directory)
-        journal.unlink()
-
-    @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
-        # Two sidecars on one directory must not fold the same files twice.
-        with open(self.directory / LOCK, "a") as f:
-            fcntl.flock(f, mode)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        self.compaction.recover()
 
     # -- for the web app ------------------------------------------------------------------------
 
@@ -329,35 +260,6 @@ class Sidecar(Collector):
 
 def _no_deadline() -> None:
     pass
-
-
-def _write(path: Path, values: dict[str, tuple[float, float]]) -> None:
-    d = MmapedDict(str(path))  # type: ignore[no-untyped-call]
-    try:
-        for key, (value, timestamp) in values.items():
-            d.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
-    finally:
-        d.close()  # type: ignore[no-untyped-call]
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Sample name suffix -> /pools field, for the single-valued pool metrics.

@@ -24,6 +24,7 @@ from .conftest import MpWorkers, Serve, get, metric, samples_of
 
 pytestmark = pytest.mark.reliability
 
+LOCK = "pool_exporter_sidecar.lock"
 # The workers: a commits 3 times and holds 1 connection, b commits 5 times and holds 2.
 CHECKOUTS, USED = 3 + 1 + 5 + 2, 1 + 2
 
@@ -177,5 +178,38 @@ async def test_a_worker_that_died_before_writing_its_file_is_reaped(
     assert metric(s, "sqlalchemy_exporter_sidecar_reaped_workers_total") == 1
     assert metric(s, "sqlalchemy_exporter_sidecar_quarantined_files_total") == 0
     assert not empty[0].exists()
+    serve.stop()
+    assert serve.proc.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+async def test_the_lock_file_is_never_followed(
+    kind: str, tmp_path: Path, mp_workers: MpWorkers, serve_dir: Callable[..., Serve]
+) -> None:
+    """Fault: the sidecar's lock file is planted as a symlink to a path outside the directory (today:
+    the sidecar creates that file), or as a FIFO (today: the sidecar hangs before it listens).
+
+    The planted lock is quarantined, a regular one takes its place, nothing outside is created, and
+    the workers' numbers are served.
+    """
+    a = mp_workers.start(commits=3, held=1)
+    mp_workers.ready(a)
+    directory = mp_workers.directory
+    target = tmp_path / "outside" / "created-by-the-sidecar"
+    target.parent.mkdir()
+    if kind == "symlink":
+        (directory / LOCK).symlink_to(target)
+    else:
+        os.mkfifo(directory / LOCK)
+    serve = serve_dir(directory)
+
+    status, body = await get(serve.base, "/metrics")
+    assert status == 200, body[:500]
+    assert not os.path.lexists(target)
+    s = samples_of(body)
+    assert metric(s, "sqlalchemy_pool_checkouts_total", pool="app") == 4
+    assert metric(s, "sqlalchemy_exporter_sidecar_quarantined_files_total") == 1
+    assert (directory / LOCK).is_file() and not (directory / LOCK).is_symlink()
+    assert len(serve.warnings(LOCK)) == 1, serve.text()
     serve.stop()
     assert serve.proc.returncode == 0
