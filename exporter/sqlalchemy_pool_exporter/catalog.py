@@ -187,4 +187,11 @@ SIDECAR_CATALOG: tuple[MetricSpec, ...] = (
         "Files moved out of the multiprocess directory as unreadable: not regular, too large, corrupt.",
         pool_label=False,
     ),
+    MetricSpec(
+        "merges",
+        "exporter_sidecar_merges_total",
+        "counter",
+        "Merges of the multiprocess directory; concurrent requests share one.",
+        pool_label=False,
+    ),
 )

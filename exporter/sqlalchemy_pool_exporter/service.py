@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from aiohttp.web import Application
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -26,6 +26,9 @@ from .instrument import PoolHandle, instrument
 from .loadgen import LoadGenerator, LoadPlan
 from .naming import safe_url
 from .settings import SettingError, Settings
+
+if TYPE_CHECKING:
+    from .sidecar import Sidecar
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 
@@ -195,15 +198,15 @@ async def _run_demo_workers(
     ]
     sidecar = Sidecar(directory, namespace=settings.namespace)
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(sidecar)
+    registry.register(sidecar.view)
     app = web.make_app(
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools,
-        readiness=web.Readiness(sidecar.checks, details=sidecar.details),
+        readiness=_readiness(sidecar),
         auth=auth_from(settings),
         offload=True,
-        executor=sidecar.executor,
+        refresh=sidecar.refresh,
     )
     try:
         server = await listen(app, settings)
@@ -278,6 +281,11 @@ async def _no_pools() -> list[dict[str, object]]:
     return []
 
 
+def _readiness(sidecar: Sidecar) -> web.Readiness:
+    """Ready when the directory merges (a shared merge), with the files it quarantined of late."""
+    return web.Readiness(sidecar.checks, details=sidecar.details)
+
+
 async def run_serve(settings: Settings) -> int:
     """The sidecar: merged multiprocess metrics and/or PostgreSQL's view, until SIGTERM/SIGINT."""
     from .pgview import ServerView
@@ -295,7 +303,9 @@ async def run_serve(settings: Settings) -> int:
     sidecar = Sidecar(settings.multiproc_dir, namespace=settings.namespace) if settings.multiproc_dir else None
     view = ServerView(url, namespace=settings.namespace, interval=settings.probe_interval) if url else None
     if sidecar is not None:
-        registry.register(sidecar)
+        # /metrics awaits sidecar.refresh, the merge it shares with /pools, / and /readyz, then renders
+        # its result: nothing merges twice, and no render waits behind a merge.
+        registry.register(sidecar.view)
     if view is not None:
         registry.register(view)
         await view.start()
@@ -303,12 +313,10 @@ async def run_serve(settings: Settings) -> int:
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools if sidecar is not None else _no_pools,
-        readiness=web.Readiness(sidecar.checks, details=sidecar.details)
-        if sidecar is not None
-        else web.Readiness(dict),
+        readiness=_readiness(sidecar) if sidecar is not None else web.Readiness(dict),
         auth=auth_from(settings),
         offload=True,
-        executor=sidecar.executor if sidecar is not None else None,
+        refresh=sidecar.refresh if sidecar is not None else None,
     )
     try:
         server = await listen(app, settings)

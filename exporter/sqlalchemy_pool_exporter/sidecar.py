@@ -15,7 +15,8 @@ scrapes slow down. At each scrape, before merging, the sidecar:
 Whoever can write the directory is not trusted (docs/reliability.md): files are read by mpfile
 (regular files only, without following symlinks or blocking, bounded), a bad one is quarantined, and
 the journal may only name our own files by their plain names (compaction.py). All of it runs in one
-worker thread (`executor`), never on the event loop, and one at a time.
+worker thread (`executor`), never on the event loop, one merge at a time; callers on the loop share
+the merge in flight (`refresh`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class Sidecar(Collector):
         self.reaped = 0
         self.errors = 0
         self.files = 0
+        self.merges = 0
+        self.latest: list[Metric] = []  # the last merge's result
+        self.view = LatestMerge(self)
+        self._inflight: asyncio.Future[list[Metric]] | None = None
         with self.compaction.locked(fcntl.LOCK_EX):
             self._recover()
 
@@ -105,7 +110,7 @@ class Sidecar(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self.merge()
-        yield from self._own_metrics()
+        yield from self.own_metrics()
 
     def merge(self) -> list[Metric]:
         """Maintain the directory, then merge every worker's file (blocking: call from `executor`)."""
@@ -116,7 +121,9 @@ class Sidecar(Collector):
                 self.errors += 1
                 log.exception("maintaining %s failed; merging it as it is", self.directory)
             with self.compaction.locked(fcntl.LOCK_SH):
-                return self._merge_files()
+                self.merges += 1
+                self.latest = self._merge_files()
+                return self.latest
 
     def _merge_files(self) -> list[Metric]:
         found: list[tuple[os.stat_result, str, re.Match[str]]] = []
@@ -158,13 +165,14 @@ class Sidecar(Collector):
             return  # a live writer of ours, stopped in a debugger, say: never move a live worker's file
         raise mpfile.Rejected(f"is empty for more than {self.stale_after:g} s (its writer died before writing it)")
 
-    def _own_metrics(self) -> Iterator[Metric]:
+    def own_metrics(self) -> Iterator[Metric]:
         values = {
             "workers": self.live_workers,
             "files": self.files,
             "reaped": self.reaped,
             "errors": self.errors + self.compaction.ignored,
             "quarantined": self.quarantine.moved,
+            "merges": self.merges,
         }
         for spec in catalog.SIDECAR_CATALOG:
             family = GaugeMetricFamily if spec.kind == "gauge" else CounterMetricFamily
@@ -238,17 +246,36 @@ class Sidecar(Collector):
 
     # -- for the web app ------------------------------------------------------------------------
 
+    async def refresh(self) -> list[Metric]:
+        """A merge for the caller: the one in flight, or a new one.
+
+        /metrics, /pools, / and /readyz all come here, so concurrent requests cost one merge.
+        """
+        future = self._inflight
+        if future is None:
+            future = self._inflight = asyncio.wrap_future(self.executor.submit(self.merge))
+            future.add_done_callback(self._merged)
+        return await asyncio.shield(future)
+
+    def _merged(self, future: asyncio.Future[list[Metric]]) -> None:
+        if self._inflight is future:
+            self._inflight = None
+        if not future.cancelled():
+            future.exception()  # retrieved, even when every waiter gave up
+
     async def pools(self) -> list[dict[str, Any]]:
         """Per-pool numbers rebuilt from the merged metrics, for /pools and / in sidecar mode."""
-        metrics = await asyncio.get_running_loop().run_in_executor(self.executor, self.merge)
-        return pools_from_metrics(metrics, self.namespace)
+        return pools_from_metrics(await self.refresh(), self.namespace)
 
     def checks(self) -> dict[str, Callable[[], Any]]:
         async def directory() -> None:
             if not os.access(self.directory, os.R_OK | os.X_OK):
                 raise PermissionError(str(self.directory))
 
-        return {"multiproc_dir": directory}
+        async def merge() -> None:
+            await self.refresh()
+
+        return {"multiproc_dir": directory, "merge": merge}
 
     def details(self) -> dict[str, Any]:
         """For /readyz: the files moved aside most recently, oldest first."""
@@ -256,6 +283,17 @@ class Sidecar(Collector):
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+class LatestMerge(Collector):
+    """The sidecar's last merge and its own numbers, for a registry whose /metrics awaits `refresh` first."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._sidecar.latest
+        yield from self._sidecar.own_metrics()
 
 
 def _no_deadline() -> None:

@@ -34,6 +34,8 @@ log = logging.getLogger("sqlalchemy_pool_exporter.web")
 
 PoolsSource = Callable[[], Awaitable[list[dict[str, Any]]]]
 Check = Callable[[], Awaitable[None]]
+Refresh = Callable[[], Awaitable[object]]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 REGISTRY_KEY = web.AppKey("pool_exporter_registry", CollectorRegistry)
 
@@ -114,12 +116,13 @@ async def local_pools() -> list[dict[str, Any]]:
 
 
 def metrics_handler(
-    registry: CollectorRegistry, executor: Executor | None = None, offload: bool = False
-) -> Callable[[web.Request], Awaitable[web.Response]]:
+    registry: CollectorRegistry, executor: Executor | None = None, offload: bool = False, refresh: Refresh | None = None
+) -> Handler:
     """Render the registry as the client asked; in `offload` mode, off the event loop.
 
     Off the loop, scrapes that arrive while a render of the same kind is running share its result,
-    so a burst of scrapers costs one render, not one each.
+    so a burst of scrapers costs one render, not one each. `refresh` is awaited before each render
+    (the sidecar's merge, which its collector then yields).
     """
     inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
     exposition = Exposition(registry)
@@ -136,6 +139,8 @@ def metrics_handler(
         return await asyncio.shield(future)
 
     async def metrics(request: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
         body = await render(encoder, content_type, tuple(request.query.getall("name[]", [])))
         response = web.Response(body=body, headers={"Content-Type": content_type})
@@ -160,7 +165,7 @@ def readyz_handler(readiness: Readiness) -> Callable[[web.Request], Awaitable[we
     return readyz
 
 
-def pools_handler(pools: PoolsSource) -> Callable[[web.Request], Awaitable[web.Response]]:
+def pools_handler(pools: PoolsSource) -> Handler:
     async def pools_json(request: web.Request) -> web.Response:
         return web.json_response({"pools": await pools()}, dumps=lambda o: json.dumps(o, indent=2, default=str))
 
@@ -191,7 +196,7 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
-def index_handler(pools: PoolsSource, metrics_path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+def index_handler(pools: PoolsSource, metrics_path: str) -> Handler:
     async def index(request: web.Request) -> web.Response:
         rows = await pools()
         head = "".join(f"<th>{html.escape(title)}</th>" for _, title in _COLUMNS)
@@ -227,12 +232,16 @@ def add_routes(
     offload: bool = True,
     executor: Executor | None = None,
     index: bool = True,
+    refresh: Refresh | None = None,
 ) -> None:
-    """Add the exporter's routes to an aiohttp app (yours or ours); `auth` guards all but /healthz."""
+    """Add the exporter's routes to an aiohttp app (yours or ours); `auth` guards all but /healthz.
+
+    `refresh` is awaited before each /metrics render.
+    """
     readiness = readiness or Readiness(pool_checks)
     guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
     app[REGISTRY_KEY] = registry
-    app.router.add_get(metrics_path, guard(metrics_handler(registry, executor, offload)))
+    app.router.add_get(metrics_path, guard(metrics_handler(registry, executor, offload, refresh)))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", guard(readyz_handler(readiness)))
     app.router.add_get("/pools", guard(pools_handler(pools)))
@@ -249,6 +258,7 @@ def make_app(
     auth: Auth | None = None,
     offload: bool = True,
     executor: Executor | None = None,
+    refresh: Refresh | None = None,
 ) -> web.Application:
     """A standalone exporter app; with `auth`, every route but /healthz (and 404s) needs credentials."""
     middlewares = [auth.middleware()] if auth is not None and auth.enabled else []
@@ -261,6 +271,7 @@ def make_app(
         readiness=readiness,
         offload=offload,
         executor=executor,
+        refresh=refresh,
     )
     return app
 
