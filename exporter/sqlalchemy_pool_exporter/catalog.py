@@ -177,7 +177,7 @@ SIDECAR_CATALOG: tuple[MetricSpec, ...] = (
         "errors",
         "exporter_sidecar_errors_total",
         "counter",
-        "Failures while maintaining the multiprocess directory.",
+        "Failures while maintaining or merging the multiprocess directory (journal entries ignored included).",
         pool_label=False,
     ),
     MetricSpec(

@@ -18,12 +18,15 @@ import logging
 import os
 import re
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import mpfile
 from .quarantine import Quarantine
+from .web import Unavailable
 
 log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 
@@ -52,6 +55,26 @@ _ARCHIVE_FILE = re.compile(rf"(?:{'|'.join(FOLD)})_{ARCHIVE}\.db")
 _WORKER_FILE = re.compile(rf"(?:{'|'.join(FOLD)})_\d+\.db", re.ASCII)
 
 
+class MergeFailed(Unavailable):
+    """No merge result: the directory is unreadable, its lock is held elsewhere, or time ran out."""
+
+
+class Budget:
+    """What a merge checks between its steps: its deadline, and whether the sidecar is stopping."""
+
+    def __init__(self, seconds: float, stop: threading.Event) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.stop = stop
+
+    def __call__(self, waiting_for: str = "") -> None:
+        if self.stop.is_set():
+            raise MergeFailed("the sidecar is stopping")
+        if time.monotonic() > self.deadline:
+            why = f": {waiting_for}" if waiting_for else ""
+            raise MergeFailed(f"the merge did not finish within {self.seconds:g} s{why}")
+
+
 class Compaction:
     """The lock, the archives and the journal of one directory."""
 
@@ -61,11 +84,21 @@ class Compaction:
         self.ignored = 0  # journal entries that named no file of ours
 
     @contextlib.contextmanager
-    def locked(self, mode: int) -> Iterator[None]:
-        """flock the lock file: two sidecars on one directory must not fold the same files twice."""
+    def locked(self, mode: int, budget: Budget) -> Iterator[None]:
+        """flock the lock file: two sidecars on one directory must not fold the same files twice.
+
+        Anyone who can write the directory can take the lock too: it is polled until the merge's
+        deadline, never waited for.
+        """
         fd = self._open_lock()
         try:
-            fcntl.flock(fd, mode)
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    budget(f"{LOCK} is held by another process")
+                    time.sleep(0.02)
             try:
                 yield
             finally:
@@ -87,7 +120,7 @@ class Compaction:
                 return fd
             os.close(fd)
             self.quarantine.move(LOCK, "is not a regular file")
-        raise OSError(f"{LOCK} cannot be made a regular file")
+        raise MergeFailed(f"{LOCK} cannot be made a regular file")
 
     def clear(self, name: str) -> None:
         """Remove `name` (a symlink itself, not its target); a directory in the way is quarantined."""

@@ -218,9 +218,9 @@ async def _run_demo_workers(
     try:
         await wait_for_stop(duration)
     finally:
+        sidecar.close()
         await server.stop()
         await asyncio.to_thread(_stop_children, children)
-        sidecar.close()
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
     print("pool-exporter demo: stopped", file=out)
@@ -283,7 +283,7 @@ async def _no_pools() -> list[dict[str, object]]:
 
 def _readiness(sidecar: Sidecar) -> web.Readiness:
     """Ready when the directory merges (a shared merge), with the files it quarantined of late."""
-    return web.Readiness(sidecar.checks, details=sidecar.details)
+    return web.Readiness(sidecar.checks, timeout=sidecar.deadline + 1.0, details=sidecar.details)
 
 
 async def run_serve(settings: Settings) -> int:
@@ -331,6 +331,8 @@ async def run_serve(settings: Settings) -> int:
             await wait_for_stop(None)
         finally:
             log.info("pool-exporter serve: stopping")
+            if sidecar is not None:
+                sidecar.close()  # first: a merge in flight stops, its requests get their 503 now
             await server.stop()
     finally:
         if view is not None:

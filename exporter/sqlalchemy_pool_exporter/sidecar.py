@@ -13,10 +13,10 @@ scrapes slow down. At each scrape, before merging, the sidecar:
    records the swap, then renames and removals are replayed from the journal if we die midway.
 
 Whoever can write the directory is not trusted (docs/reliability.md): files are read by mpfile
-(regular files only, without following symlinks or blocking, bounded), a bad one is quarantined, and
-the journal may only name our own files by their plain names (compaction.py). All of it runs in one
-worker thread (`executor`), never on the event loop, one merge at a time; callers on the loop share
-the merge in flight (`refresh`).
+(regular files only, bounded), a bad one is quarantined, the journal may only name our own files by
+their plain names, and every merge has a deadline that it checks between steps. All of it runs in
+one daemon thread (`executor`), never on the event loop, one merge at a time; callers on the loop
+share the merge in flight (`refresh`) and give up on it at its deadline.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import catalog, mpfile
-from .compaction import BATCH, JOURNAL, Compaction
+from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
+from .daemon import DaemonExecutor
 from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 from .quarantine import Quarantine
 
+__all__ = ["JOURNAL", "MergeFailed", "Sidecar", "pools_from_metrics"]
+
 log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 
-__all__ = ["JOURNAL", "Sidecar", "pools_from_metrics"]
-
 DEFAULT_STALE_AFTER = 10 * DEFAULT_INTERVAL
+# Prometheus' default scrape_timeout is 10 s: past 5 s a scrape gets a 503 and our reason, before the
+# scraper gives up on us with none. A merge of 64 live workers takes ~30 ms.
+DEFAULT_DEADLINE = 5.0
+# How long waiters give a merge past its deadline to report its own reason (it checks between steps).
+_GRACE = 0.5
 
 _DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$", re.ASCII)
 _ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$", re.ASCII)
@@ -83,16 +88,19 @@ class Sidecar(Collector):
         namespace: str = catalog.DEFAULT_NAMESPACE,
         stale_after: float = DEFAULT_STALE_AFTER,
         same_pid_namespace: bool | None = None,
+        deadline: float = DEFAULT_DEADLINE,
     ) -> None:
         self.directory = Path(directory)
         self.namespace = namespace
         self.stale_after = stale_after
+        self.deadline = deadline
         # None: find out (a live writer visible in our /proc); True/False: told.
         self._shared = same_pid_namespace
         self._probe_shared = same_pid_namespace is None
         self._seen_alive: set[int] = set()
         self._lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pool-exporter-merge")
+        self._stop = threading.Event()
+        self.executor = DaemonExecutor("pool-exporter-merge")
         self.quarantine = Quarantine(self.directory)
         self.compaction = Compaction(self.directory, self.quarantine)
         self.live_workers = 0
@@ -101,10 +109,19 @@ class Sidecar(Collector):
         self.files = 0
         self.merges = 0
         self.latest: list[Metric] = []  # the last merge's result
+        self.failure: str | None = None  # why the last merge failed, None when it worked
         self.view = LatestMerge(self)
         self._inflight: asyncio.Future[list[Metric]] | None = None
-        with self.compaction.locked(fcntl.LOCK_EX):
-            self._recover()
+        self._inflight_until = 0.0
+        try:
+            with self.compaction.locked(fcntl.LOCK_EX, self._budget()):
+                self._recover()
+        except MergeFailed as exc:  # the lock held elsewhere: the first maintenance recovers
+            self.errors += 1
+            log.warning("cannot recover %s at start: %s", self.directory, exc)
+
+    def _budget(self) -> Budget:
+        return Budget(self.deadline, self._stop)
 
     # -- prometheus_client Collector ------------------------------------------------------------
 
@@ -113,19 +130,46 @@ class Sidecar(Collector):
         yield from self.own_metrics()
 
     def merge(self) -> list[Metric]:
-        """Maintain the directory, then merge every worker's file (blocking: call from `executor`)."""
-        with self._lock:
+        """Maintain the directory, then merge every worker's file (blocking: call from `executor`).
+
+        Raises MergeFailed when no result can be had within the deadline.
+        """
+        budget = self._budget()
+        try:
+            if not self._lock.acquire(timeout=self.deadline):
+                raise MergeFailed(f"the merge did not finish within {self.deadline:g} s: the previous one still runs")
             try:
-                self.maintain()
+                metrics = self._merge(budget)
+            finally:
+                self._lock.release()
+        except MergeFailed as exc:
+            self.errors += 1
+            if str(exc) != self.failure:
+                log.warning("merging %s failed: %s", self.directory, exc)
+            self.failure = str(exc)
+            raise
+        if self.failure is not None:
+            log.info("merging %s works again", self.directory)
+        self.failure = None
+        self.latest = metrics
+        return metrics
+
+    def _merge(self, budget: Budget) -> list[Metric]:
+        self.merges += 1
+        try:
+            try:
+                self.maintain(budget)
+            except MergeFailed:
+                raise
             except Exception:
                 self.errors += 1
                 log.exception("maintaining %s failed; merging it as it is", self.directory)
-            with self.compaction.locked(fcntl.LOCK_SH):
-                self.merges += 1
-                self.latest = self._merge_files()
-                return self.latest
+            with self.compaction.locked(fcntl.LOCK_SH, budget):
+                return self._merge_files(budget)
+        except OSError as exc:  # the directory itself: gone, unreadable; out of file descriptors
+            raise MergeFailed(f"cannot read {self.directory}: {exc.strerror}") from None
 
-    def _merge_files(self) -> list[Metric]:
+    def _merge_files(self, budget: Budget) -> list[Metric]:
         found: list[tuple[os.stat_result, str, re.Match[str]]] = []
         with os.scandir(self.directory) as listing:
             for entry in listing:
@@ -136,8 +180,9 @@ class Sidecar(Collector):
         # Smallest first: a worker's file is small, so the file that would take a merge past
         # MAX_SERIES (and is rejected for it) is the big one a hostile writer made.
         found.sort(key=lambda f: f[0].st_size)
-        reader, merge = mpfile.Reader(_no_deadline), mpfile.Merge()
+        reader, merge = mpfile.Reader(budget), mpfile.Merge()
         for seen, name, m in found:
+            budget()
             try:
                 entries = reader.load(self.directory / name, mpfile.MAX_SERIES - merge.series, seen)
                 if entries is None:
@@ -219,13 +264,17 @@ class Sidecar(Collector):
 
     # -- maintenance ----------------------------------------------------------------------------
 
-    def maintain(self) -> None:
+    def maintain(self, budget: Budget | None = None) -> None:
         """Reap dead workers and fold their files into the archives."""
+        budget = budget or self._budget()
+        if os.path.lexists(self.directory / JOURNAL):  # left by a start that could not take the lock
+            with self.compaction.locked(fcntl.LOCK_EX, budget):
+                self._recover()
         dead = sorted(self.dead_workers(self.workers()))
         if not dead:
             return
-        reader = mpfile.Reader(_no_deadline)
-        with self.compaction.locked(fcntl.LOCK_EX):
+        reader = mpfile.Reader(budget)
+        with self.compaction.locked(fcntl.LOCK_EX, budget):
             for start in range(0, len(dead), BATCH):
                 batch = dead[start : start + BATCH]
                 for pid in batch:
@@ -247,15 +296,24 @@ class Sidecar(Collector):
     # -- for the web app ------------------------------------------------------------------------
 
     async def refresh(self) -> list[Metric]:
-        """A merge for the caller: the one in flight, or a new one.
+        """A merge for the caller: the one in flight, or a new one; MergeFailed (503) past its deadline.
 
         /metrics, /pools, / and /readyz all come here, so concurrent requests cost one merge.
         """
+        if self._stop.is_set():
+            raise MergeFailed("the sidecar is stopping")
         future = self._inflight
         if future is None:
-            future = self._inflight = asyncio.wrap_future(self.executor.submit(self.merge))
+            loop = asyncio.get_running_loop()
+            future = self._inflight = loop.create_future()
+            self._inflight_until = time.monotonic() + self.deadline + _GRACE
+            self.executor.submit(self.merge).add_done_callback(lambda done: _settle(loop, future, done))
             future.add_done_callback(self._merged)
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, self._inflight_until - time.monotonic()))
+        except TimeoutError:
+            self.failure = f"the merge did not finish within {self.deadline:g} s"
+            raise MergeFailed(self.failure) from None
 
     def _merged(self, future: asyncio.Future[list[Metric]]) -> None:
         if self._inflight is future:
@@ -282,7 +340,12 @@ class Sidecar(Collector):
         return {"quarantined": list(self.quarantine.recent)}
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        """Stop: a merge in flight gives up at its next step, its waiters get 503, nothing waits for its thread."""
+        self._stop.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        future = self._inflight
+        if future is not None and not future.done():
+            future.set_exception(MergeFailed("the sidecar is stopping"))
 
 
 class LatestMerge(Collector):
@@ -296,8 +359,22 @@ class LatestMerge(Collector):
         yield from self._sidecar.own_metrics()
 
 
-def _no_deadline() -> None:
-    pass
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future[list[Metric]], done: Any) -> None:
+    """Hand a merge's outcome from its thread to the loop's future (unless the loop is gone)."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if done.cancelled():
+            future.set_exception(MergeFailed("the sidecar is stopping"))
+        elif done.exception() is not None:
+            exc = done.exception()
+            future.set_exception(exc if isinstance(exc, MergeFailed) else MergeFailed(f"the merge failed: {exc!r}"))
+        else:
+            future.set_result(done.result())
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(settle)
 
 
 # Sample name suffix -> /pools field, for the single-valued pool metrics.

@@ -40,6 +40,10 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 REGISTRY_KEY = web.AppKey("pool_exporter_registry", CollectorRegistry)
 
 
+class Unavailable(Exception):
+    """What a data source raises when it cannot answer now: the request gets 503 and this one-line reason."""
+
+
 # -- readiness ----------------------------------------------------------------------------------
 
 
@@ -74,7 +78,9 @@ class Readiness:
         )
         detail: dict[str, str] = {}
         for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, Unavailable):
+                detail[name] = f"failing: {result}"
+            elif isinstance(result, BaseException):
                 kind = "timeout" if isinstance(result, TimeoutError) else type(result).__name__
                 detail[name] = f"failing: {kind}"
             else:
@@ -218,6 +224,18 @@ td:first-child,th:first-child{{text-align:left}}</style></head>
     return index
 
 
+def unavailable_as_503(handler: Handler) -> Handler:
+    """A source that cannot answer now (the sidecar's merge past its deadline) is a 503 with its reason."""
+
+    async def guarded(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except Unavailable as exc:
+            return web.Response(status=503, text=f"{exc}\n")
+
+    return guarded
+
+
 # -- assembly -----------------------------------------------------------------------------------
 
 
@@ -236,17 +254,17 @@ def add_routes(
 ) -> None:
     """Add the exporter's routes to an aiohttp app (yours or ours); `auth` guards all but /healthz.
 
-    `refresh` is awaited before each /metrics render.
+    `refresh`, awaited before each /metrics render, and `pools` may raise Unavailable: 503.
     """
     readiness = readiness or Readiness(pool_checks)
     guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
     app[REGISTRY_KEY] = registry
-    app.router.add_get(metrics_path, guard(metrics_handler(registry, executor, offload, refresh)))
+    app.router.add_get(metrics_path, guard(unavailable_as_503(metrics_handler(registry, executor, offload, refresh))))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", guard(readyz_handler(readiness)))
-    app.router.add_get("/pools", guard(pools_handler(pools)))
+    app.router.add_get("/pools", guard(unavailable_as_503(pools_handler(pools))))
     if index:
-        app.router.add_get("/", guard(index_handler(pools, metrics_path)))
+        app.router.add_get("/", guard(unavailable_as_503(index_handler(pools, metrics_path))))
 
 
 def make_app(
