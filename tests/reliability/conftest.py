@@ -474,7 +474,8 @@ sys.stdin.read()  # until the test closes our stdin: then a clean exit
 """
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
+def clean_env(**extra: str) -> dict[str, str]:
+    """Our environment without any POOL_EXPORTER_ or multiprocess setting, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POOL_EXPORTER_", "PROMETHEUS_MULTIPROC"))}
     env.update(extra)
     return env
@@ -494,7 +495,7 @@ class MpWorkers:
         script.write_text(MP_WORKER)
         proc = subprocess.Popen(
             [sys.executable, str(script), str(commits), str(held), str(self.tmp / "app.sqlite")],
-            env=_clean_env(PROMETHEUS_MULTIPROC_DIR=str(self.directory)),
+            env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(self.directory)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -547,7 +548,7 @@ class Serve:
 
             resource.setrlimit(resource.RLIMIT_AS, (SERVE_ADDRESS_SPACE, SERVE_ADDRESS_SPACE))
 
-        env = _clean_env(
+        env = clean_env(
             PROMETHEUS_MULTIPROC_DIR=str(directory),
             POOL_EXPORTER_HOST="127.0.0.1",
             POOL_EXPORTER_PORT="0",

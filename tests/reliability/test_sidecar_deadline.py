@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MpWorkers, Serve, get, metric, samples_of
+from .conftest import MpWorkers, Serve, clean_env, get, metric, samples_of
 
 pytestmark = pytest.mark.reliability
 
@@ -156,9 +156,8 @@ def test_a_merge_thread_stuck_in_the_kernel_does_not_keep_a_stopped_sidecar_aliv
     directory.mkdir()
     fifo = tmp_path / "never-written"
     os.mkfifo(fifo)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POOL_EXPORTER_", "PROMETHEUS_MULTIPROC"))}
     proc = subprocess.Popen(
-        [sys.executable, "-c", STUCK, str(directory), str(fifo)], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", STUCK, str(directory), str(fifo)], env=clean_env(), stdout=subprocess.PIPE, text=True
     )
     try:
         out, _ = proc.communicate(timeout=20)
