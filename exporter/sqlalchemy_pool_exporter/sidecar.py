@@ -312,8 +312,12 @@ class Sidecar(Collector):
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(0.0, self._inflight_until - time.monotonic()))
         except TimeoutError:
-            self.failure = f"the merge did not finish within {self.deadline:g} s"
-            raise MergeFailed(self.failure) from None
+            # The merge did not even reach a check of its budget: stuck in the kernel, say.
+            reason = f"the merge did not finish within {self.deadline:g} s"
+            if self.failure != reason:
+                log.warning("merging %s failed: %s", self.directory, reason)
+            self.failure = reason
+            raise MergeFailed(reason) from None
 
     def _merged(self, future: asyncio.Future[list[Metric]]) -> None:
         if self._inflight is future:
