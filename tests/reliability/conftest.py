@@ -565,7 +565,12 @@ class Serve:
             )
         serve = cls(proc, log)
         if wait:
-            serve.wait_listening()
+            try:
+                serve.wait_listening()
+            except BaseException:  # a sidecar that never listened must not outlive the test
+                proc.kill()
+                proc.wait()
+                raise
         return serve
 
     def wait_listening(self, limit: float = 30.0) -> None:
