@@ -302,7 +302,21 @@ SIDECAR_CATALOG: tuple[MetricSpec, ...] = (
         "errors",
         "exporter_sidecar_errors_total",
         "counter",
-        "Failures while maintaining the multiprocess directory.",
+        "Failures while maintaining or merging the multiprocess directory (journal entries ignored included).",
+        pool_label=False,
+    ),
+    MetricSpec(
+        "quarantined",
+        "exporter_sidecar_quarantined_files_total",
+        "counter",
+        "Files moved out of the multiprocess directory as unreadable: not regular, too large, corrupt.",
+        pool_label=False,
+    ),
+    MetricSpec(
+        "merges",
+        "exporter_sidecar_merges_total",
+        "counter",
+        "Merges of the multiprocess directory; concurrent requests share one.",
         pool_label=False,
     ),
 )

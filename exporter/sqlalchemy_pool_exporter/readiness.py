@@ -22,17 +22,22 @@ if TYPE_CHECKING:
 Check = Callable[[], Awaitable[None]]
 
 
+class Unavailable(Exception):
+    """What a data source raises when it cannot answer now: the request gets 503 and this one-line reason."""
+
+
 @dataclass
 class Readiness:
     """Named async checks run together with a timeout; one run at a time, its result reused briefly.
 
     Concurrent /readyz requests share the run in flight, so probes never pile up on the database.
-    A check may return a dict of details, which the JSON shows beside its status.
+    `details` adds fields of its own to the /readyz JSON.
     """
 
     checks: Callable[[], dict[str, Check]]
     timeout: float = 2.0
     cache_for: float = 1.0
+    details: Callable[[], dict[str, Any]] | None = None
     _task: asyncio.Task[tuple[bool, dict[str, Any]]] | None = field(default=None, init=False)
     _result: tuple[bool, dict[str, Any]] | None = field(default=None, init=False)
     _at: float = field(default=0.0, init=False)
@@ -52,7 +57,9 @@ class Readiness:
         )
         detail: dict[str, Any] = {}
         for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, Unavailable):
+                detail[name] = f"failing: {result}"
+            elif isinstance(result, BaseException):
                 kind = "timeout" if isinstance(result, TimeoutError) else type(result).__name__
                 detail[name] = f"failing: {kind}"
             else:

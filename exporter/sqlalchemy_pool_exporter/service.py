@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from aiohttp.web import Application
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -27,6 +27,9 @@ from .loadgen import LoadGenerator, LoadPlan
 from .naming import safe_url
 from .readiness import Readiness
 from .settings import SettingError, Settings
+
+if TYPE_CHECKING:
+    from .sidecar import Sidecar
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 
@@ -196,15 +199,15 @@ async def _run_demo_workers(
     ]
     sidecar = Sidecar(directory, namespace=settings.namespace)
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(sidecar)
+    registry.register(sidecar.view)
     app = web.make_app(
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools,
-        readiness=Readiness(sidecar.checks),
+        readiness=_readiness(sidecar),
         auth=auth_from(settings),
         offload=True,
-        executor=sidecar.executor,
+        refresh=sidecar.refresh,
     )
     try:
         server = await listen(app, settings)
@@ -216,9 +219,9 @@ async def _run_demo_workers(
     try:
         await wait_for_stop(duration)
     finally:
+        sidecar.close()
         await server.stop()
         await asyncio.to_thread(_stop_children, children)
-        sidecar.close()
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)
     print("pool-exporter demo: stopped", file=out)
@@ -280,6 +283,11 @@ async def _no_pools() -> list[dict[str, object]]:
     return []
 
 
+def _readiness(sidecar: Sidecar) -> Readiness:
+    """Ready when the directory merges (a shared merge), with the files it quarantined of late."""
+    return Readiness(sidecar.checks, timeout=sidecar.deadline + 1.0, details=sidecar.details)
+
+
 async def run_serve(settings: Settings) -> int:
     """The sidecar: merged multiprocess metrics and/or PostgreSQL's view, until SIGTERM/SIGINT."""
     from .pgview import ServerView
@@ -297,7 +305,9 @@ async def run_serve(settings: Settings) -> int:
     sidecar = Sidecar(settings.multiproc_dir, namespace=settings.namespace) if settings.multiproc_dir else None
     view = ServerView(url, namespace=settings.namespace, interval=settings.probe_interval) if url else None
     if sidecar is not None:
-        registry.register(sidecar)
+        # /metrics awaits sidecar.refresh, the merge it shares with /pools, / and /readyz, then renders
+        # its result: nothing merges twice, and no render waits behind a merge.
+        registry.register(sidecar.view)
     if view is not None:
         registry.register(view)
         await view.start()
@@ -305,10 +315,10 @@ async def run_serve(settings: Settings) -> int:
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools if sidecar is not None else _no_pools,
-        readiness=Readiness(sidecar.checks if sidecar is not None else dict),
+        readiness=_readiness(sidecar) if sidecar is not None else Readiness(dict),
         auth=auth_from(settings),
         offload=True,
-        executor=sidecar.executor if sidecar is not None else None,
+        refresh=sidecar.refresh if sidecar is not None else None,
     )
     try:
         server = await listen(app, settings)
@@ -323,6 +333,8 @@ async def run_serve(settings: Settings) -> int:
             await wait_for_stop(None)
         finally:
             log.info("pool-exporter serve: stopping")
+            if sidecar is not None:
+                sidecar.close()  # first: a merge in flight stops, its requests get their 503 now
             await server.stop()
     finally:
         if view is not None:

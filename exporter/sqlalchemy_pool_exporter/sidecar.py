@@ -12,7 +12,11 @@ scrapes slow down. At each scrape, before merging, the sidecar:
    stays flat. The fold is crash-safe: new archives are written beside the old ones, a journal
    records the swap, then renames and removals are replayed from the journal if we die midway.
 
-All of it runs in one worker thread (`executor`), never on the event loop, and one at a time.
+Whoever can write the directory is not trusted (docs/reliability.md): files are read by mpfile
+(regular files only, bounded), a bad one is quarantined, the journal may only name our own files by
+their plain names, and every merge has a deadline that it checks between steps. All of it runs in
+one daemon thread (`executor`), never on the event loop, one merge at a time; callers on the loop
+share the merge in flight (`refresh`) and give up on it at its deadline.
 """
 
 from __future__ import annotations
@@ -20,57 +24,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from . import catalog, views
+from . import catalog, mpfile, views
+from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
+from .daemon import DaemonExecutor
 from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
+from .quarantine import Quarantine
+
+__all__ = ["JOURNAL", "MergeFailed", "Sidecar"]
 
 log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 
-ARCHIVE = "archive"
-JOURNAL = "pool_exporter_compaction.json"
-LOCK = "pool_exporter_sidecar.lock"
-NEW_SUFFIX = ".new"  # never matches prometheus_client's `*.db` glob
 DEFAULT_STALE_AFTER = 10 * DEFAULT_INTERVAL
+# Prometheus' default scrape_timeout is 10 s: past 5 s a scrape gets a 503 and our reason, before the
+# scraper gives up on us with none. A merge of 64 live workers takes ~30 ms.
+DEFAULT_DEADLINE = 5.0
+# How long waiters give a merge past its deadline to report its own reason (it checks between steps).
+_GRACE = 0.5
 
-_DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$")
-_ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$")
-# How a dead worker's file folds into the archive of its type; live* gauges are dropped instead,
-# and `all`/`mostrecent` gauges (per-pid by design) are left alone.
-_FOLD: dict[str, Callable[[float, float], float]] = {
-    "counter": lambda a, b: a + b,
-    "histogram": lambda a, b: a + b,
-    "summary": lambda a, b: a + b,
-    "gauge_sum": lambda a, b: a + b,
-    "gauge_max": max,
-    "gauge_min": min,
-}
+_DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$", re.ASCII)
+_ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$", re.ASCII)
 
 
 def _running(pid: int) -> bool | None:
     """Whether `pid` runs in our pid namespace: None when /proc cannot tell."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
     except OSError:
         return None
     # A zombie (killed, not yet waited for) is dead for our purpose.
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    return stat_line.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _maps(pid: int, directory: str) -> bool:
@@ -92,44 +88,137 @@ class Sidecar(Collector):
         namespace: str = catalog.DEFAULT_NAMESPACE,
         stale_after: float = DEFAULT_STALE_AFTER,
         same_pid_namespace: bool | None = None,
+        deadline: float = DEFAULT_DEADLINE,
     ) -> None:
         self.directory = Path(directory)
         self.namespace = namespace
         self.stale_after = stale_after
+        self.deadline = deadline
         # None: find out (a live writer visible in our /proc); True/False: told.
         self._shared = same_pid_namespace
         self._probe_shared = same_pid_namespace is None
         self._seen_alive: set[int] = set()
         self._lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="pool-exporter-merge")
+        self._stop = threading.Event()
+        self.executor = DaemonExecutor("pool-exporter-merge")
+        self.quarantine = Quarantine(self.directory)
+        self.compaction = Compaction(self.directory, self.quarantine)
         self.live_workers = 0
         self.reaped = 0
         self.errors = 0
         self.files = 0
-        with self._locked(fcntl.LOCK_EX):
-            self._recover()
+        self.merges = 0
+        self.latest: list[Metric] = []  # the last merge's result
+        self.failure: str | None = None  # why the last merge failed, None when it worked
+        self.view = LatestMerge(self)
+        self._inflight: asyncio.Future[list[Metric]] | None = None
+        self._inflight_until = 0.0
+        try:
+            with self.compaction.locked(fcntl.LOCK_EX, self._budget()):
+                self._recover()
+        except MergeFailed as exc:  # the lock held elsewhere: the first maintenance recovers
+            self.errors += 1
+            log.warning("cannot recover %s at start: %s", self.directory, exc)
+
+    def _budget(self) -> Budget:
+        return Budget(self.deadline, self._stop)
 
     # -- prometheus_client Collector ------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
         yield from self.merge()
-        yield from self._own_metrics()
+        yield from self.own_metrics()
 
     def merge(self) -> list[Metric]:
-        """Maintain the directory, then merge every worker's file (blocking: call from `executor`)."""
-        with self._lock:
+        """Maintain the directory, then merge every worker's file (blocking: call from `executor`).
+
+        Raises MergeFailed when no result can be had within the deadline.
+        """
+        budget = self._budget()
+        try:
+            if not self._lock.acquire(timeout=self.deadline):
+                raise MergeFailed(f"the merge did not finish within {self.deadline:g} s: the previous one still runs")
             try:
-                self.maintain()
+                metrics = self._merge(budget)
+            finally:
+                self._lock.release()
+        except MergeFailed as exc:
+            self.errors += 1
+            if str(exc) != self.failure:
+                log.warning("merging %s failed: %s", self.directory, exc)
+            self.failure = str(exc)
+            raise
+        if self.failure is not None:
+            log.info("merging %s works again", self.directory)
+        self.failure = None
+        self.latest = metrics
+        return metrics
+
+    def _merge(self, budget: Budget) -> list[Metric]:
+        self.merges += 1
+        try:
+            try:
+                self.maintain(budget)
+            except MergeFailed:
+                raise
             except Exception:
                 self.errors += 1
                 log.exception("maintaining %s failed; merging it as it is", self.directory)
-            with self._locked(fcntl.LOCK_SH):
-                files = [str(p) for p in self.directory.glob("*.db")]
-                self.files = len(files)
-                return list(MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+            with self.compaction.locked(fcntl.LOCK_SH, budget):
+                return self._merge_files(budget)
+        except OSError as exc:  # the directory itself: gone, unreadable; out of file descriptors
+            raise MergeFailed(f"cannot read {self.directory}: {exc.strerror}") from None
 
-    def _own_metrics(self) -> Iterator[Metric]:
-        values = {"workers": self.live_workers, "files": self.files, "reaped": self.reaped, "errors": self.errors}
+    def _merge_files(self, budget: Budget) -> list[Metric]:
+        found: list[tuple[os.stat_result, str, re.Match[str]]] = []
+        with os.scandir(self.directory) as listing:
+            for entry in listing:
+                m = mpfile.FILE.fullmatch(entry.name)
+                if m is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append((entry.stat(follow_symlinks=False), entry.name, m))
+        # Smallest first: a worker's file is small, so the file that would take a merge past
+        # MAX_SERIES (and is rejected for it) is the big one a hostile writer made.
+        found.sort(key=lambda f: f[0].st_size)
+        reader, merge = mpfile.Reader(budget), mpfile.Merge()
+        for seen, name, m in found:
+            budget()
+            try:
+                entries = reader.load(self.directory / name, mpfile.MAX_SERIES - merge.series, seen)
+                if entries is None:
+                    self._unwritten(name, m["ident"], seen)
+                else:
+                    merge.add(m["kind"], m["mode"], m["ident"], entries)
+            except FileNotFoundError:  # a live gauge of a worker reaped meanwhile
+                continue
+            except mpfile.Rejected as exc:
+                self.quarantine.move(name, str(exc))
+        self.files = merge.files
+        return merge.result()
+
+    def _unwritten(self, name: str, ident: str, seen: os.stat_result) -> None:
+        """A file with no header yet: a worker between creating and initialising it, for an instant."""
+        if time.time() - seen.st_mtime <= self.stale_after:
+            return
+        if (
+            ident.isascii()
+            and ident.isdigit()
+            and self._shared
+            and _running(int(ident))
+            and _maps(int(ident), str(self.directory.resolve()))
+        ):
+            return  # a live writer of ours, stopped in a debugger, say: never move a live worker's file
+        raise mpfile.Rejected(f"is empty for more than {self.stale_after:g} s (its writer died before writing it)")
+
+    def own_metrics(self) -> Iterator[Metric]:
+        values = {
+            "workers": self.live_workers,
+            "files": self.files,
+            "reaped": self.reaped,
+            "errors": self.errors + self.compaction.ignored,
+            "quarantined": self.quarantine.moved,
+            "merges": self.merges,
+        }
         for spec in catalog.SIDECAR_CATALOG:
             family = GaugeMetricFamily if spec.kind == "gauge" else CounterMetricFamily
             yield family(spec.name(self.namespace), spec.help, values[spec.key])
@@ -150,7 +239,7 @@ class Sidecar(Collector):
         marks: dict[int, float | None] = {}
         for pid in pids:
             try:
-                marks[pid] = now - alive_path(self.directory, pid).stat().st_mtime
+                marks[pid] = now - alive_path(self.directory, pid).lstat().st_mtime
             except FileNotFoundError:
                 marks[pid] = None
         if self._probe_shared and not self._shared:
@@ -175,121 +264,119 @@ class Sidecar(Collector):
 
     # -- maintenance ----------------------------------------------------------------------------
 
-    def maintain(self) -> None:
+    def maintain(self, budget: Budget | None = None) -> None:
         """Reap dead workers and fold their files into the archives."""
-        dead = self.dead_workers(self.workers())
+        budget = budget or self._budget()
+        if os.path.lexists(self.directory / JOURNAL):  # left by a start that could not take the lock
+            with self.compaction.locked(fcntl.LOCK_EX, budget):
+                self._recover()
+        dead = sorted(self.dead_workers(self.workers()))
         if not dead:
             return
-        with self._locked(fcntl.LOCK_EX):
-            for pid in dead:
-                mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
-            self._compact(dead)
-            for pid in dead:
-                alive_path(self.directory, pid).unlink(missing_ok=True)
-                self._seen_alive.discard(pid)
-        self.reaped += len(dead)
-        log.info("reaped %d dead worker(s): %s", len(dead), ", ".join(map(str, sorted(dead))))
+        reader = mpfile.Reader(budget)
+        with self.compaction.locked(fcntl.LOCK_EX, budget):
+            for start in range(0, len(dead), BATCH):
+                batch = dead[start : start + BATCH]
+                for pid in batch:
+                    self.compaction.drop_live(pid)
+                self._compact(batch, reader)
+                for pid in batch:
+                    self.compaction.clear(alive_path(self.directory, pid).name)
+                    self._seen_alive.discard(pid)
+                self.reaped += len(batch)
+                log.info("reaped %d dead worker(s): %s", len(batch), ", ".join(map(str, batch)))
 
-    def _compact(self, dead: set[int]) -> None:
-        by_kind: dict[str, list[Path]] = {}
-        for pid in dead:
-            for kind in _FOLD:
-                path = self.directory / f"{kind}_{pid}.db"
-                if path.exists():
-                    by_kind.setdefault(kind, []).append(path)
-        if not by_kind:
-            return
-        replace: list[tuple[str, str]] = []
-        for kind, paths in by_kind.items():
-            archive = self.directory / f"{kind}_{ARCHIVE}.db"
-            fold = _FOLD[kind]
-            values: dict[str, tuple[float, float]] = {}
-            for path in ([archive] if archive.exists() else []) + paths:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
-                    if key in values:
-                        old, old_ts = values[key]
-                        values[key] = (fold(old, value), max(old_ts, timestamp))
-                    else:
-                        values[key] = (value, timestamp)
-            new = archive.with_name(archive.name + NEW_SUFFIX)
-            new.unlink(missing_ok=True)
-            _write(new, values)
-            replace.append((str(new), str(archive)))
-        removed = [str(p) for paths in by_kind.values() for p in paths]
-        # Commit point: once the journal exists, the swap is replayed to the end, even after a crash.
-        _write_json(self.directory / JOURNAL, {"replace": replace, "remove": removed})
-        self._recover()
+    def _compact(self, dead: list[int], reader: mpfile.Reader) -> None:
+        if self.compaction.prepare(dead, reader):
+            self._recover()
 
     def _recover(self) -> None:
-        """Finish a compaction the journal describes, or drop one that never reached its journal."""
-        journal = self.directory / JOURNAL
-        try:
-            plan = json.loads(journal.read_text())
-        except FileNotFoundError:
-            for stray in self.directory.glob("*.db" + NEW_SUFFIX):
-                stray.unlink(missing_ok=True)
-            return
-        for new, archive in plan["replace"]:
-            if os.path.exists(new):
-                os.replace(new, archive)
-        for path in plan["remove"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        _fsync_dir(self.directory)
-        journal.unlink()
-
-    @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
-        # Two sidecars on one directory must not fold the same files twice.
-        with open(self.directory / LOCK, "a") as f:
-            fcntl.flock(f, mode)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        self.compaction.recover()
 
     # -- for the web app ------------------------------------------------------------------------
 
+    async def refresh(self) -> list[Metric]:
+        """A merge for the caller: the one in flight, or a new one; MergeFailed (503) past its deadline.
+
+        /metrics, /pools, / and /readyz all come here, so concurrent requests cost one merge.
+        """
+        if self._stop.is_set():
+            raise MergeFailed("the sidecar is stopping")
+        future = self._inflight
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._inflight = loop.create_future()
+            self._inflight_until = time.monotonic() + self.deadline + _GRACE
+            self.executor.submit(self.merge).add_done_callback(lambda done: _settle(loop, future, done))
+            future.add_done_callback(self._merged)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, self._inflight_until - time.monotonic()))
+        except TimeoutError:
+            # The merge did not even reach a check of its budget: stuck in the kernel, say.
+            reason = f"the merge did not finish within {self.deadline:g} s"
+            if self.failure != reason:
+                log.warning("merging %s failed: %s", self.directory, reason)
+            self.failure = reason
+            raise MergeFailed(reason) from None
+
+    def _merged(self, future: asyncio.Future[list[Metric]]) -> None:
+        if self._inflight is future:
+            self._inflight = None
+        if not future.cancelled():
+            future.exception()  # retrieved, even when every waiter gave up
+
     async def pools(self) -> list[dict[str, Any]]:
         """Per-pool numbers rebuilt from the merged metrics, for /pools and / in sidecar mode."""
-        metrics = await asyncio.get_running_loop().run_in_executor(self.executor, self.merge)
-        return views.pools_from_metrics(metrics, self.namespace)
+        return views.pools_from_metrics(await self.refresh(), self.namespace)
 
     def checks(self) -> dict[str, Callable[[], Any]]:
         async def directory() -> None:
             if not os.access(self.directory, os.R_OK | os.X_OK):
                 raise PermissionError(str(self.directory))
 
-        return {"multiproc_dir": directory}
+        async def merge() -> None:
+            await self.refresh()
+
+        return {"multiproc_dir": directory, "merge": merge}
+
+    def details(self) -> dict[str, Any]:
+        """For /readyz: the files moved aside most recently, oldest first."""
+        return {"quarantined": list(self.quarantine.recent)}
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        """Stop: a merge in flight gives up at its next step, its waiters get 503, nothing waits for its thread."""
+        self._stop.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        future = self._inflight
+        if future is not None and not future.done():
+            future.set_exception(MergeFailed("the sidecar is stopping"))
 
 
-def _write(path: Path, values: dict[str, tuple[float, float]]) -> None:
-    d = MmapedDict(str(path))  # type: ignore[no-untyped-call]
-    try:
-        for key, (value, timestamp) in values.items():
-            d.write_value(key, value, timestamp)  # type: ignore[no-untyped-call]
-    finally:
-        d.close()  # type: ignore[no-untyped-call]
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+class LatestMerge(Collector):
+    """The sidecar's last merge and its own numbers, for a registry whose /metrics awaits `refresh` first."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._sidecar.latest
+        yield from self._sidecar.own_metrics()
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future[list[Metric]], done: Any) -> None:
+    """Hand a merge's outcome from its thread to the loop's future (unless the loop is gone)."""
 
+    def settle() -> None:
+        if future.done():
+            return
+        if done.cancelled():
+            future.set_exception(MergeFailed("the sidecar is stopping"))
+        elif done.exception() is not None:
+            exc = done.exception()
+            future.set_exception(exc if isinstance(exc, MergeFailed) else MergeFailed(f"the merge failed: {exc!r}"))
+        else:
+            future.set_result(done.result())
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(settle)
+

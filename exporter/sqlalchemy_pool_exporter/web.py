@@ -24,7 +24,7 @@ from . import _version, views
 from .auth import Auth
 from .core import Exporter, default_exporter
 from .exposition import Exposition
-from .readiness import Check, Readiness, check_pool
+from .readiness import Check, Readiness, Unavailable, check_pool
 
 if TYPE_CHECKING:
     import ssl
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqlalchemy_pool_exporter.web")
 
 PoolsSource = Callable[[], Awaitable[list[dict[str, Any]]]]
+Refresh = Callable[[], Awaitable[object]]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 REGISTRY_KEY = web.AppKey("pool_exporter_registry", CollectorRegistry)
 
@@ -69,11 +71,13 @@ def metrics_handler(
     executor: Executor | None = None,
     offload: bool = False,
     exporters: Sequence[Exporter] = (),
-) -> Callable[[web.Request], Awaitable[web.Response]]:
+    refresh: Refresh | None = None,
+) -> Handler:
     """Render the registry as the client asked; in `offload` mode, off the event loop.
 
     Off the loop, scrapes that arrive while a render of the same kind is running share its result,
-    so a burst of scrapers costs one render, not one each.
+    so a burst of scrapers costs one render, not one each. `refresh` is awaited before each render
+    (the sidecar's merge, which its collector then yields).
     """
     inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
     exposition = Exposition(registry, [e.collector for e in exporters if e.registry is registry])
@@ -90,6 +94,8 @@ def metrics_handler(
         return await asyncio.shield(future)
 
     async def metrics(request: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
         body = await render(encoder, content_type, tuple(request.query.getall("name[]", [])))
         response = web.Response(body=body, headers={"Content-Type": content_type})
@@ -108,7 +114,8 @@ async def healthz(request: web.Request) -> web.Response:
 def readyz_handler(readiness: Readiness) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def readyz(request: web.Request) -> web.Response:
         ok, detail = await readiness.check()
-        return web.json_response({"ready": ok, "checks": detail}, status=200 if ok else 503)
+        extra = readiness.details() if readiness.details is not None else {}
+        return web.json_response({"ready": ok, "checks": detail, **extra}, status=200 if ok else 503)
 
     return readyz
 
@@ -150,6 +157,18 @@ td:first-child,th:first-child{{text-align:left}}</style></head>
     return index
 
 
+def unavailable_as_503(handler: Handler) -> Handler:
+    """A source that cannot answer now (the sidecar's merge past its deadline) is a 503 with its reason."""
+
+    async def guarded(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except Unavailable as exc:
+            return web.Response(status=503, text=f"{exc}\n")
+
+    return guarded
+
+
 # -- assembly -----------------------------------------------------------------------------------
 
 
@@ -165,12 +184,14 @@ def add_routes(
     offload: bool = True,
     executor: Executor | None = None,
     index: bool = True,
+    refresh: Refresh | None = None,
 ) -> None:
     """Add the exporter's routes to an aiohttp app (yours or ours); `auth` guards all but /healthz.
 
     They serve `exporter`'s pools and registry (by default the default Exporter's, bound to
     prometheus_client.REGISTRY); pass `registry=` alone to serve a registry with no pools of this
-    process (the sidecar), with `pools=` and `readiness=` of its own.
+    process (the sidecar), with `pools=` and `readiness=` of its own. `refresh`, awaited before each
+    /metrics render, and `pools` may raise Unavailable: the request gets 503.
     """
     if exporter is None and registry is None:
         exporter = default_exporter()
@@ -184,12 +205,13 @@ def add_routes(
     exporters = [exporter] if exporter is not None else []
     guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
     app[REGISTRY_KEY] = registry
-    app.router.add_get(metrics_path, guard(metrics_handler(registry, executor, offload, exporters)))
+    metrics = metrics_handler(registry, executor, offload, exporters, refresh)
+    app.router.add_get(metrics_path, guard(unavailable_as_503(metrics)))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", guard(readyz_handler(readiness)))
-    app.router.add_get("/pools", guard(pools_handler(pools)))
+    app.router.add_get("/pools", guard(unavailable_as_503(pools_handler(pools))))
     if index:
-        app.router.add_get("/", guard(index_handler(pools, metrics_path)))
+        app.router.add_get("/", guard(unavailable_as_503(index_handler(pools, metrics_path))))
 
 
 def make_app(
@@ -202,6 +224,7 @@ def make_app(
     auth: Auth | None = None,
     offload: bool = True,
     executor: Executor | None = None,
+    refresh: Refresh | None = None,
 ) -> web.Application:
     """A standalone exporter app (see add_routes); with `auth`, all but /healthz (and 404s) need credentials."""
     middlewares = [auth.middleware()] if auth is not None and auth.enabled else []
@@ -215,6 +238,7 @@ def make_app(
         readiness=readiness,
         offload=offload,
         executor=executor,
+        refresh=refresh,
     )
     return app
 

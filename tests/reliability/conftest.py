@@ -15,9 +15,12 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -456,3 +459,200 @@ def is_raised_by_us(exc: BaseException) -> bool:
 @pytest.fixture
 def raised_by_us() -> Callable[[BaseException], bool]:
     return is_raised_by_us
+
+
+# -- the sidecar over a hostile multiprocess directory --------------------------------------------
+
+MP_WORKER = """
+import sys
+from sqlalchemy import create_engine
+from sqlalchemy.pool import QueuePool
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import default_exporter
+
+commits, held, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+engine = create_engine(f"sqlite:///{db}", poolclass=QueuePool, pool_size=5, max_overflow=0)
+pool_exporter.instrument(engine, name="app")
+for _ in range(commits):
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT 1")
+conns = [engine.connect() for _ in range(held)]
+default_exporter().flush()
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes our stdin: then a clean exit
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Our environment without any POOL_EXPORTER_ or multiprocess setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POOL_EXPORTER_", "PROMETHEUS_MULTIPROC"))}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class MpWorkers:
+    """Real instrumented worker processes writing one multiprocess directory (pool `app`, SQLite)."""
+
+    directory: Path
+    tmp: Path
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def start(self, commits: int, held: int) -> subprocess.Popen[str]:
+        """A worker that commits `commits` times, then holds `held` connections: commits + held checkouts."""
+        script = self.tmp / "mp_worker.py"
+        script.write_text(MP_WORKER)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(commits), str(held), str(self.tmp / "app.sqlite")],
+            env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(self.directory)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def ready(*procs: subprocess.Popen[str]) -> None:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+
+
+@pytest.fixture
+def mp_workers(tmp_path: Path) -> Iterator[MpWorkers]:
+    directory = tmp_path / "mp"
+    directory.mkdir()
+    workers = MpWorkers(directory, tmp_path)
+    yield workers
+    workers.close()
+
+
+# Address space for a `serve` under test: far above its needs (~0.5 GB of it), far below what a
+# file that makes it read gigabytes needs, so a regression fails the test, not the shared machine.
+SERVE_ADDRESS_SPACE = 2 << 30
+
+
+@dataclass
+class Serve:
+    """A real `python -m sqlalchemy_pool_exporter serve` over a directory, on a free port of 127.0.0.1."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    base: str = ""
+    maxrss_kb: int = 0
+
+    @classmethod
+    def start(cls, directory: Path, tmp: Path, *, cwd: Path | None = None, wait: bool = True) -> Serve:
+        log = tmp / f"serve-{next(_apps)}.log"
+
+        def limit() -> None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (SERVE_ADDRESS_SPACE, SERVE_ADDRESS_SPACE))
+
+        env = clean_env(
+            PROMETHEUS_MULTIPROC_DIR=str(directory),
+            POOL_EXPORTER_HOST="127.0.0.1",
+            POOL_EXPORTER_PORT="0",
+            POOL_EXPORTER_LOG_LEVEL="INFO",
+        )
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sqlalchemy_pool_exporter", "serve"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                preexec_fn=limit,
+            )
+        serve = cls(proc, log)
+        if wait:
+            try:
+                serve.wait_listening()
+            except BaseException:  # a sidecar that never listened must not outlive the test
+                proc.kill()
+                proc.wait()
+                raise
+        return serve
+
+    def wait_listening(self, limit: float = 30.0) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            m = re.search(r"(http://127\.0\.0\.1:\d+)/metrics", self.text())
+            if m:
+                self.base = m[1]
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"serve did not listen within {limit} s:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def warnings(self, about: str = "") -> list[str]:
+        return [line for line in self.text().splitlines() if " WARNING " in line and about in line]
+
+    def stop(self, limit: float = 5.0) -> float:
+        """SIGTERM; the seconds until it exited (its peak RSS in `maxrss_kb`); SIGKILL past `limit` + 10 s."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        while time.monotonic() - t0 < limit + 10:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                self.maxrss_kb = usage.ru_maxrss
+                return time.monotonic() - t0
+            time.sleep(0.02)
+        self.proc.kill()
+        self.proc.wait()
+        return float("inf")
+
+
+@pytest.fixture
+def serve_dir(tmp_path: Path, emitted: Emitted) -> Iterator[Callable[..., Serve]]:
+    """`serve_dir(directory, **kw)` starts a Serve; whatever is left running is killed afterwards."""
+    started: list[Serve] = []
+
+    def start(directory: Path, **kwargs: Any) -> Serve:
+        serve = Serve.start(directory, tmp_path, **kwargs)
+        started.append(serve)
+        return serve
+
+    yield start
+    for serve in started:
+        if serve.proc.poll() is None:
+            serve.proc.kill()
+            serve.proc.wait()
+        emitted.add(serve.log.read_bytes())
+
+
+async def get(base: str, path: str, timeout: float = 20.0) -> tuple[int, str]:
+    """GET with a client timeout: a sidecar that hangs fails the test instead of hanging it."""
+    import aiohttp
+
+    timeouts = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=timeouts) as http, http.get(base + path) as r:
+        return r.status, await r.text()
+
+
+def samples_of(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))

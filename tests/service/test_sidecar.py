@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import textwrap
@@ -194,7 +193,7 @@ def test_a_compaction_interrupted_after_its_journal_is_finished_on_restart(worke
         first.maintain()
     plan = json.loads((workers.directory / JOURNAL).read_text())
     assert len(plan["remove"]) == 6  # counter, histogram, gauge_max of both workers
-    assert all(os.path.exists(p) for p in plan["remove"])
+    assert all((workers.directory / p).exists() for p in plan["remove"])  # plain names in the directory
     first.close()
 
     second = Sidecar(workers.directory, same_pid_namespace=True)  # recovers in its constructor
