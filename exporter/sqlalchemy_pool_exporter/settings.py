@@ -126,6 +126,13 @@ class Settings(BaseSettings):
             raise ValueError("must start with '/' and not be /, /healthz, /readyz or /pools")
         return value.rstrip("/") if len(value) > 1 else value
 
+    @field_validator("auth_token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            validation.token(value.get_secret_value())
+        return value
+
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
@@ -161,9 +168,12 @@ class Settings(BaseSettings):
             self.multiproc_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         if self.multiproc_dir is not None and not self.multiproc_dir.is_dir():
             raise SettingError("multiproc_dir", f"{self.multiproc_dir} is not a directory")
-        if (self.basic_auth_user is None) != (self.basic_auth_password is None):
-            missing = "basic_auth_password" if self.basic_auth_password is None else "basic_auth_user"
-            raise SettingError(missing, "basic auth needs both basic_auth_user and basic_auth_password")
+        password = self.basic_auth_password.get_secret_value() if self.basic_auth_password is not None else None
+        try:
+            validation.basic_auth(self.basic_auth_user, password)
+        except ValueError as exc:
+            user_ok = bool(self.basic_auth_user) and ":" not in (self.basic_auth_user or "")
+            raise SettingError("basic_auth_password" if user_ok else "basic_auth_user", str(exc)) from None
         if (self.tls_cert is None) != (self.tls_key is None):
             missing = "tls_key" if self.tls_key is None else "tls_cert"
             raise SettingError(missing, "TLS needs both tls_cert and tls_key")

@@ -104,3 +104,28 @@ def pool_name(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"name must be a non-empty string, got {value!r}")
     return encodable(value)[:MAX_POOL_NAME]
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+def token(value: str | None) -> str | None:
+    """None (no token auth) or a non-empty token."""
+    if value is not None and not value:
+        raise ValueError("token is empty: an empty token would accept an empty 'Bearer' header (unset it instead)")
+    return value
+
+
+def basic_auth(user: str | None, password: str | None) -> tuple[str | None, str | None]:
+    """Both None (no basic auth), or a non-empty user without ':' and a non-empty password."""
+    if user is None and password is None:
+        return None, None
+    if user is not None and (not user or ":" in user):
+        raise ValueError("basic auth user must be non-empty and contain no ':' (RFC 7617)")
+    if user is None:
+        raise ValueError("a basic auth password needs a basic auth user")
+    if password is None:
+        raise ValueError("a basic auth user needs a basic auth password")
+    if not password:
+        raise ValueError("basic auth password is empty: it would lock everyone out (unset both to turn it off)")
+    return user, password
