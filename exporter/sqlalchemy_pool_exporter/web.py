@@ -11,6 +11,7 @@ import asyncio
 import html
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.web import ContentCoding
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest, gzip_accepted
 
 from . import _version
 from .auth import Auth
@@ -111,6 +112,36 @@ async def local_pools() -> list[dict[str, Any]]:
 # -- handlers -----------------------------------------------------------------------------------
 
 
+_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
+
+
+def negotiate(accept: str) -> tuple[Callable[[Any], bytes], str]:
+    """prometheus_client's `choose_encoder`, made safe for any Accept header.
+
+    It raises on a `version=` that is not dotted numbers (`abc`, `1.x`) and copies the version it
+    accepted into our Content-Type. A media range with such a version is skipped, and anything else
+    going wrong means the classic text format, which is what Prometheus falls back to as well.
+    """
+    ranges = [r for r in accept.split(",") if _sane_media_range(r)]
+    try:
+        encoder, content_type = choose_encoder(",".join(ranges))
+    except Exception:
+        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+    if not (content_type.isascii() and content_type.isprintable()):
+        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+    return encoder, content_type
+
+
+def _sane_media_range(media_range: str) -> bool:
+    if not (media_range.isascii() and media_range.isprintable()):
+        return False
+    for param in media_range.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key == "version" and not _VERSION.fullmatch(value):
+            return False
+    return True
+
+
 def metrics_handler(
     registry: CollectorRegistry, executor: Executor | None = None, offload: bool = False
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -134,7 +165,7 @@ def metrics_handler(
         return await asyncio.shield(future)
 
     async def metrics(request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
+        encoder, content_type = negotiate(",".join(request.headers.getall("Accept", [])))
         body = await render(encoder, content_type, tuple(request.query.getall("name[]", [])))
         response = web.Response(body=body, headers={"Content-Type": content_type})
         # gzip only, as prometheus_client's own servers do (aiohttp alone would pick deflate first).
