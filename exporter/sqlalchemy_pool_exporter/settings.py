@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on (0 = any free port).")
     metrics_path: str = Field("/metrics", description="Path of the Prometheus endpoint.")
+    request_head_timeout: float = Field(
+        5.0, description="Seconds a client has to send a complete request head (and finish a TLS handshake)."
+    )
+    max_connections: int = Field(200, description="Open client connections at most; idle ones make room first.")
     database_url: SecretStr | None = Field(
         None,
         description="serve: PostgreSQL to report the server's view of (pg_stat_activity). "
@@ -125,6 +129,16 @@ class Settings(BaseSettings):
         if not value.startswith("/") or value in ("/", "/healthz", "/readyz", "/pools") or " " in value:
             raise ValueError("must start with '/' and not be /, /healthz, /readyz or /pools")
         return value.rstrip("/") if len(value) > 1 else value
+
+    @field_validator("request_head_timeout")
+    @classmethod
+    def _head_timeout(cls, value: float) -> float:
+        return validation.seconds("request_head_timeout", value, upper=300)
+
+    @field_validator("max_connections", mode="before")
+    @classmethod
+    def _max_connections(cls, value: object) -> int:
+        return validation.max_connections(value)
 
     @field_validator("auth_token")
     @classmethod

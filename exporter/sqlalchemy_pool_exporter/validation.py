@@ -106,6 +106,31 @@ def pool_name(value: object) -> str:
     return encodable(value)[:MAX_POOL_NAME]
 
 
+# -- HTTP side ----------------------------------------------------------------------------------
+
+MAX_CONNECTIONS = 100_000
+
+
+def _whole(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = value.strip() if isinstance(value, str) else ""
+    # ASCII digits only (str.isdecimal also takes other scripts' digits), and few of them.
+    if text.isascii() and text.isdecimal() and len(text) <= 9:
+        return int(text)
+    raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+
+def max_connections(value: object) -> int:
+    """The cap on open client connections: 1 to MAX_CONNECTIONS."""
+    number = _whole("max_connections", value)
+    if not 1 <= number <= MAX_CONNECTIONS:
+        raise ValueError(f"max_connections must be between 1 and {MAX_CONNECTIONS}, got {value!r}")
+    return number
+
+
 # -- credentials ----------------------------------------------------------------------------------
 
 

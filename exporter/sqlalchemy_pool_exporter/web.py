@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 
 from . import _version
 from .auth import Auth
+from .connections import AcceptErrors, Guard, within_fd_limit
 from .exposition import Exposition
 from .instrument import PoolHandle, handles
 
@@ -110,7 +111,6 @@ async def local_pools() -> list[dict[str, Any]]:
 
 
 # -- handlers -----------------------------------------------------------------------------------
-
 
 _VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
 
@@ -294,7 +294,12 @@ def make_app(
 
 
 class Server:
-    """Run an aiohttp app inside the current event loop: `await start()`, `await stop()`."""
+    """Run an aiohttp app inside the current event loop: `await start()`, `await stop()`.
+
+    Clients get `request_head_timeout` seconds to send each request head (and to finish a TLS
+    handshake); at most `max_connections` connections stay open, idle ones closed first to make
+    room (see connections.py). None turns either off.
+    """
 
     def __init__(
         self,
@@ -305,6 +310,8 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool | None = None,
         shutdown_timeout: float = 5.0,
+        request_head_timeout: float | None = 5.0,
+        max_connections: int | None = 200,
     ) -> None:
         self.app = app
         self.host = host
@@ -312,30 +319,45 @@ class Server:
         self.ssl_context = ssl_context
         self.reuse_port = reuse_port
         self.shutdown_timeout = shutdown_timeout
+        self.request_head_timeout = request_head_timeout
+        self.max_connections = max_connections
+        self.guard: Guard | None = None
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._accept_errors: AcceptErrors | None = None
 
     async def start(self) -> None:
         """Bind and serve without blocking; `port` is updated when 0 was asked."""
-        runner = web.AppRunner(self.app, access_log=logging.getLogger("aiohttp.access"))
-        await runner.setup()
-        site = web.TCPSite(
-            runner,
-            self.host,
-            self.port,
-            ssl_context=self.ssl_context,
-            reuse_port=self.reuse_port,
+        loop = asyncio.get_running_loop()
+        guard = Guard(head_timeout=self.request_head_timeout, max_connections=within_fd_limit(self.max_connections))
+        runner = web.AppRunner(
+            self.app,
+            access_log=logging.getLogger("aiohttp.access"),
+            access_log_class=guard.access_log_class(),
             shutdown_timeout=self.shutdown_timeout,
         )
+        await runner.setup()
+        assert runner.server is not None
+        guard.attach(runner.server)
+        # Our own listening socket rather than a TCPSite: every connection must go through the guard.
         try:
-            await site.start()
+            server = await loop.create_server(
+                guard,
+                self.host,
+                self.port,
+                ssl=self.ssl_context,
+                backlog=128,
+                reuse_port=self.reuse_port,
+                # The head deadline starts once TLS is up; a stalled handshake needs its own.
+                ssl_handshake_timeout=self.request_head_timeout if self.ssl_context else None,
+            )
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self._runner, self._server, self.guard = runner, server, guard
+        self._accept_errors = AcceptErrors.install(loop)
+        if server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -345,9 +367,17 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), run cleanup hooks."""
+        server, self._server = self._server, None
         runner, self._runner = self._runner, None
+        accept_errors, self._accept_errors = self._accept_errors, None
+        if server is not None:
+            server.close()
+        if self.guard is not None:
+            self.guard.close()
         if runner is not None:
             await runner.cleanup()
+        if accept_errors is not None:
+            accept_errors.uninstall(asyncio.get_running_loop())
 
 
 async def start_http_server(
