@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import catalog, validation
+from . import catalog, naming, validation
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # Not the default of any well-known exporter; see README "Default port".
@@ -22,7 +22,8 @@ DEFAULT_PORT = 9717
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-_URL_PASSWORD = re.compile(r"(:/+[^/@:\s]*:)[^@\s]*@")
+# A URL quoted in a problem: `scheme://` and the user (or host), then the rest of the message.
+_URL = re.compile(r"(://[^:@/?\s]*)(.*)", re.DOTALL)
 
 
 class SettingError(ValueError):
@@ -32,13 +33,28 @@ class SettingError(ValueError):
         self.setting = setting
         # Problems quote the bad value: a newline or escape code in it must not break the one line,
         # and a database URL given to the wrong setting must not print its password.
-        problem = _URL_PASSWORD.sub(r"\1***@", problem)
+        problem = _URL.sub(_mask_url, problem)
         self.problem = "".join(c if c.isprintable() else repr(c)[1:-1] for c in problem)
         super().__init__(f"{setting}: {self.problem}")
 
     def line(self) -> str:
         flag = "--" + self.setting.replace("_", "-")
         return f"invalid setting {self.setting} ({ENV_PREFIX}{self.setting.upper()} / {flag}): {self.problem}"
+
+
+def _mask_url(match: re.Match[str]) -> str:
+    """Mask a quoted URL's credentials and query, and whatever follows them in the message.
+
+    A password may itself hold '@', '/', '?' or spaces, so no parse of it is trusted: with an '@'
+    anywhere after the user, all of the rest goes; with a '?', all from it (drivers take secrets in
+    the query: ?pwd=, ?odbc_connect=). A one-line error loses nothing it needs by that.
+    """
+    head, rest = match[1], match[2]
+    if "@" in rest:
+        return head + (rest[0] if rest[0] in ":@" else "") + "***"
+    if "?" in rest:
+        return head + rest[: rest.index("?") + 1] + "***"
+    return match[0]
 
 
 def parse_buckets(value: object) -> dict[str, tuple[float, ...]] | None:
@@ -169,6 +185,11 @@ class Settings(BaseSettings):
             raise ValueError("not a database URL (expected e.g. postgresql+asyncpg://user:pass@host/db)") from None
         if url.get_backend_name() not in ("postgresql", "sqlite"):
             raise ValueError(f"unsupported backend {url.get_backend_name()!r} (postgresql or sqlite)")
+        credentials = naming.CREDENTIALS.match(value.get_secret_value())
+        if credentials is not None and "@" in value.get_secret_value()[credentials.end() :]:
+            # An unencoded '@' in the password: the host would be the password's tail, looked up,
+            # logged and shown (SQLAlchemy ends the password at the first '@').
+            raise ValueError("an '@' after user:password@: write '@' as %40 in the password, database name or query")
         return value
 
     @field_validator("multiproc_dir", mode="before")
