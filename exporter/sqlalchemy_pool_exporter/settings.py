@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +26,8 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 # A URL quoted in a problem: `scheme://` and the user (or host), then the rest of the message.
 _URL = re.compile(r"(://[^:@/?\s]*)(.*)", re.DOTALL)
+# Certificates and keys are a few KiB; a cap keeps a wrong path (/dev/zero, a disk image) harmless.
+MAX_FILE_BYTES = 1 << 20
 
 
 class SettingError(ValueError):
@@ -116,11 +120,9 @@ class Settings(BaseSettings):
         description="Histogram bounds per set (wait, use, create, statement): `wait=0.001,0.01,0.1;use=0.1,1`.",
     )
     leak_threshold: float | None = Field(
-        None, gt=0, description="Warn about connections held longer than this many seconds (demo)."
+        None, description="Warn about connections held longer than this many seconds (demo)."
     )
-    probe_interval: float = Field(
-        15.0, gt=0, le=3600, description="Seconds between server-view polls (and their timeout)."
-    )
+    probe_interval: float = Field(15.0, description="Seconds between server-view polls (and their timeout).")
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
     auth_token: SecretStr | None = Field(None, description="Require `Authorization: Bearer <token>` (not on /healthz).")
@@ -142,9 +144,7 @@ class Settings(BaseSettings):
     @field_validator("metrics_path")
     @classmethod
     def _path(cls, value: str) -> str:
-        if not value.startswith("/") or value in ("/", "/healthz", "/readyz", "/pools") or " " in value:
-            raise ValueError("must start with '/' and not be /, /healthz, /readyz or /pools")
-        return value.rstrip("/") if len(value) > 1 else value
+        return validation.metrics_path(value)
 
     @field_validator("request_head_timeout")
     @classmethod
@@ -155,6 +155,16 @@ class Settings(BaseSettings):
     @classmethod
     def _max_connections(cls, value: object) -> int:
         return validation.max_connections(value)
+
+    @field_validator("leak_threshold")
+    @classmethod
+    def _leak_threshold(cls, value: float | None) -> float | None:
+        return validation.leak_threshold(value)
+
+    @field_validator("probe_interval")
+    @classmethod
+    def _probe_interval(cls, value: float) -> float:
+        return validation.seconds("probe_interval", value, upper=3600)
 
     @field_validator("auth_token")
     @classmethod
@@ -201,8 +211,8 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if self.multiproc_dir is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.multiproc_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        if self.multiproc_dir is not None and not self.multiproc_dir.is_dir():
-            raise SettingError("multiproc_dir", f"{self.multiproc_dir} is not a directory")
+        if self.multiproc_dir is not None:
+            _check_writable_dir(self.multiproc_dir)
         password = self.basic_auth_password.get_secret_value() if self.basic_auth_password is not None else None
         try:
             validation.basic_auth(self.basic_auth_user, password)
@@ -242,17 +252,54 @@ class Settings(BaseSettings):
         if self.tls_cert is None or self.tls_key is None:
             return None
         for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
-            try:
-                path.read_bytes()
-            except OSError as exc:
-                raise SettingError(name, f"cannot read {path}: {exc.strerror}") from None
+            _check_small_file(name, path)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
+            # Never OpenSSL's pass phrase prompt: a service has no one at the terminal.
+            context.load_cert_chain(self.tls_cert, self.tls_key, password=_no_pass_phrase)
+        except _PassPhraseNeeded:
+            raise SettingError("tls_key", f"{self.tls_key} is encrypted: give an unencrypted key") from None
         except ssl.SSLError as exc:
             problem = f"cannot load certificate {self.tls_cert} with key {self.tls_key}: {exc.reason}"
             raise SettingError("tls_cert", problem) from None
         return context
+
+
+class _PassPhraseNeeded(Exception):
+    pass
+
+
+def _no_pass_phrase() -> bytes:
+    raise _PassPhraseNeeded
+
+
+def _check_small_file(name: str, path: Path) -> None:
+    """A readable regular file of at most MAX_FILE_BYTES: checked before anything reads it."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise SettingError(name, f"{path} is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise SettingError(name, f"{path} is {info.st_size} bytes; at most {MAX_FILE_BYTES} expected")
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise SettingError(name, f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise SettingError(name, f"not a usable path: {str(path)!r}") from None
+
+
+def _check_writable_dir(path: Path) -> None:
+    """The multiprocess directory must exist and take new files: workers write it, the sidecar
+    compacts and quarantines in it, and a read-only one would fail at the first scrape instead."""
+    if not path.is_dir():
+        raise SettingError("multiproc_dir", f"{path} is not a directory")
+    try:
+        # Really creating a file catches what permission bits do not: read-only mounts, root squash.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SettingError("multiproc_dir", f"cannot create files in {path}: {exc.strerror}") from None
 
 
 def load(**overrides: Any) -> Settings:

@@ -108,7 +108,35 @@ def pool_name(value: object) -> str:
 
 # -- HTTP side ----------------------------------------------------------------------------------
 
+# Paths the exporter's own app serves besides the metrics endpoint.
+RESERVED_PATHS = frozenset({"/", "/healthz", "/readyz", "/pools"})
+# RFC 3986 pchar without percent-encoding: what aiohttp matches literally. '%' is left out on
+# purpose: aiohttp matches the decoded path, so '/a%2Fb' would not be served at the path given.
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@")
+MAX_PATH = 200
+MAX_WORKERS = 64
 MAX_CONNECTIONS = 100_000
+
+
+def metrics_path(value: object) -> str:
+    """An absolute path of non-empty ASCII segments, no trailing '/', not one of our other routes."""
+    if not isinstance(value, str):
+        raise ValueError(f"metrics_path must be a string, got {type(value).__name__}")
+    problem = ""
+    if not value.startswith("/") or len(value) > MAX_PATH:
+        problem = f"must start with '/' and be at most {MAX_PATH} characters"
+    elif value in RESERVED_PATHS:
+        problem = "must not be /, /healthz, /readyz or /pools"
+    elif value.endswith("/") or "//" in value:
+        # '/pools/' used to be stripped to '/pools' and shadow it; no form of a path is guessed at.
+        problem = "must not end with '/' or contain '//'"
+    elif not set(value[1:].replace("/", "")) <= _PATH_CHARS:
+        problem = "may hold only ASCII letters, digits and -._~!$&'()*+,;=:@ between '/' (no ?, #, % or spaces)"
+    elif any(segment in (".", "..") for segment in value.split("/")):
+        problem = "must not contain '.' or '..' segments"
+    if problem:
+        raise ValueError(f"metrics_path {problem}, got {value!r}")
+    return value
 
 
 def _whole(name: str, value: object) -> int:
@@ -121,6 +149,14 @@ def _whole(name: str, value: object) -> int:
     if text.isascii() and text.isdecimal() and len(text) <= 9:
         return int(text)
     raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+
+def workers(value: object) -> int:
+    """How many demo app processes: 1 to MAX_WORKERS."""
+    number = _whole("workers", value)
+    if not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, got {value!r}")
+    return number
 
 
 def max_connections(value: object) -> int:
