@@ -259,6 +259,42 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+# -- request errors -------------------------------------------------------------------------------
+
+REQUEST_ERRORS = "sqlalchemy_pool_exporter.web.errors"
+
+
+class _EveryMinute(logging.Filter):
+    """Let one WARNING-or-worse record through a minute, noting how many were held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held = self.throttle.ready()
+        if held is None:
+            return False
+        if held:
+            record.msg, record.args = record.getMessage() + self.throttle.note(held), None
+        return True
+
+
+def request_error_logger() -> logging.Logger:
+    """The logger for aiohttp's request errors (malformed requests, handler exceptions): ours, throttled.
+
+    aiohttp logs every malformed request (a bad header byte, a cut request line) with its traceback
+    at ERROR, to `aiohttp.server`: about 500 bytes of log per request any client can send. Ours
+    keeps the first of each minute, traceback included, and counts the others.
+    """
+    logger = logging.getLogger(REQUEST_ERRORS)
+    if not any(isinstance(f, _EveryMinute) for f in logger.filters):
+        logger.addFilter(_EveryMinute())
+    return logger
+
+
 # -- accept() failures ----------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 
 from . import _version
 from .auth import Auth
-from .connections import AcceptErrors, Guard, within_fd_limit
+from .connections import AcceptErrors, Guard, request_error_logger, within_fd_limit
 from .exposition import Exposition
 from .instrument import PoolHandle, handles
 
@@ -334,6 +334,7 @@ class Server:
             self.app,
             access_log=logging.getLogger("aiohttp.access"),
             access_log_class=guard.access_log_class(),
+            logger=request_error_logger(),
             shutdown_timeout=self.shutdown_timeout,
         )
         await runner.setup()

@@ -172,6 +172,29 @@ async def test_descriptor_exhaustion_keeps_scrapes_and_logs_small(tmp_path: Path
     assert len(log.splitlines()) <= 6, log[:3000]
 
 
+async def test_malformed_requests_are_logged_once_a_minute(tmp_path: Path) -> None:
+    """Fault: 30 requests with a byte no header may hold, to a real `serve`.
+
+    Each gets its 400; aiohttp used to log every one with its traceback (about 500 bytes each, as
+    fast as a client can send them): now the first, and the rest are counted for the next line.
+    """
+    with serving(tmp_path) as server:
+        statuses = []
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: a\x7fb\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
+            finally:
+                writer.close()
+            statuses.append(int(head.split(b" ", 2)[1]))
+        assert (await _scrape(server.base))[0] == 200
+    assert statuses == [400] * 30
+    log = server.text()
+    assert log.count("Error handling request from 127.0.0.1") == 1, log[:3000]
+    assert log.count("Traceback") == 1
+
+
 HOG = textwrap.dedent(
     """
     import asyncio, logging, os, resource, sys
