@@ -21,7 +21,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("port", "PORT", f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)"),
     ("metrics_path", "PATH", "path of the metrics endpoint (default /metrics)"),
     ("request_head_timeout", "SECONDS", "close connections that send no complete request head in time (default 5)"),
-    ("max_connections", "N", "open client connections at most; idle ones are closed first (default 200)"),
+    ("max_http_connections", "N", "open client connections at most; idle ones are closed first (default 200)"),
     ("database_url", "URL", "serve: PostgreSQL for the server view; demo: database (prefer the env var)"),
     ("multiproc_dir", "DIR", "multiprocess directory (default $PROMETHEUS_MULTIPROC_DIR)"),
     ("namespace", "NAME", "metric name prefix (default sqlalchemy)"),

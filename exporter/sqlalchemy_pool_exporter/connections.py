@@ -165,7 +165,7 @@ class Guard:
         held = self._full_log.ready()
         if held is not None:
             log.warning(
-                "%d connections open, the most allowed (max_connections): %s%s",
+                "%d client connections open, the most allowed (max_http_connections): %s%s",
                 self.max_connections,
                 what,
                 self._full_log.note(held),
@@ -362,5 +362,7 @@ def within_fd_limit(max_connections: int | None) -> int | None:
     if soft == resource.RLIM_INFINITY or soft // 2 >= max_connections:
         return max_connections
     budget = max(1, soft // 2)
-    log.info("max_connections %d lowered to %d: half the open-file limit (ulimit -n %d)", max_connections, budget, soft)
+    log.info(
+        "at most %d client connections, not %d: half the open-file limit (ulimit -n %d)", budget, max_connections, soft
+    )
     return budget

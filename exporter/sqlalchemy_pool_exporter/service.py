@@ -65,7 +65,7 @@ async def listen(
         ssl_context=settings.ssl_context(),
         reuse_port=reuse_port,
         request_head_timeout=settings.request_head_timeout,
-        max_connections=settings.max_connections,
+        max_connections=settings.max_http_connections,
     )
     try:
         await server.start()

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     request_head_timeout: float = Field(
         5.0, description="Seconds a client has to send a complete request head (and finish a TLS handshake)."
     )
-    max_connections: int = Field(200, description="Open client connections at most; idle ones make room first.")
+    max_http_connections: int = Field(200, description="Open client connections at most; idle ones make room first.")
     database_url: SecretStr | None = Field(
         None,
         description="serve: PostgreSQL to report the server's view of (pg_stat_activity). "
@@ -151,10 +151,10 @@ class Settings(BaseSettings):
     def _head_timeout(cls, value: float) -> float:
         return validation.seconds("request_head_timeout", value, upper=300)
 
-    @field_validator("max_connections", mode="before")
+    @field_validator("max_http_connections", mode="before")
     @classmethod
-    def _max_connections(cls, value: object) -> int:
-        return validation.max_connections(value)
+    def _max_http_connections(cls, value: object) -> int:
+        return validation.max_http_connections(value)
 
     @field_validator("leak_threshold")
     @classmethod

@@ -115,7 +115,7 @@ RESERVED_PATHS = frozenset({"/", "/healthz", "/readyz", "/pools"})
 _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@")
 MAX_PATH = 200
 MAX_WORKERS = 64
-MAX_CONNECTIONS = 100_000
+MAX_HTTP_CONNECTIONS = 100_000
 
 
 def metrics_path(value: object) -> str:
@@ -159,11 +159,11 @@ def workers(value: object) -> int:
     return number
 
 
-def max_connections(value: object) -> int:
-    """The cap on open client connections: 1 to MAX_CONNECTIONS."""
-    number = _whole("max_connections", value)
-    if not 1 <= number <= MAX_CONNECTIONS:
-        raise ValueError(f"max_connections must be between 1 and {MAX_CONNECTIONS}, got {value!r}")
+def max_http_connections(value: object) -> int:
+    """The cap on open client connections of our HTTP server: 1 to MAX_HTTP_CONNECTIONS."""
+    number = _whole("max_http_connections", value)
+    if not 1 <= number <= MAX_HTTP_CONNECTIONS:
+        raise ValueError(f"max_http_connections must be between 1 and {MAX_HTTP_CONNECTIONS}, got {value!r}")
     return number
 
 

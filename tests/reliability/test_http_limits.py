@@ -112,13 +112,13 @@ async def test_a_stalled_tls_handshake_is_closed(tmp_path: Path) -> None:
 
 
 async def test_idle_connections_beyond_the_cap_make_room(tmp_path: Path) -> None:
-    """Fault: 40 connections opened and left idle against a real `serve` with max_connections 8
+    """Fault: 40 connections opened and left idle against a real `serve` with max_http_connections 8
     (and a head deadline long enough not to matter).
 
     The oldest idle ones are closed to stay at the cap (32 of the 40 at least), a scrape still
     answers 200, and the log has one line about it, not forty.
     """
-    with serving(tmp_path, "--max-connections", "8", "--request-head-timeout", "120") as server:
+    with serving(tmp_path, "--max-http-connections", "8", "--request-head-timeout", "120") as server:
         conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(40)]
         try:
             status, _ = await _scrape(server.base)
@@ -145,7 +145,7 @@ async def test_idle_connections_beyond_the_cap_make_room(tmp_path: Path) -> None
             for _, writer in conns:
                 writer.close()
     log = server.text()
-    assert log.count("8 connections open, the most allowed (max_connections)") == 1, log
+    assert log.count("8 client connections open, the most allowed (max_http_connections)") == 1, log
     assert "Traceback" not in log
 
 
@@ -168,7 +168,7 @@ async def test_descriptor_exhaustion_keeps_scrapes_and_logs_small(tmp_path: Path
                 writer.close()
     log = server.text()
     assert "Traceback" not in log
-    assert "max_connections 200 lowered to 32" in log
+    assert "at most 32 client connections, not 200" in log
     assert len(log.splitlines()) <= 6, log[:3000]
 
 
