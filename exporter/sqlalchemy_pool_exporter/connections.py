@@ -78,9 +78,6 @@ class Guard:
         self._open: dict[asyncio.BaseProtocol, _Connection] = {}
         self._stalled_log = Throttle()
         self._full_log = Throttle()
-        self.stalled = 0
-        self.evicted = 0
-        self.refused = 0
 
     def attach(self, server: Callable[[], asyncio.Protocol]) -> None:
         """Serve through aiohttp's protocol factory `server` (AppRunner.server, after setup())."""
@@ -109,10 +106,6 @@ class Guard:
         assert self._factory is not None, "attach() first"
         return _Connection(self, self._factory())
 
-    @property
-    def open(self) -> int:
-        return len(self._open)
-
     def close(self) -> None:
         """Drop every pending deadline (the server is stopping; aiohttp closes the connections)."""
         for conn in self._open.values():
@@ -138,10 +131,8 @@ class Guard:
         if self.max_connections is not None and len(self._open) >= self.max_connections:
             idle = next((c for c in self._open.values() if not c.busy), None) if self._hooked else None
             if idle is None:
-                self.refused += 1
                 self._log_full("answered a new connection 503")
                 return False
-            self.evicted += 1
             self._forget(idle)
             idle.abort()
             self._log_full("closed the oldest idle connection")
@@ -152,7 +143,6 @@ class Guard:
         self._open.pop(conn.inner, None)
 
     def _stalled(self) -> None:
-        self.stalled += 1
         held = self._stalled_log.ready()
         if held is not None:
             log.info(
@@ -310,15 +300,12 @@ class AcceptErrors:
         self.previous = previous
         self.throttle = Throttle()
         self.users = 0
-        self.suppressed = 0
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if "socket" in context and isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS:
             held = self.throttle.ready()
-            if held is None:
-                self.suppressed += 1
-            else:
+            if held is not None:
                 log.warning(
                     "cannot accept connections: %s; new ones wait in the backlog (retried every second)%s",
                     exc,

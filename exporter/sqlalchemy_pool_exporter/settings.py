@@ -290,8 +290,8 @@ def _check_small_file(name: str, path: Path) -> None:
 
 
 def _check_writable_dir(path: Path) -> None:
-    """The multiprocess directory must exist and take new files: workers write it, the sidecar
-    compacts and quarantines in it, and a read-only one would fail at the first scrape instead."""
+    """The multiprocess directory must exist and take new files: workers write it, and the sidecar
+    locks, compacts and quarantines in it (a read-only one made it fail at start with a traceback)."""
     if not path.is_dir():
         raise SettingError("multiproc_dir", f"{path} is not a directory")
     try:
