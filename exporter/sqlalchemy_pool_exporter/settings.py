@@ -25,7 +25,8 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 # A URL quoted in a problem: `scheme://` and the user (or host), then the rest of the message.
-_URL = re.compile(r"(://[^:@/?\s]*)(.*)", re.DOTALL)
+# One '/' is enough: a URL given to a path setting comes back as `postgresql:/user:...`.
+_URL = re.compile(r"(:/+[^:@/?\s]*)(.*)", re.DOTALL)
 # Certificates and keys are a few KiB; a cap keeps a wrong path (/dev/zero, a disk image) harmless.
 MAX_FILE_BYTES = 1 << 20
 

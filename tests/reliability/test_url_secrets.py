@@ -165,21 +165,23 @@ def test_serve_refuses_an_unencoded_at_and_never_prints_the_tail(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    "url",
+    ("setting", "url"),
     [
-        "postgresql://app:Pa@TaiL-c0ffee@db.internal/app",
-        "postgresql://app:Pa ss TaiL-c0ffee@db.internal/app",
-        "postgresql://ad@min:Pa@TaiL-c0ffee@db.internal/app",
+        ("namespace", "postgresql://app:Pa@TaiL-c0ffee@db.internal/app"),
+        ("namespace", "postgresql://app:Pa ss TaiL-c0ffee@db.internal/app"),
+        ("namespace", "postgresql://ad@min:Pa@TaiL-c0ffee@db.internal/app"),
+        # A path setting quotes it as a Path: `postgresql:/app:...`, one '/' left.
+        ("multiproc_dir", "postgresql://app:Pa@TaiL-c0ffee@db.internal/app"),
     ],
 )
-def test_a_url_given_to_another_setting_is_masked_whole(tmp_path: Path, url: str) -> None:
-    """Fault: a database URL pasted into --namespace (whose error quotes the value), its password
-    holding an '@' or spaces, or its user an '@'.
+def test_a_url_given_to_another_setting_is_masked_whole(tmp_path: Path, setting: str, url: str) -> None:
+    """Fault: a database URL pasted into --namespace or --multiproc-dir (whose errors quote the
+    value), its password holding an '@' or spaces, or its user an '@'.
 
     The one-line error masks everything after `user:`: no piece of the password.
     """
-    result = run_cli(["serve", "--port", "0", "--namespace", url, "--multiproc-dir", str(tmp_path)])
-    assert_exit_2_one_line(result, "namespace", "TaiL", "Pa")
+    args = ["serve", "--port", "0", "--multiproc-dir", str(tmp_path), "--" + setting.replace("_", "-"), url]
+    assert_exit_2_one_line(run_cli(args), setting, "TaiL", "Pa")
 
 
 async def test_serve_logs_mask_query_secrets(tmp_path: Path) -> None:
