@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import logs
+from . import logs, validation
 from ._version import __version__
 from .settings import DEFAULT_PORT, SettingError, Settings, load
 
@@ -20,6 +20,8 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("host", "ADDR", "address to listen on (default 0.0.0.0)"),
     ("port", "PORT", f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)"),
     ("metrics_path", "PATH", "path of the metrics endpoint (default /metrics)"),
+    ("request_head_timeout", "SECONDS", "close connections that send no complete request head in time (default 5)"),
+    ("max_http_connections", "N", "open client connections at most; idle ones are closed first (default 200)"),
     ("database_url", "URL", "serve: PostgreSQL for the server view; demo: database (prefer the env var)"),
     ("multiproc_dir", "DIR", "multiprocess directory (default $PROMETHEUS_MULTIPROC_DIR)"),
     ("namespace", "NAME", "metric name prefix (default sqlalchemy)"),
@@ -72,16 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(name: str, value: str | None, *, integer: bool = False) -> float | None:
-    if value is None:
-        return None
+# `demo --duration`: long enough for any demo, short enough for asyncio's timers.
+MAX_DURATION = 366 * 24 * 3600.0
+
+
+def _demo_options(args: argparse.Namespace) -> tuple[float | None, int]:
+    """`--duration` and `--workers`, through the same validators as every other setting."""
     try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        raise SettingError(name, f"expected a {'whole ' if integer else ''}number, got {value!r}") from None
-    if number <= 0:
-        raise SettingError(name, f"must be greater than 0, got {value!r}")
-    return number
+        duration = None if args.duration is None else validation.seconds("duration", args.duration, upper=MAX_DURATION)
+    except ValueError as exc:
+        raise SettingError("duration", str(exc)) from None
+    try:
+        workers = validation.workers(args.workers)
+    except ValueError as exc:
+        raise SettingError("workers", str(exc)) from None
+    return duration, workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,8 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(settings.log_level, settings.log_format, settings.secrets())
         if args.command == "serve":
             return _serve(settings)
-        duration = _positive("duration", args.duration)
-        workers = int(_positive("workers", args.workers, integer=True) or 1)
+        duration, workers = _demo_options(args)
         return _demo(settings, duration, workers, args)
     except SettingError as exc:
         print(f"{PROG}: {exc.line()}", file=sys.stderr)

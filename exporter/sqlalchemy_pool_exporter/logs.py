@@ -6,13 +6,42 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 LogFormat = Literal["text", "json"]
 
 # LogRecord attributes that are not `extra=` fields.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+class Throttle:
+    """Let one event through per `interval` seconds and count the ones held back in between.
+
+    For what a client can trigger at will (bad credentials, stalled connections, accept() failing
+    when descriptors run out): one line a minute says it happens and how often, a line per event
+    would let anyone fill the disk.
+    """
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next: float | None = None
+        self._held = 0
+
+    def ready(self) -> int | None:
+        """None while throttled (the event is counted); otherwise how many were held back before it."""
+        now = self._clock()
+        if self._next is not None and now < self._next:
+            self._held += 1
+            return None
+        held, self._held = self._held, 0
+        self._next = now + self.interval
+        return held
+
+    def note(self, held: int) -> str:
+        """What to append to the line `ready()` let through."""
+        return f" ({held} more since the last such line; at most one every {self.interval:g} s)" if held else ""
 
 
 class RedactFilter(logging.Filter):

@@ -68,6 +68,8 @@ async def listen(
         settings.port if port is None else port,
         ssl_context=settings.ssl_context(),
         reuse_port=reuse_port,
+        request_head_timeout=settings.request_head_timeout,
+        max_connections=settings.max_http_connections,
     )
     try:
         await server.start()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import catalog, validation
+from . import catalog, naming, validation
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # Not the default of any well-known exporter; see README "Default port".
@@ -22,7 +24,11 @@ DEFAULT_PORT = 9717
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-_URL_PASSWORD = re.compile(r"(:/+[^/@:\s]*:)[^@\s]*@")
+# A URL quoted in a problem: `scheme://` and the user (or host), then the rest of the message.
+# One '/' is enough: a URL given to a path setting comes back as `postgresql:/user:...`.
+_URL = re.compile(r"(:/+[^:@/?\s]*)(.*)", re.DOTALL)
+# Certificates and keys are a few KiB; a cap keeps a wrong path (/dev/zero, a disk image) harmless.
+MAX_FILE_BYTES = 1 << 20
 
 
 class SettingError(ValueError):
@@ -32,13 +38,28 @@ class SettingError(ValueError):
         self.setting = setting
         # Problems quote the bad value: a newline or escape code in it must not break the one line,
         # and a database URL given to the wrong setting must not print its password.
-        problem = _URL_PASSWORD.sub(r"\1***@", problem)
+        problem = _URL.sub(_mask_url, problem)
         self.problem = "".join(c if c.isprintable() else repr(c)[1:-1] for c in problem)
         super().__init__(f"{setting}: {self.problem}")
 
     def line(self) -> str:
         flag = "--" + self.setting.replace("_", "-")
         return f"invalid setting {self.setting} ({ENV_PREFIX}{self.setting.upper()} / {flag}): {self.problem}"
+
+
+def _mask_url(match: re.Match[str]) -> str:
+    """Mask a quoted URL's credentials and query, and whatever follows them in the message.
+
+    A password may itself hold '@', '/', '?' or spaces, so no parse of it is trusted: with an '@'
+    anywhere after the user, all of the rest goes; with a '?', all from it (drivers take secrets in
+    the query: ?pwd=, ?odbc_connect=). A one-line error loses nothing it needs by that.
+    """
+    head, rest = match[1], match[2]
+    if "@" in rest:
+        return head + (rest[0] if rest[0] in ":@" else "") + "***"
+    if "?" in rest:
+        return head + rest[: rest.index("?") + 1] + "***"
+    return match[0]
 
 
 def parse_buckets(value: object) -> dict[str, tuple[float, ...]] | None:
@@ -81,6 +102,10 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on (0 = any free port).")
     metrics_path: str = Field("/metrics", description="Path of the Prometheus endpoint.")
+    request_head_timeout: float = Field(
+        5.0, description="Seconds a client has to send a complete request head (and finish a TLS handshake)."
+    )
+    max_http_connections: int = Field(200, description="Open client connections at most; idle ones make room first.")
     database_url: SecretStr | None = Field(
         None,
         description="serve: PostgreSQL to report the server's view of (pg_stat_activity). "
@@ -96,11 +121,9 @@ class Settings(BaseSettings):
         description="Histogram bounds per set (wait, use, create, statement): `wait=0.001,0.01,0.1;use=0.1,1`.",
     )
     leak_threshold: float | None = Field(
-        None, gt=0, description="Warn about connections held longer than this many seconds (demo)."
+        None, description="Warn about connections held longer than this many seconds (demo)."
     )
-    probe_interval: float = Field(
-        15.0, gt=0, le=3600, description="Seconds between server-view polls (and their timeout)."
-    )
+    probe_interval: float = Field(15.0, description="Seconds between server-view polls (and their timeout).")
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
     auth_token: SecretStr | None = Field(None, description="Require `Authorization: Bearer <token>` (not on /healthz).")
@@ -122,9 +145,34 @@ class Settings(BaseSettings):
     @field_validator("metrics_path")
     @classmethod
     def _path(cls, value: str) -> str:
-        if not value.startswith("/") or value in ("/", "/healthz", "/readyz", "/pools") or " " in value:
-            raise ValueError("must start with '/' and not be /, /healthz, /readyz or /pools")
-        return value.rstrip("/") if len(value) > 1 else value
+        return validation.metrics_path(value)
+
+    @field_validator("request_head_timeout")
+    @classmethod
+    def _head_timeout(cls, value: float) -> float:
+        return validation.seconds("request_head_timeout", value, upper=300)
+
+    @field_validator("max_http_connections", mode="before")
+    @classmethod
+    def _max_http_connections(cls, value: object) -> int:
+        return validation.max_http_connections(value)
+
+    @field_validator("leak_threshold")
+    @classmethod
+    def _leak_threshold(cls, value: float | None) -> float | None:
+        return validation.leak_threshold(value)
+
+    @field_validator("probe_interval")
+    @classmethod
+    def _probe_interval(cls, value: float) -> float:
+        return validation.seconds("probe_interval", value, upper=3600)
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            validation.token(value.get_secret_value())
+        return value
 
     @field_validator("namespace")
     @classmethod
@@ -148,6 +196,11 @@ class Settings(BaseSettings):
             raise ValueError("not a database URL (expected e.g. postgresql+asyncpg://user:pass@host/db)") from None
         if url.get_backend_name() not in ("postgresql", "sqlite"):
             raise ValueError(f"unsupported backend {url.get_backend_name()!r} (postgresql or sqlite)")
+        credentials = naming.CREDENTIALS.match(value.get_secret_value())
+        if credentials is not None and "@" in value.get_secret_value()[credentials.end() :]:
+            # An unencoded '@' in the password: the host would be the password's tail, looked up,
+            # logged and shown (SQLAlchemy ends the password at the first '@').
+            raise ValueError("an '@' after user:password@: write '@' as %40 in the password, database name or query")
         return value
 
     @field_validator("multiproc_dir", mode="before")
@@ -159,11 +212,14 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if self.multiproc_dir is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.multiproc_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        if self.multiproc_dir is not None and not self.multiproc_dir.is_dir():
-            raise SettingError("multiproc_dir", f"{self.multiproc_dir} is not a directory")
-        if (self.basic_auth_user is None) != (self.basic_auth_password is None):
-            missing = "basic_auth_password" if self.basic_auth_password is None else "basic_auth_user"
-            raise SettingError(missing, "basic auth needs both basic_auth_user and basic_auth_password")
+        if self.multiproc_dir is not None:
+            _check_writable_dir(self.multiproc_dir)
+        password = self.basic_auth_password.get_secret_value() if self.basic_auth_password is not None else None
+        try:
+            validation.basic_auth(self.basic_auth_user, password)
+        except ValueError as exc:
+            user_ok = bool(self.basic_auth_user) and ":" not in (self.basic_auth_user or "")
+            raise SettingError("basic_auth_password" if user_ok else "basic_auth_user", str(exc)) from None
         if (self.tls_cert is None) != (self.tls_key is None):
             missing = "tls_key" if self.tls_key is None else "tls_cert"
             raise SettingError(missing, "TLS needs both tls_cert and tls_key")
@@ -197,17 +253,54 @@ class Settings(BaseSettings):
         if self.tls_cert is None or self.tls_key is None:
             return None
         for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
-            try:
-                path.read_bytes()
-            except OSError as exc:
-                raise SettingError(name, f"cannot read {path}: {exc.strerror}") from None
+            _check_small_file(name, path)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
+            # Never OpenSSL's pass phrase prompt: a service has no one at the terminal.
+            context.load_cert_chain(self.tls_cert, self.tls_key, password=_no_pass_phrase)
+        except _PassPhraseNeeded:
+            raise SettingError("tls_key", f"{self.tls_key} is encrypted: give an unencrypted key") from None
         except ssl.SSLError as exc:
             problem = f"cannot load certificate {self.tls_cert} with key {self.tls_key}: {exc.reason}"
             raise SettingError("tls_cert", problem) from None
         return context
+
+
+class _PassPhraseNeeded(Exception):
+    pass
+
+
+def _no_pass_phrase() -> bytes:
+    raise _PassPhraseNeeded
+
+
+def _check_small_file(name: str, path: Path) -> None:
+    """A readable regular file of at most MAX_FILE_BYTES: checked before anything reads it."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise SettingError(name, f"{path} is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise SettingError(name, f"{path} is {info.st_size} bytes; at most {MAX_FILE_BYTES} expected")
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise SettingError(name, f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise SettingError(name, f"not a usable path: {str(path)!r}") from None
+
+
+def _check_writable_dir(path: Path) -> None:
+    """The multiprocess directory must exist and take new files: workers write it, and the sidecar
+    locks, compacts and quarantines in it (a read-only one made it fail at start with a traceback)."""
+    if not path.is_dir():
+        raise SettingError("multiproc_dir", f"{path} is not a directory")
+    try:
+        # Really creating a file catches what permission bits do not: read-only mounts, root squash.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SettingError("multiproc_dir", f"cannot create files in {path}: {exc.strerror}") from None
 
 
 def load(**overrides: Any) -> Settings:

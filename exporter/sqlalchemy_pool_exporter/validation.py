@@ -104,3 +104,89 @@ def pool_name(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"name must be a non-empty string, got {value!r}")
     return encodable(value)[:MAX_POOL_NAME]
+
+
+# -- HTTP side ----------------------------------------------------------------------------------
+
+# Paths the exporter's own app serves besides the metrics endpoint.
+RESERVED_PATHS = frozenset({"/", "/healthz", "/readyz", "/pools"})
+# RFC 3986 pchar without percent-encoding: what aiohttp matches literally. '%' is left out on
+# purpose: aiohttp matches the decoded path, so '/a%2Fb' would not be served at the path given.
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@")
+MAX_PATH = 200
+MAX_WORKERS = 64
+MAX_HTTP_CONNECTIONS = 100_000
+
+
+def metrics_path(value: object) -> str:
+    """An absolute path of non-empty ASCII segments, no trailing '/', not one of our other routes."""
+    if not isinstance(value, str):
+        raise ValueError(f"metrics_path must be a string, got {type(value).__name__}")
+    problem = ""
+    if not value.startswith("/") or len(value) > MAX_PATH:
+        problem = f"must start with '/' and be at most {MAX_PATH} characters"
+    elif value in RESERVED_PATHS:
+        problem = "must not be /, /healthz, /readyz or /pools"
+    elif value.endswith("/") or "//" in value:
+        # '/pools/' used to be stripped to '/pools' and shadow it; no form of a path is guessed at.
+        problem = "must not end with '/' or contain '//'"
+    elif not set(value[1:].replace("/", "")) <= _PATH_CHARS:
+        problem = "may hold only ASCII letters, digits and -._~!$&'()*+,;=:@ between '/' (no ?, #, % or spaces)"
+    elif any(segment in (".", "..") for segment in value.split("/")):
+        problem = "must not contain '.' or '..' segments"
+    if problem:
+        raise ValueError(f"metrics_path {problem}, got {value!r}")
+    return value
+
+
+def _whole(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = value.strip() if isinstance(value, str) else ""
+    # ASCII digits only (str.isdecimal also takes other scripts' digits), and few of them.
+    if text.isascii() and text.isdecimal() and len(text) <= 9:
+        return int(text)
+    raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+
+def workers(value: object) -> int:
+    """How many demo app processes: 1 to MAX_WORKERS."""
+    number = _whole("workers", value)
+    if not 1 <= number <= MAX_WORKERS:
+        raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, got {value!r}")
+    return number
+
+
+def max_http_connections(value: object) -> int:
+    """The cap on open client connections of our HTTP server: 1 to MAX_HTTP_CONNECTIONS."""
+    number = _whole("max_http_connections", value)
+    if not 1 <= number <= MAX_HTTP_CONNECTIONS:
+        raise ValueError(f"max_http_connections must be between 1 and {MAX_HTTP_CONNECTIONS}, got {value!r}")
+    return number
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+def token(value: str | None) -> str | None:
+    """None (no token auth) or a non-empty token."""
+    if value is not None and not value:
+        raise ValueError("token is empty: an empty token would accept an empty 'Bearer' header (unset it instead)")
+    return value
+
+
+def basic_auth(user: str | None, password: str | None) -> tuple[str | None, str | None]:
+    """Both None (no basic auth), or a non-empty user without ':' and a non-empty password."""
+    if user is None and password is None:
+        return None, None
+    if user is not None and (not user or ":" in user):
+        raise ValueError("basic auth user must be non-empty and contain no ':' (RFC 7617)")
+    if user is None:
+        raise ValueError("a basic auth password needs a basic auth user")
+    if password is None:
+        raise ValueError("a basic auth user needs a basic auth password")
+    if not password:
+        raise ValueError("basic auth password is empty: it would lock everyone out (unset both to turn it off)")
+    return user, password

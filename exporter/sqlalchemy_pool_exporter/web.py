@@ -11,6 +11,7 @@ import asyncio
 import html
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
@@ -18,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.web import ContentCoding
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest, gzip_accepted
 
-from . import _version, views
+from . import _version, validation, views
 from .auth import Auth
+from .connections import AcceptErrors, Guard, request_error_logger, within_fd_limit
 from .core import Exporter, default_exporter
 from .exposition import Exposition
 from .readiness import Check, Readiness, Unavailable, check_pool
@@ -65,6 +67,35 @@ async def _no_pools() -> list[dict[str, Any]]:
 
 # -- handlers -----------------------------------------------------------------------------------
 
+_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
+
+
+def negotiate(accept: str) -> tuple[Callable[[Any], bytes], str]:
+    """prometheus_client's `choose_encoder`, made safe for any Accept header.
+
+    It raises on a `version=` that is not dotted numbers (`abc`, `1.x`) and copies the version it
+    accepted into our Content-Type. A media range with such a version is skipped, and anything else
+    going wrong means the classic text format, which is what Prometheus falls back to as well.
+    """
+    ranges = [r for r in accept.split(",") if _sane_media_range(r)]
+    try:
+        encoder, content_type = choose_encoder(",".join(ranges))
+    except Exception:
+        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+    if not (content_type.isascii() and content_type.isprintable()):
+        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+    return encoder, content_type
+
+
+def _sane_media_range(media_range: str) -> bool:
+    if not (media_range.isascii() and media_range.isprintable()):
+        return False
+    for param in media_range.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key == "version" and not _VERSION.fullmatch(value):
+            return False
+    return True
+
 
 def metrics_handler(
     registry: CollectorRegistry,
@@ -96,7 +127,7 @@ def metrics_handler(
     async def metrics(request: web.Request) -> web.Response:
         if refresh is not None:
             await refresh()
-        encoder, content_type = choose_encoder(",".join(request.headers.getall("Accept", [])))
+        encoder, content_type = negotiate(",".join(request.headers.getall("Accept", [])))
         body = await render(encoder, content_type, tuple(request.query.getall("name[]", [])))
         response = web.Response(body=body, headers={"Content-Type": content_type})
         # gzip only, as prometheus_client's own servers do (aiohttp alone would pick deflate first).
@@ -193,6 +224,7 @@ def add_routes(
     process (the sidecar), with `pools=` and `readiness=` of its own. `refresh`, awaited before each
     /metrics render, and `pools` may raise Unavailable: the request gets 503.
     """
+    metrics_path = validation.metrics_path(metrics_path)
     if exporter is None and registry is None:
         exporter = default_exporter()
     if registry is None:
@@ -244,7 +276,12 @@ def make_app(
 
 
 class Server:
-    """Run an aiohttp app inside the current event loop: `await start()`, `await stop()`."""
+    """Run an aiohttp app inside the current event loop: `await start()`, `await stop()`.
+
+    Clients get `request_head_timeout` seconds to send each request head (and to finish a TLS
+    handshake); at most `max_connections` connections stay open, idle ones closed first to make
+    room (see connections.py). None turns either off.
+    """
 
     def __init__(
         self,
@@ -255,6 +292,8 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool | None = None,
         shutdown_timeout: float = 5.0,
+        request_head_timeout: float | None = 5.0,
+        max_connections: int | None = 200,
     ) -> None:
         self.app = app
         self.host = host
@@ -262,30 +301,46 @@ class Server:
         self.ssl_context = ssl_context
         self.reuse_port = reuse_port
         self.shutdown_timeout = shutdown_timeout
+        self.request_head_timeout = request_head_timeout
+        self.max_connections = max_connections
+        self.guard: Guard | None = None
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._accept_errors: AcceptErrors | None = None
 
     async def start(self) -> None:
         """Bind and serve without blocking; `port` is updated when 0 was asked."""
-        runner = web.AppRunner(self.app, access_log=logging.getLogger("aiohttp.access"))
-        await runner.setup()
-        site = web.TCPSite(
-            runner,
-            self.host,
-            self.port,
-            ssl_context=self.ssl_context,
-            reuse_port=self.reuse_port,
+        loop = asyncio.get_running_loop()
+        guard = Guard(head_timeout=self.request_head_timeout, max_connections=within_fd_limit(self.max_connections))
+        runner = web.AppRunner(
+            self.app,
+            access_log=logging.getLogger("aiohttp.access"),
+            access_log_class=guard.access_log_class(),
+            logger=request_error_logger(),
             shutdown_timeout=self.shutdown_timeout,
         )
+        await runner.setup()
+        assert runner.server is not None
+        guard.attach(runner.server)
+        # Our own listening socket rather than a TCPSite: every connection must go through the guard.
         try:
-            await site.start()
+            server = await loop.create_server(
+                guard,
+                self.host,
+                self.port,
+                ssl=self.ssl_context,
+                backlog=128,
+                reuse_port=self.reuse_port,
+                # The head deadline starts once TLS is up; a stalled handshake needs its own.
+                ssl_handshake_timeout=self.request_head_timeout if self.ssl_context else None,
+            )
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self._runner, self._server, self.guard = runner, server, guard
+        self._accept_errors = AcceptErrors.install(loop)
+        if server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -295,9 +350,17 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), run cleanup hooks."""
+        server, self._server = self._server, None
         runner, self._runner = self._runner, None
+        accept_errors, self._accept_errors = self._accept_errors, None
+        if server is not None:
+            server.close()
+        if self.guard is not None:
+            self.guard.close()
         if runner is not None:
             await runner.cleanup()
+        if accept_errors is not None:
+            accept_errors.uninstall(asyncio.get_running_loop())
 
 
 async def start_http_server(
@@ -308,9 +371,18 @@ async def start_http_server(
     metrics_path: str = "/metrics",
     auth: Auth | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    request_head_timeout: float | None = 5.0,
+    max_connections: int | None = 200,
 ) -> Server:
     """The one-liner for a single-process asyncio app: serve `exporter`'s pools (default Exporter's) from its loop."""
     app = make_app(exporter, metrics_path=metrics_path, auth=auth)
-    server = Server(app, host, port, ssl_context=ssl_context)
+    server = Server(
+        app,
+        host,
+        port,
+        ssl_context=ssl_context,
+        request_head_timeout=request_head_timeout,
+        max_connections=max_connections,
+    )
     await server.start()
     return server

@@ -1,0 +1,355 @@
+"""Client connections of our HTTP server: a deadline for each request head, a cap on open ones,
+and accept() failures logged at a bounded rate.
+
+aiohttp's server has no deadline for a request head: a client that sends half a request (or
+nothing) keeps its connection, and its file descriptor, for as long as it likes. Enough of them
+and the process runs out of descriptors; a real scrape then waits in the listen backlog while
+asyncio logs a traceback per failed accept() (it retries up to `backlog` times per loop tick).
+
+So every connection goes through `Guard`, the protocol factory the listening socket uses:
+
+- from the moment it opens, and from the first byte of each later request, a connection has
+  `head_timeout` seconds to get a complete request head to the app, or it is aborted;
+- at `max_connections` open connections, a new one first closes the oldest idle one (waiting for
+  a request head, or kept alive between requests); only when every one is busy with a request is
+  the new one answered 503 and closed. An idle Prometheus connection that is closed just reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_log import AccessLogger
+
+from .logs import Throttle
+
+log = logging.getLogger("sqlalchemy_pool_exporter.web")
+
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+# -- aiohttp beyond its documented API --------------------------------------------------------------
+# Checked on aiohttp 3.9.0 and 3.14.5 (to move into the compatibility module).
+#
+# - `AppRunner.server` is aiohttp's low-level `web_server.Server`, the protocol factory; every
+#   RequestHandler it makes copies its `request_handler` attribute when created, and calls it once
+#   per request, as soon as the request head is parsed. Wrapping it tells us "head complete".
+# - RequestHandler calls its access logger's `log()` after a response is fully written
+#   (`finish_response`, also when the client went away), whether or not the logger is enabled on
+#   3.9 and when `enabled` is True on later versions. That tells us "request done".
+# - `BaseRequest.protocol` is the RequestHandler serving the request.
+# Without the first hook the cap still holds, but every connection counts as busy (new ones beyond
+# the cap get the 503) and there is no head deadline: we could not tell when a head was complete.
+
+
+def _wrap_request_handler(server: Any, wrap: Callable[[RequestHandler], RequestHandler]) -> bool:
+    handler = getattr(server, "request_handler", None)
+    if not callable(handler):
+        return False
+    server.request_handler = wrap(handler)
+    return True
+
+
+def _request_protocol(request: web.BaseRequest) -> asyncio.BaseProtocol:
+    return request.protocol
+
+
+# -- connections ----------------------------------------------------------------------------------
+
+
+class Guard:
+    """The protocol factory for one listening server: head deadlines and the connection cap."""
+
+    def __init__(self, *, head_timeout: float | None, max_connections: int | None) -> None:
+        self.head_timeout = head_timeout
+        self.max_connections = max_connections
+        self._factory: Callable[[], asyncio.Protocol] | None = None
+        self._hooked = False
+        # Keyed by aiohttp's protocol (what a request knows), in accept order: oldest first.
+        self._open: dict[asyncio.BaseProtocol, _Connection] = {}
+        self._stalled_log = Throttle()
+        self._full_log = Throttle()
+
+    def attach(self, server: Callable[[], asyncio.Protocol]) -> None:
+        """Serve through aiohttp's protocol factory `server` (AppRunner.server, after setup())."""
+        self._factory = server
+        self._hooked = _wrap_request_handler(server, self._watch)
+        if not self._hooked and self.head_timeout is not None:
+            log.warning("this aiohttp version hides when a request head is complete: request_head_timeout is off")
+
+    def access_log_class(self) -> type[AbstractAccessLogger]:
+        """An AccessLogger that also reports "response written" (and logs only if its logger would)."""
+        guard = self
+
+        class Logger(AccessLogger):
+            @property
+            def enabled(self) -> bool:
+                return True
+
+            def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+                guard._finished(_request_protocol(request))
+                if self.logger.isEnabledFor(logging.INFO):
+                    super().log(request, response, time)
+
+        return Logger
+
+    def __call__(self) -> asyncio.Protocol:
+        assert self._factory is not None, "attach() first"
+        return _Connection(self, self._factory())
+
+    def close(self) -> None:
+        """Drop every pending deadline (the server is stopping; aiohttp closes the connections)."""
+        for conn in self._open.values():
+            conn.disarm()
+
+    # -- called by connections and hooks --------------------------------------------------------
+
+    def _watch(self, handler: RequestHandler) -> RequestHandler:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            conn = self._open.get(_request_protocol(request))
+            if conn is not None:
+                conn.started()
+            return await handler(request)
+
+        return handle
+
+    def _finished(self, protocol: asyncio.BaseProtocol) -> None:
+        conn = self._open.get(protocol)
+        if conn is not None:
+            conn.finished()
+
+    def _admit(self, conn: _Connection) -> bool:
+        if self.max_connections is not None and len(self._open) >= self.max_connections:
+            idle = next((c for c in self._open.values() if not c.busy), None) if self._hooked else None
+            if idle is None:
+                self._log_full("answered a new connection 503")
+                return False
+            self._forget(idle)
+            idle.abort()
+            self._log_full("closed the oldest idle connection")
+        self._open[conn.inner] = conn
+        return True
+
+    def _forget(self, conn: _Connection) -> None:
+        self._open.pop(conn.inner, None)
+
+    def _stalled(self) -> None:
+        held = self._stalled_log.ready()
+        if held is not None:
+            log.info(
+                "closed a connection that sent no complete request head within %g s%s",
+                self.head_timeout,
+                self._stalled_log.note(held),
+            )
+
+    def _log_full(self, what: str) -> None:
+        held = self._full_log.ready()
+        if held is not None:
+            log.warning(
+                "%d client connections open, the most allowed (max_http_connections): %s%s",
+                self.max_connections,
+                what,
+                self._full_log.note(held),
+            )
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: aiohttp's protocol inside, our deadline and busy flag around it."""
+
+    def __init__(self, guard: Guard, inner: asyncio.Protocol) -> None:
+        self.guard = guard
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+        self.admitted = False
+        self.busy = False
+        self._pipelined = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.guard._admit(self):
+            transport.write(_BUSY)
+            transport.close()
+            return
+        self.admitted = True
+        self.arm()
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        if self.busy:
+            # The next request, pipelined: its deadline starts when this one is done.
+            self._pipelined = True
+        elif self._deadline is None:
+            self.arm()
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.admitted else None
+
+    def pause_writing(self) -> None:
+        if self.admitted:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.admitted:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        self.guard._forget(self)
+        if self.admitted:
+            self.inner.connection_lost(exc)
+
+    # -- the deadline -----------------------------------------------------------------------------
+
+    def started(self) -> None:
+        self.busy = True
+        self.disarm()
+
+    def finished(self) -> None:
+        self.busy = False
+        if self._pipelined:
+            self._pipelined = False
+            self.arm()
+
+    def arm(self) -> None:
+        timeout = self.guard.head_timeout
+        if timeout is None or self._deadline is not None or not self.guard._hooked:
+            return
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self._expired)
+
+    def disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.busy:
+            return
+        self.guard._stalled()
+        self.abort()
+
+    def abort(self) -> None:
+        # abort, not close: no TLS close_notify exchange to wait for, the descriptor goes now.
+        self.disarm()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# -- request errors -------------------------------------------------------------------------------
+
+REQUEST_ERRORS = "sqlalchemy_pool_exporter.web.errors"
+
+
+class _EveryMinute(logging.Filter):
+    """Let one WARNING-or-worse record through a minute, noting how many were held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held = self.throttle.ready()
+        if held is None:
+            return False
+        if held:
+            record.msg, record.args = record.getMessage() + self.throttle.note(held), None
+        return True
+
+
+def request_error_logger() -> logging.Logger:
+    """The logger for aiohttp's request errors (malformed requests, handler exceptions): ours, throttled.
+
+    aiohttp logs every malformed request (a bad header byte, a cut request line) with its traceback
+    at ERROR, to `aiohttp.server`: about 500 bytes of log per request any client can send. Ours
+    keeps the first of each minute, traceback included, and counts the others.
+    """
+    logger = logging.getLogger(REQUEST_ERRORS)
+    if not any(isinstance(f, _EveryMinute) for f in logger.filters):
+        logger.addFilter(_EveryMinute())
+    return logger
+
+
+# -- accept() failures ----------------------------------------------------------------------------
+
+
+class AcceptErrors:
+    """A loop exception handler: accept() running out of descriptors or buffers is logged at most
+    once a minute with a count; every other error goes on to the handler it replaced.
+
+    asyncio reports each failed accept() through the loop's exception handler, with the traceback,
+    up to `backlog` times per loop tick, for as long as the shortage lasts.
+    """
+
+    def __init__(self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None) -> None:
+        self.previous = previous
+        self.throttle = Throttle()
+        self.users = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if "socket" in context and isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS:
+            held = self.throttle.ready()
+            if held is not None:
+                log.warning(
+                    "cannot accept connections: %s; new ones wait in the backlog (retried every second)%s",
+                    exc,
+                    self.throttle.note(held),
+                )
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    @classmethod
+    def install(cls, loop: asyncio.AbstractEventLoop) -> AcceptErrors:
+        """Ours on `loop` (one per loop, shared by every Server on it)."""
+        current = loop.get_exception_handler()
+        handler = current if isinstance(current, AcceptErrors) else cls(current)
+        handler.users += 1
+        loop.set_exception_handler(handler)
+        return handler
+
+    def uninstall(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Put the previous handler back once the last Server using this one stopped (if still ours)."""
+        self.users -= 1
+        if self.users <= 0 and loop.get_exception_handler() is self:
+            loop.set_exception_handler(self.previous)
+
+
+def within_fd_limit(max_connections: int | None) -> int | None:
+    """`max_connections`, lowered to half the process's open-file limit if that is less.
+
+    The cap must bite before descriptors run out; the other half is for the app (its database
+    connections, the multiprocess files, the accept retry itself).
+    """
+    if max_connections is None:
+        return None
+    try:
+        import resource
+    except ImportError:  # not Unix: no limit to read
+        return max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft // 2 >= max_connections:
+        return max_connections
+    budget = max(1, soft // 2)
+    log.info(
+        "at most %d client connections, not %d: half the open-file limit (ulimit -n %d)", budget, max_connections, soft
+    )
+    return budget
