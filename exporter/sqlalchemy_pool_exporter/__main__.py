@@ -1,4 +1,4 @@
-"""`python -m exporter` is `pool-exporter`."""
+"""`python -m sqlalchemy_pool_exporter` is `pool-exporter`."""
 
 import sys
 

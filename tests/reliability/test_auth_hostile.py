@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.auth import Auth
 from sqlalchemy_pool_exporter.logs import Throttle
 
@@ -39,9 +40,7 @@ def test_empty_or_half_credentials_exit_2(tmp_path: Path, env: dict[str, str], s
 
     A real `serve` process exits 2 with one line naming the setting, and never prints the password.
     """
-    result = run_cli(
-        ["serve", "--host", "127.0.0.1", "--port", "0", "--multiproc-dir", str(tmp_path)], cli_env(**env)
-    )
+    result = run_cli(["serve", "--host", "127.0.0.1", "--port", "0", "--multiproc-dir", str(tmp_path)], cli_env(**env))
     assert_exit_2_one_line(result, setting, PASSWORD)
 
 
@@ -119,7 +118,7 @@ async def test_malformed_credentials_are_401s_logged_once(tmp_path: Path) -> Non
 
 
 async def test_rejections_are_counted_between_log_lines(
-    registry: CollectorRegistry, serve, caplog: pytest.LogCaptureFixture
+    registry: CollectorRegistry, exporter: Exporter, serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Fault: a steady stream of bad credentials (the clock is ours, so a minute passes at once).
 
@@ -128,7 +127,7 @@ async def test_rejections_are_counted_between_log_lines(
     now = [1000.0]
     auth = Auth(token=TOKEN, rejected=Throttle(60.0, clock=lambda: now[0]))
     caplog.set_level(logging.WARNING, logger="sqlalchemy_pool_exporter.auth")
-    async with serve(registry, auth=auth) as base, aiohttp.ClientSession() as http:
+    async with serve(exporter, auth=auth) as base, aiohttp.ClientSession() as http:
 
         async def get(headers: dict[str, str]) -> int:
             async with http.get(base + "/metrics", headers=headers) as r:

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from sqlalchemy_pool_exporter import Exporter
+
 from .cli_process import cli_env, serving
 
 pytestmark = pytest.mark.reliability
@@ -285,13 +287,15 @@ ACCEPT_HEADERS = [
 
 
 @pytest.mark.parametrize("accept", ACCEPT_HEADERS)
-async def test_unparseable_accept_falls_back_to_text(registry: CollectorRegistry, serve, accept: str) -> None:
+async def test_unparseable_accept_falls_back_to_text(
+    registry: CollectorRegistry, exporter: Exporter, serve, accept: str
+) -> None:
     """Fault: Accept headers with a version prometheus_client cannot compare (it raised TypeError: 500).
 
     The answer is 200 in the classic text format, as Prometheus itself falls back, and parses.
     """
     Counter("hostile_accept", "A counter.", registry=registry).inc(3)
-    async with serve(registry) as base:
+    async with serve(exporter) as base:
         port = int(base.rsplit(":", 1)[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
@@ -308,11 +312,13 @@ async def test_unparseable_accept_falls_back_to_text(registry: CollectorRegistry
     assert samples["hostile_accept_total"] == 3.0
 
 
-async def test_a_bad_media_range_does_not_hide_a_good_one(registry: CollectorRegistry, serve) -> None:
+async def test_a_bad_media_range_does_not_hide_a_good_one(
+    registry: CollectorRegistry, exporter: Exporter, serve
+) -> None:
     """A range with a bad version is skipped; the next acceptable one (OpenMetrics 1.0.0) is served."""
     Counter("hostile_accept", "A counter.", registry=registry).inc(3)
     accept = "application/openmetrics-text; version=abc, application/openmetrics-text; version=1.0.0"
-    async with serve(registry) as base:
+    async with serve(exporter) as base:
         status, body = await _scrape(base, headers={"Accept": accept})
     assert status == 200
     families = {f.name: f for f in parse_openmetrics(body)}

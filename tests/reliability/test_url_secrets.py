@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.naming import pool_name, safe_url
 from sqlalchemy_pool_exporter.settings import ENV_PREFIX, SettingError, load
 
@@ -113,7 +114,9 @@ def test_no_part_of_a_password_reaches_a_name_a_printed_url_or_a_setting_error(
                 assert not _leaks(pool_name(shown)) and not _leaks(safe_url(shown)), raw
 
 
-async def test_pages_and_labels_show_only_what_follows_the_last_at(registry: CollectorRegistry, serve, emitted) -> None:
+async def test_pages_and_labels_show_only_what_follows_the_last_at(
+    registry: CollectorRegistry, exporter: Exporter, serve, emitted
+) -> None:
     """Fault: a pool whose URL has an unencoded '@' in the password (`app:Pa55@TaiL-c0ffee@host`)
     and credentials in its query string (`?pwd=`, `?odbc_connect=...PWD=...`).
 
@@ -126,9 +129,9 @@ async def test_pages_and_labels_show_only_what_follows_the_last_at(registry: Col
         f"?pwd={pwd}&odbc_connect=DRIVER%3Dx%3BPWD%3D{odbc}&sslmode=disable"
     )
     engine = create_engine(url)
-    pool_exporter.instrument(engine, registry=registry)
+    exporter.instrument(engine)
     try:
-        async with serve(registry) as base, aiohttp.ClientSession() as http:
+        async with serve(exporter) as base, aiohttp.ClientSession() as http:
             pages = {}
             for path in ("/metrics", "/pools", "/"):
                 async with http.get(base + path) as r:
