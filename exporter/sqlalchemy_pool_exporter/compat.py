@@ -7,10 +7,12 @@ an exception in the application. Tests run on the floors and the latest releases
 
 from __future__ import annotations
 
+import asyncio
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from aiohttp import web
 from sqlalchemy.pool import Pool, QueuePool
 
 # -- SQLAlchemy (checked on 2.0.x and 2.1.9) ---------------------------------------------------
@@ -105,3 +107,34 @@ def multiprocess_values() -> bool:
     from prometheus_client import values
 
     return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+# -- aiohttp (checked on 3.9.0 and 3.14.5) -------------------------------------------------------
+#
+# - `AppRunner.server` is aiohttp's low-level `web_server.Server`, the protocol factory; every
+#   RequestHandler it makes copies its `request_handler` attribute when created, and calls it once
+#   per request, as soon as the request head is parsed. Wrapping it tells us "head complete".
+# - RequestHandler calls its access logger's `log()` after a response is fully written
+#   (`finish_response`, also when the client went away), whether or not the logger is enabled on
+#   3.9 and when `enabled` is True on later versions. That tells us "request done" (connections.py
+#   passes its logger through the public `AppRunner(access_log_class=...)`).
+# - `BaseRequest.protocol` is the RequestHandler serving the request.
+# Without the first hook the cap still holds, but every connection counts as busy (new ones beyond
+# the cap get the 503) and there is no head deadline: we could not tell when a head was complete.
+
+RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def wrap_request_handler(server: Any, wrap: Callable[[RequestHandler], RequestHandler]) -> bool:
+    """Wrap the low-level server's per-request handler; False when this aiohttp has none to wrap."""
+    handler = getattr(server, "request_handler", None)
+    if not callable(handler):
+        return False
+    server.request_handler = wrap(handler)
+    return True
+
+
+def request_protocol(request: web.BaseRequest) -> asyncio.BaseProtocol:
+    """The connection (RequestHandler) serving `request`."""
+    protocol: asyncio.BaseProtocol = request.protocol
+    return protocol

@@ -20,48 +20,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_log import AccessLogger
 
+from . import compat
 from .logs import Throttle
 
 log = logging.getLogger("sqlalchemy_pool_exporter.web")
 
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
 _ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-
-# -- aiohttp beyond its documented API --------------------------------------------------------------
-# Checked on aiohttp 3.9.0 and 3.14.5 (to move into the compatibility module).
-#
-# - `AppRunner.server` is aiohttp's low-level `web_server.Server`, the protocol factory; every
-#   RequestHandler it makes copies its `request_handler` attribute when created, and calls it once
-#   per request, as soon as the request head is parsed. Wrapping it tells us "head complete".
-# - RequestHandler calls its access logger's `log()` after a response is fully written
-#   (`finish_response`, also when the client went away), whether or not the logger is enabled on
-#   3.9 and when `enabled` is True on later versions. That tells us "request done".
-# - `BaseRequest.protocol` is the RequestHandler serving the request.
-# Without the first hook the cap still holds, but every connection counts as busy (new ones beyond
-# the cap get the 503) and there is no head deadline: we could not tell when a head was complete.
-
-
-def _wrap_request_handler(server: Any, wrap: Callable[[RequestHandler], RequestHandler]) -> bool:
-    handler = getattr(server, "request_handler", None)
-    if not callable(handler):
-        return False
-    server.request_handler = wrap(handler)
-    return True
-
-
-def _request_protocol(request: web.BaseRequest) -> asyncio.BaseProtocol:
-    return request.protocol
-
 
 # -- connections ----------------------------------------------------------------------------------
 
@@ -82,7 +54,7 @@ class Guard:
     def attach(self, server: Callable[[], asyncio.Protocol]) -> None:
         """Serve through aiohttp's protocol factory `server` (AppRunner.server, after setup())."""
         self._factory = server
-        self._hooked = _wrap_request_handler(server, self._watch)
+        self._hooked = compat.wrap_request_handler(server, self._watch)
         if not self._hooked and self.head_timeout is not None:
             log.warning("this aiohttp version hides when a request head is complete: request_head_timeout is off")
 
@@ -96,7 +68,7 @@ class Guard:
                 return True
 
             def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-                guard._finished(_request_protocol(request))
+                guard._finished(compat.request_protocol(request))
                 if self.logger.isEnabledFor(logging.INFO):
                     super().log(request, response, time)
 
@@ -113,9 +85,9 @@ class Guard:
 
     # -- called by connections and hooks --------------------------------------------------------
 
-    def _watch(self, handler: RequestHandler) -> RequestHandler:
+    def _watch(self, handler: compat.RequestHandler) -> compat.RequestHandler:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            conn = self._open.get(_request_protocol(request))
+            conn = self._open.get(compat.request_protocol(request))
             if conn is not None:
                 conn.started()
             return await handler(request)
