@@ -19,7 +19,7 @@ from sqlalchemy.exc import ArgumentError
 from . import catalog, naming, validation
 
 ENV_PREFIX = "POOL_EXPORTER_"
-# Not the default of any well-known exporter; see README "Default port".
+# In the full 9100-9999 exporter range, where every port is taken: chosen knowingly, see the README.
 DEFAULT_PORT = 9717
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
