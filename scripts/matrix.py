@@ -127,10 +127,12 @@ def cells(declared: Declared) -> list[Cell]:
         for pc in prometheus
         for sa in sqlalchemy
     ]
-    found.append(Cell("all-floors", "3.11", {name: f"=={declared.floor(name)}" for name in declared.runtime}))
-    # The newest releases only: the floors' older wheels (pydantic-core 2.18, asyncpg 0.29) were never built
-    # for these Pythons, and --only-binary will not compile them.
+    floors = {name: f"=={declared.floor(name)}" for name in declared.runtime}
+    found.append(Cell("all-floors", "3.11", floors))
     found += [Cell(f"py{v}_latest", v, {"sqlalchemy": sqlalchemy["2.1"]}) for v in ("3.12", "3.13")]
+    # No floors on 3.13: aiohttp 3.9.0, pydantic-core 2.18.1 and asyncpg 0.29.0 have no wheels for it,
+    # and --only-binary will not compile them.
+    found.append(Cell("py3.12_floors", "3.12", floors))
     for cell in found:
         wanted = {**declared.runtime, **declared.tests}
         cell.requirements = sorted(declared.pinned(n, cell.specs[n]) if n in cell.specs else wanted[n] for n in wanted)
