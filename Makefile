@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup services lint test demo bench clean
+.PHONY: setup services lint test matrix demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,16 @@ services:
 	bash scripts/ensure-services.sh
 
 lint: setup
-	$(VENV)/bin/ruff check exporter tests dashboards benchmarks
+	$(VENV)/bin/ruff check exporter tests dashboards benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: setup services lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# tests/core and tests/service on the declared floors and the latest releases, one venv each under
+# .matrix/ (docs/compatibility.md). CI runs it after `make test`.
+matrix: services
+	$(PYTHON) scripts/matrix.py $(MATRIX_ARGS)
 
 demo: setup
 	$(VENV)/bin/pool-exporter demo
@@ -32,4 +37,4 @@ bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .matrix .pytest_cache .mypy_cache .ruff_cache

@@ -16,9 +16,13 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    # The package's own service must not run: tests start their own on 127.0.0.1 only.
-    (systemctl stop prometheus prometheus-node-exporter 2>/dev/null || true)
-    pkill -x prometheus-node-exporter 2>/dev/null || true
+    # The package's own service must not run: tests start their own on 127.0.0.1 only. Where systemd
+    # runs, the install started it: stop those units. Elsewhere the install started nothing (this image's
+    # policy-rc.d forbids it, and --no-install-recommends leaves out prometheus-node-exporter), and we
+    # never stop processes by name.
+    if [ -d /run/systemd/system ]; then
+      systemctl stop prometheus prometheus-node-exporter 2>/dev/null || true
+    fi
   else
     echo "prometheus/promtool missing and cannot apt-get install them; those tests will fail" >&2
   fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
 from pathlib import Path
 
@@ -20,7 +21,8 @@ PATHS = ("/metrics", "/readyz", "/pools", "/", "/nowhere")
 
 
 def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": aiohttp.encode_basic_auth(user, password)}
+    # Spelled out (RFC 7617): aiohttp.encode_basic_auth is new in 3.14, where BasicAuth became deprecated.
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 async def status(c: aiohttp.ClientSession, url: str, **kwargs: object) -> int:
