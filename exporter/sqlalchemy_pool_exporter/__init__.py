@@ -12,6 +12,8 @@ from .core import (
     uninstrument,
 )
 from .handle import PoolHandle
+from .holders import holder
+from .middleware import HolderMiddleware, holder_middleware
 from .naming import pool_name, safe_url
 from .reading import PoolReading
 from .session import session_dependency, session_scope
@@ -21,12 +23,15 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "AlreadyInstrumented",
     "Exporter",
+    "HolderMiddleware",
     "PoolHandle",
     "PoolReading",
     "__version__",
     "default_exporter",
     "handle_for",
     "handles",
+    "holder",
+    "holder_middleware",
     "instrument",
     "pool_name",
     "safe_url",

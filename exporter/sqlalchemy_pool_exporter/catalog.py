@@ -234,6 +234,57 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Failures inside the exporter's own listeners (never raised to the app).",
         field="exporter_errors",
     ),
+    # Who holds the pool (holders.py): exported once a holder was ever set in the process. Six series
+    # per holder and pool, for at most max_holders names plus `none` and `other`. Counters, not
+    # histograms: mean hold time is rate(hold_seconds_total) / rate(checkouts_total).
+    _g(
+        "holder_connections",
+        "pool_holder_connections",
+        "Connections held now, by holder.",
+        ("holder",),
+        field="holder_connections",
+    ),
+    _c(
+        "holder_checkouts",
+        "pool_holder_checkouts_total",
+        "Connections handed out, by holder.",
+        ("holder",),
+        field="holder_checkouts",
+    ),
+    _c(
+        "holder_hold",
+        "pool_holder_hold_seconds_total",
+        "Time connections were held (checkout to return), by holder.",
+        ("holder",),
+        field="holder_hold_seconds",
+    ),
+    _c(
+        "holder_wait",
+        "pool_holder_wait_seconds_total",
+        "Time spent waiting for a connection, by holder.",
+        ("holder",),
+        field="holder_wait_seconds",
+    ),
+    _c(
+        "holder_timeouts",
+        "pool_holder_timeouts_total",
+        "Callers that gave up waiting for a connection, by holder.",
+        ("holder",),
+        field="holder_timeouts",
+    ),
+    _c(
+        "holder_held_too_long",
+        "pool_holder_held_too_long_total",
+        "Checkouts held longer than the leak threshold (each counted once), by holder.",
+        ("holder",),
+        field="holder_held_too_long",
+    ),
+    _c(
+        "holder_folded",
+        "pool_holder_folded_checkouts_total",
+        'Checkouts counted under holder="other" because the pool already had max_holders names.',
+        field="holder_folded",
+    ),
     MetricSpec(
         "build_info",
         "exporter_build_info",

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import catalog, validation
 from .collector import PoolCollector
 from .handle import PoolHandle, handle_of
+from .holders import DEFAULT_MAX_HOLDERS
 from .multiprocess import MultiprocessWriter, environment_dir
 from .naming import pool_name
 
@@ -56,11 +57,13 @@ class Exporter:
         namespace: str = catalog.DEFAULT_NAMESPACE,
         multiprocess_dir: str | os.PathLike[str] | None = None,
         buckets: Mapping[str, Sequence[float]] | None = None,
+        max_holders: int = DEFAULT_MAX_HOLDERS,
         multiprocess_interval: float = 1.0,
     ) -> None:
         self.registry = REGISTRY if registry is None else registry
         self.namespace = validation.namespace(namespace)
         self.buckets = validation.buckets(buckets)
+        self.max_holders = validation.max_holders(max_holders)
         self.multiprocess_dir = Path(multiprocess_dir) if multiprocess_dir else None
         self._interval = validation.seconds("multiprocess_interval", multiprocess_interval)
         self._lock = threading.RLock()
@@ -120,6 +123,7 @@ class Exporter:
                 name=self._claim(explicit, validation.pool_name(pool_name(sync.url))),
                 owner=self,
                 buckets=bounds,
+                max_holders=self.max_holders,
                 leak_threshold=leak_threshold,
                 statements=statements,
                 transactions=transactions,

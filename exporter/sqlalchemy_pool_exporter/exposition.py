@@ -331,7 +331,8 @@ def _add_pool(
         if start is None:
             start = series[(key, labels)] = layout.line_start(key, pool, labels)
         if wanted is None or by_key[key].names[0] in wanted:
-            lines[key].append(f"{start}{n}.0\n" if n < _PLAIN_BELOW else f"{start}{_go(n)}\n")
+            # Counts print as "<n>.0"; the holders' seconds totals are floats.
+            lines[key].append(f"{start}{n}.0\n" if n.__class__ is int and n < _PLAIN_BELOW else f"{start}{_value(n)}\n")
     for key, labels, hist in samples.histograms(stats):
         h = series.get((key, labels))
         if h is None or h.les is not hist.les:

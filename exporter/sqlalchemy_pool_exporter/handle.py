@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from . import dialect, validation, views
+from . import dialect, holders, validation, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
@@ -40,6 +40,7 @@ class PoolHandle:
         name: str,
         owner: object,
         buckets: Mapping[str, Sequence[float]],
+        max_holders: int,
         leak_threshold: float | None,
         statements: bool,
         transactions: bool,
@@ -50,7 +51,7 @@ class PoolHandle:
         self.owner = owner  # the Exporter that made this handle
         self.leak_threshold = leak_threshold
         self.options = {"leak_threshold": leak_threshold, "statements": statements, "transactions": transactions}
-        self.stats = PoolStats(buckets)
+        self.stats = PoolStats(buckets, max_holders)
         self.fail = Failures(name, self.stats)
         self.leaks = LeakTracker(name, self.stats, leak_threshold, self.fail)
         self.hooks = Hooks()
@@ -99,6 +100,8 @@ class PoolHandle:
     def _on_timeout(self) -> None:
         try:
             self.stats.timeouts += 1
+            if holders.ATTRIBUTING[0]:
+                self.stats.holders.slot(holders.current_name()).timeouts += 1
             r = self.read()
             if r is None:
                 return

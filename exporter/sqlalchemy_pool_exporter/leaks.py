@@ -70,14 +70,18 @@ class LeakTracker:
                 continue
             self.warned[record] = entry.started
             found += 1
+            if entry.slot is not None:
+                entry.slot.held_too_long += 1
             where = "".join(entry.stack.format()) if entry.stack else "(stack not captured)\n"
+            holder = entry.slot.name if entry.slot is not None else None
             log.warning(
-                "pool %s: connection held for %.1fs, longer than the leak threshold of %gs; checked out at:\n%s",
+                "pool %s: connection held for %.1fs%s, longer than the leak threshold of %gs; checked out at:\n%s",
                 self.pool,
                 held,
+                f" by {holder}" if holder else "",
                 threshold,
                 where,
-                extra={"pool": self.pool, "held_seconds": round(held, 3)},
+                extra={"pool": self.pool, "held_seconds": round(held, 3), "holder": holder},
             )
         return found
 

@@ -73,6 +73,8 @@ class MultiprocessWriter:
         # What was already written per pool: (metric key, labels) -> count, or (bucket counts, sum).
         self._written: weakref.WeakKeyDictionary[Any, Written] = weakref.WeakKeyDictionary()
         self._names: set[str] = set()
+        # Gauge series written per pool: what must read 0 once the pool leaves a worker that lives on.
+        self._live: dict[str, set[tuple[str, samples.Labels]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,19 +212,18 @@ class MultiprocessWriter:
                 self._names.discard(name)
 
     def _zero_live(self, name: str) -> None:
-        for spec in catalog.CATALOG:
-            if spec.kind == "gauge" and spec.pool_label:
-                metric = self._metrics[spec.key]
-                for extra in [(state,) for state in catalog.CONNECTION_STATES] if spec.labels else [()]:
-                    metric.labels(name, *extra).set(0)
+        for key, labels in self._live.pop(name, ()):
+            self._metrics[key].labels(name, *labels).set(0)
 
     def _write(self, source: PoolSource) -> None:
         m = self._metrics
         p = source.name
         reading = source.read()
         if reading is not None:
+            live = self._live.setdefault(p, set())
             for key, labels, value in samples.gauges(reading):
                 m[key].labels(p, *labels).set(value)
+                live.add((key, labels))
         written = self._written.setdefault(source, {})
         for key, labels, value in samples.counters(source.stats):
             before = written.get((key, labels), 0)

@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from . import compat, dialect
+from . import compat, dialect, holders
 from .hooks import Hooks
 from .leaks import LeakTracker, capture_stack
 from .naming import error_class
@@ -124,6 +124,12 @@ class PoolProbe:
         wait_counts = wait.counts
         wait_bounds = wait.bounds
         replaced = self._replaced_flag(pool)
+        # Holder attribution (holders.py): off until a holder is ever set, then one ContextVar read
+        # and one dict lookup per checkout; the slot travels with the checkout to its return.
+        attributing = holders.ATTRIBUTING
+        current = holders.CURRENT.get
+        slots = stats.holders.slots
+        slot_of = stats.holders.slot
 
         def connect() -> Any:
             if not on[0]:  # uninstrumented while another layer still calls us: pass through
@@ -151,7 +157,16 @@ class PoolProbe:
                 wait_counts[bisect_left(wait_bounds, waited)] += 1
                 wait.sum += waited
                 record = record_of(fairy)
-                checkouts[record] = (t1, ref(fairy), capture_stack() if capture else None)  # see PoolStats
+                if attributing[0]:
+                    name = current()
+                    if name is not None and name.__class__ is not str:
+                        name = name.name()  # type: ignore[union-attr]  # a LazyHolder
+                    slot = slots.get(name) or slot_of(name)
+                    slot.checkouts += 1
+                    slot.wait += waited
+                else:
+                    slot = None
+                checkouts[record] = (t1, ref(fairy), capture_stack() if capture else None, slot)  # see PoolStats
                 if replaced[0]:
                     orphans.setdefault(record, None)
             except Exception as exc:
@@ -184,6 +199,9 @@ class PoolProbe:
                 held = perf_counter() - entry[0]
                 use_counts[bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
                 use.sum += held
+                slot = entry[3]
+                if slot is not None:
+                    slot.hold += held
                 if entry[1]() is None:
                     leaks.reclaimed(Checkout._make(entry))
                 if leak_warned:

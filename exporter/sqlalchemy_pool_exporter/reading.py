@@ -7,7 +7,7 @@ from typing import NamedTuple, Protocol
 
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
-from . import compat
+from . import compat, holders
 from .stats import PoolStats
 
 perf_counter = time.perf_counter
@@ -26,6 +26,8 @@ class PoolReading(NamedTuple):
     pending: int
     oldest_pending: float
     oldest_checkout: float
+    # Connections held now by holder name; None until a holder was ever set in the process.
+    holders: tuple[tuple[str, int], ...] | None = None
 
 
 class PoolSource(Protocol):
@@ -45,6 +47,7 @@ class PoolSource(Protocol):
 def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
     """Read live state where it lives: QueuePool counts itself; other pools through our checkouts."""
     now = perf_counter()
+    held_by = _held_by_holder(stats) if holders.ATTRIBUTING[0] else None
     pending = len(stats.waiting)
     oldest_pending = stats.oldest_pending(now)
     oldest_checkout = stats.oldest_checkout(now)
@@ -64,6 +67,7 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
             pending=pending,
             oldest_pending=oldest_pending,
             oldest_checkout=oldest_checkout,
+            holders=held_by,
         )
     return PoolReading(
         type(pool).__name__,
@@ -76,7 +80,17 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
         pending=pending,
         oldest_pending=oldest_pending,
         oldest_checkout=oldest_checkout,
+        holders=held_by,
     )
+
+
+def _held_by_holder(stats: PoolStats) -> tuple[tuple[str, int], ...]:
+    """Connections checked out now, by holder; every holder the pool has seen, at 0 when it holds none."""
+    counts = {slot.name: 0 for slot in stats.holders.all()}
+    for entry in tuple(stats.checked_out.values()):
+        name = entry[3].name if entry[3] is not None else holders.NONE
+        counts[name] = counts.get(name, 0) + 1
+    return tuple(counts.items())
 
 
 def _idle_open(pool: QueuePool) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from . import catalog
+from . import catalog, holders
 
 if TYPE_CHECKING:
     from .reading import PoolReading
@@ -34,9 +34,12 @@ def gauges(r: PoolReading) -> Iterator[tuple[str, Labels, float]]:
         value = getattr(r, field)
         if value is not None:
             yield key, (), value
+    if r.holders is not None:
+        for name, held in r.holders:
+            yield "holder_connections", (name,), held
 
 
-def counters(s: PoolStats) -> Iterator[tuple[str, Labels, int]]:
+def counters(s: PoolStats) -> Iterator[tuple[str, Labels, float]]:
     yield "checkouts", (), s.wait.count
     yield "timeouts", (), s.timeouts
     yield "created", (), s.created
@@ -55,6 +58,16 @@ def counters(s: PoolStats) -> Iterator[tuple[str, Labels, int]]:
             yield key, (label,), n
     for outcome in catalog.TRANSACTION_OUTCOMES:
         yield "transactions", (outcome,), s.transaction_histogram(outcome).count
+    if holders.ATTRIBUTING[0]:
+        h = s.holders
+        for slot in h.all():
+            name = (slot.name,)
+            yield "holder_checkouts", name, slot.checkouts
+            yield "holder_hold", name, slot.hold
+            yield "holder_wait", name, slot.wait
+            yield "holder_timeouts", name, slot.timeouts
+            yield "holder_held_too_long", name, slot.held_too_long
+        yield "holder_folded", (), h.folded
 
 
 def histograms(s: PoolStats) -> Iterator[tuple[str, Labels, Histogram]]:

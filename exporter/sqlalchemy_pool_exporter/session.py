@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from . import holders
 from .core import handle_for
 from .stats import bump
 
@@ -17,8 +18,24 @@ log = logging.getLogger("sqlalchemy_pool_exporter.session")
 
 
 @asynccontextmanager
-async def session_scope(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """Yield a session; commit if the block succeeds, roll back on any exception, always close."""
+async def session_scope(
+    sessionmaker: async_sessionmaker[AsyncSession], *, holder: str | None = None
+) -> AsyncIterator[AsyncSession]:
+    """Yield a session; commit if the block succeeds, roll back on any exception, always close.
+
+    `holder` names whoever holds its connection (holders.py), for the block's duration.
+    """
+    if holder is None:
+        async with _scope(sessionmaker) as session:
+            yield session
+        return
+    with holders.holder(holder):
+        async with _scope(sessionmaker) as session:
+            yield session
+
+
+@asynccontextmanager
+async def _scope(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     session = sessionmaker()
     outcome = "commit"
     try:
@@ -40,12 +57,12 @@ async def session_scope(sessionmaker: async_sessionmaker[AsyncSession]) -> Async
 
 
 def session_dependency(
-    sessionmaker: async_sessionmaker[AsyncSession],
+    sessionmaker: async_sessionmaker[AsyncSession], *, holder: str | None = None
 ) -> Callable[[], AsyncIterator[AsyncSession]]:
     """A FastAPI-style dependency (`Depends(get_session)`) built on session_scope()."""
 
     async def get_session() -> AsyncIterator[AsyncSession]:
-        async with session_scope(sessionmaker) as session:
+        async with session_scope(sessionmaker, holder=holder) as session:
             yield session
 
     return get_session

@@ -379,4 +379,3 @@ def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future[list[Metric]
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
         loop.call_soon_threadsafe(settle)
-

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client.utils import floatToGoString
 
+from .holders import DEFAULT_MAX_HOLDERS, Holders, Slot
+
 if TYPE_CHECKING:
     import traceback
 
@@ -52,17 +54,18 @@ class Histogram:
 
 
 class Checkout(NamedTuple):
-    """A connection currently checked out: when, by which proxy (weakly), and from where."""
+    """A connection currently checked out: when, by which proxy (weakly), from where, by which holder."""
 
     started: float
     fairy: Any  # weakref.ref to the _ConnectionFairy; dead means the app dropped it unreturned
     stack: traceback.StackSummary | None
+    slot: Slot | None  # the holder's slot; None when no holder was ever set in this process
 
 
 class PoolStats:
     """Everything counted for one instrumented engine since it was instrumented."""
 
-    def __init__(self, buckets: Mapping[str, Sequence[float]]) -> None:
+    def __init__(self, buckets: Mapping[str, Sequence[float]], max_holders: int = DEFAULT_MAX_HOLDERS) -> None:
         self.wait = Histogram(buckets["wait"])
         self.use = Histogram(buckets["use"])
         self.create = Histogram(buckets["create"])
@@ -80,11 +83,12 @@ class PoolStats:
         self.savepoints: dict[str, int] = {"release": 0, "rollback": 0}
         self.sessions: dict[str, int] = {}
         self.statement_errors: dict[str, int] = {}
+        self.holders = Holders(max_holders)
         # Live state: waiters (token -> start) and checked-out connection records. The checkout
-        # path stores plain (started, fairy weakref, stack) tuples: building a NamedTuple there costs
-        # ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names the fields.
+        # path stores plain (started, fairy weakref, stack, holder slot) tuples: building a NamedTuple
+        # there costs ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names them.
         self.waiting: dict[int, float] = {}
-        self.checked_out: dict[Any, tuple[float, Any, traceback.StackSummary | None]] = {}
+        self.checked_out: dict[Any, tuple[float, Any, traceback.StackSummary | None, Slot | None]] = {}
 
     @property
     def checkouts(self) -> dict[Any, Checkout]:

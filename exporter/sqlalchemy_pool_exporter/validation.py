@@ -118,6 +118,23 @@ MAX_WORKERS = 64
 MAX_HTTP_CONNECTIONS = 100_000
 
 
+MAX_HOLDER_NAME = 120
+
+
+def holder_name(value: object) -> str:
+    """A `holder` label value: a non-empty string, made encodable, at most MAX_HOLDER_NAME characters."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"a holder name must be a non-empty string, got {value!r}")
+    return encodable(value)[:MAX_HOLDER_NAME]
+
+
+def max_holders(value: object) -> int:
+    """How many holder names a pool keeps apart (1 to 1,000); more fold into `other`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ValueError(f"max_holders must be a whole number from 1 to 1000, got {value!r}")
+    return value
+
+
 def metrics_path(value: object) -> str:
     """An absolute path of non-empty ASCII segments, no trailing '/', not one of our other routes."""
     if not isinstance(value, str):

@@ -7,15 +7,20 @@ the catalog with a `field` shows in every view, and a `column` adds it to the / 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, samples
+from . import catalog, dialect, holders, samples
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
     from .reading import PoolReading, PoolSource
+    from .stats import PoolStats
+
+# The / page and /pools list this many current checkouts per pool, the oldest first.
+CHECKOUTS_SHOWN = 10
 
 # The / table: columns that are not metrics, then every catalog metric with a `column`, in catalog order.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -51,7 +56,28 @@ def pool_row(source: PoolSource, reading: PoolReading | None) -> dict[str, Any]:
         row.setdefault("idle", None)
     for key, labels, count in samples.counters(source.stats):
         _put(row, catalog.BY_KEY[key], labels, count)
+    row["checkouts_now"] = checkouts_now(source.stats)
     return row
+
+
+def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str, Any]]:
+    """The connections checked out now, oldest first: holder, age, whether a transaction is open, the
+    stack that took it (when leak_threshold capture is on). In-process only: the files have no such list."""
+    now = time.perf_counter()
+    rows = []
+    for record, entry in sorted(tuple(stats.checked_out.items()), key=lambda item: item[1][0])[:top]:
+        info = getattr(record, "info", None) or {}
+        started = info.get(dialect.TX_START)
+        rows.append(
+            {
+                "holder": entry[3].name if entry[3] is not None else holders.NONE,
+                "age": round(now - entry[0], 3),
+                "in_transaction": started is not None,
+                "transaction_age": round(now - started, 3) if started is not None else None,
+                "stack": "".join(entry[2].format()) if entry[2] is not None else None,
+            }
+        )
+    return rows
 
 
 def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[str, Any]]:
@@ -72,3 +98,42 @@ def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[s
             value: float = int(s.value) if float(s.value).is_integer() else s.value
             _put(row, found, labels, value)
     return [rows[name] for name in sorted(rows)]
+
+
+Table = tuple[tuple[str, ...], list[tuple[Any, ...]]]
+
+
+def holder_table(rows: list[dict[str, Any]]) -> Table:
+    """Who holds the pool, from the holder fields of each row (in-process and in the sidecar)."""
+    head = ("pool", "holder", "held now", "checkouts", "mean hold (s)", "waited (s)", "timeouts", "held too long")
+    body = []
+    for row in rows:
+        held = row.get("holder_connections") or {}
+        checkouts = row.get("holder_checkouts") or {}
+        hold = row.get("holder_hold_seconds") or {}
+        for name in sorted(set(held) | set(checkouts), key=lambda n: (-held.get(n, 0), n)):
+            n = checkouts.get(name, 0)
+            body.append(
+                (
+                    row["name"],
+                    name,
+                    held.get(name, 0),
+                    n,
+                    hold.get(name, 0.0) / n if n else None,
+                    (row.get("holder_wait_seconds") or {}).get(name, 0.0),
+                    (row.get("holder_timeouts") or {}).get(name, 0),
+                    (row.get("holder_held_too_long") or {}).get(name, 0),
+                )
+            )
+    return head, body
+
+
+def checkout_table(rows: list[dict[str, Any]]) -> Table:
+    """The current checkouts of each pool, oldest first (in-process only)."""
+    head = ("pool", "holder", "held (s)", "in transaction", "transaction (s)")
+    body = [
+        (row["name"], c["holder"], c["age"], "yes" if c["in_transaction"] else "no", c["transaction_age"])
+        for row in rows
+        for c in row.get("checkouts_now") or ()
+    ]
+    return head, body

@@ -166,6 +166,15 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _section(title: str, table: views.Table) -> str:
+    head, body = table
+    if not body:
+        return ""
+    cells = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in body)
+    heads = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<h2>{html.escape(title)}</h2>\n<table><tr>{heads}</tr>{cells}</table>"
+
+
 def index_handler(pools: PoolsSource, metrics_path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def index(request: web.Request) -> web.Response:
         rows = await pools()
@@ -180,6 +189,8 @@ def index_handler(pools: PoolsSource, metrics_path: str) -> Callable[[web.Reques
 td:first-child,th:first-child{{text-align:left}}</style></head>
 <body><h1>SQLAlchemy pool exporter {html.escape(_version.__version__)}</h1>
 <table><tr>{head}</tr>{body}{empty}</table>
+{_section("Who holds the pool", views.holder_table(rows))}
+{_section("Checked out now, oldest first", views.checkout_table(rows))}
 <p><a href="{html.escape(metrics_path)}">metrics</a> · <a href="/pools">pools (JSON)</a> ·
 <a href="/readyz">readyz</a> · <a href="/healthz">healthz</a></p></body></html>
 """
