@@ -20,7 +20,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .variants import Variant
@@ -74,13 +74,17 @@ def _instrument_now() -> None:
 
 def _child(variant: str, kind: str, cycles: int) -> None:
     from .pool_cycle import engine_cycles, make_engine, pool_cycles
-    from .variants import BY_NAME
+    from .variants import BY_NAME, inside
 
-    if kind.startswith("e2e"):
-        asyncio.run(_child_e2e(BY_NAME[variant], int(kind[3:]), cycles))
-        return
-    engine = make_engine(BY_NAME[variant])
-    loop = pool_cycles if kind == "pool" else engine_cycles
+    with inside(BY_NAME[variant]):
+        if kind.startswith("e2e"):
+            asyncio.run(_child_e2e(BY_NAME[variant], int(kind[3:]), cycles))
+        else:
+            _child_cycles(BY_NAME[variant], pool_cycles if kind == "pool" else engine_cycles, make_engine, cycles)
+
+
+def _child_cycles(variant: Variant, loop: Any, make_engine: Any, cycles: int) -> None:
+    engine = make_engine(variant)
     loop(engine, 200)
     _instrument_now()
     loop(engine, 20)

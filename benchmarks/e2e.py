@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from .measure import Summary, orders, summarise
-from .variants import Variant
+from .variants import Variant, inside
 
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 SELECT_1 = text("SELECT 1")
@@ -58,10 +58,12 @@ async def _run(variants: list[Variant], rounds: int, concurrency: int, total: in
         engines[v.name] = engine
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     tps: dict[str, list[float]] = {v.name: [] for v in variants}
+    by_name = {v.name: v for v in variants}
     for order in orders([v.name for v in variants], rounds):
         for name in order:
             gc.collect()
-            cpu_us, rate = await _slot(engines[name], total, concurrency)
+            with inside(by_name[name]):
+                cpu_us, rate = await _slot(engines[name], total, concurrency)
             cpu[name].append(cpu_us)
             tps[name].append(rate)
     for engine in engines.values():

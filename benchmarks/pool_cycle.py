@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import perf_counter_ns
 
 from sqlalchemy import create_engine
@@ -9,7 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
 from .measure import Summary, interleaved, summarise
-from .variants import Variant
+from .variants import Variant, inside
 
 
 def make_engine(variant: Variant) -> Engine:
@@ -44,8 +45,14 @@ def run(variants: list[Variant], *, rounds: int, cycles: int) -> dict[str, dict[
         pool_cycles(engine, cycles // 10 + 1)
         engine_cycles(engine, cycles // 10 + 1)
     names = [v.name for v in variants]
-    pool = interleaved(names, rounds, lambda name: pool_cycles(engines[name], cycles))
-    eng = interleaved(names, rounds, lambda name: engine_cycles(engines[name], cycles))
+    by_name = {v.name: v for v in variants}
+
+    def timed(loop: Callable[[Engine, int], float], name: str) -> float:
+        with inside(by_name[name]):
+            return loop(engines[name], cycles)
+
+    pool = interleaved(names, rounds, lambda name: timed(pool_cycles, name))
+    eng = interleaved(names, rounds, lambda name: timed(engine_cycles, name))
     for engine in engines.values():
         engine.dispose()
     return {"pool": summarise(pool), "engine": summarise(eng)}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from sqlalchemy_pool_exporter import Exporter
+from sqlalchemy_pool_exporter import Exporter, holder, holders
 
 _names = itertools.count(1)
 
@@ -111,6 +112,25 @@ class Variant:
     name: str
     label: str
     attach: Callable[[Engine], None]
+    holder: str | None = None  # the cycles run inside holder(this): attribution on
+
+
+@contextmanager
+def inside(variant: Variant) -> Iterator[None]:
+    """Run a variant's cycles with holder attribution on (its holder set) or off, as the variant says.
+
+    Attribution is process-wide once any holder is set, so it is switched back off around every
+    other variant's cycles: interleaved variants in one process must not pay for each other.
+    """
+    holders.ATTRIBUTING[0] = False
+    try:
+        if variant.holder is None:
+            yield
+        else:
+            with holder(variant.holder):
+                yield
+    finally:
+        holders.ATTRIBUTING[0] = False
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -118,6 +138,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("noop", "no-op listeners (floor)", _noop),
     Variant("ours", "**sqlalchemy-pool-exporter** (all metrics)", _ours),
     Variant("ours_pool", "sqlalchemy-pool-exporter, statements=False, transactions=False", _ours_pool_only),
+    Variant("ours_holders", "sqlalchemy-pool-exporter, all metrics, holder attribution on", _ours, holder="bench"),
     Variant("hand", "hand-written prometheus_client (gauge + histogram)", _handwritten),
     Variant("otel", "OpenTelemetry SQLAlchemy, metrics", lambda e: _otel(e, tracing=False)),
     Variant("otel_trace", "OpenTelemetry SQLAlchemy, metrics + tracing", lambda e: _otel(e, tracing=True)),
