@@ -62,7 +62,7 @@ def test_every_section_and_goal_is_reported(report: str) -> None:
 def test_every_variant_has_finite_timings(report: str) -> None:
     tables = _tables(report)
     labels = [v.label for v in selected()]
-    assert len(labels) == (7 if otel_available() else 5)
+    assert len(labels) == (8 if otel_available() else 6)
     cycle = next(rows for title, rows in tables.items() if title.startswith("1."))
     e2e = next(rows for title, rows in tables.items() if title.startswith("2."))
     assert [row[0] for row in cycle] == labels
