@@ -22,6 +22,16 @@ from sqlalchemy.pool import Pool, QueuePool
 fairy_record: Callable[[Any], Any] = operator.attrgetter("_connection_record")
 
 
+# SQLAlchemy's own weak reference from a pool record to the proxy it is checked out to (set at
+# checkout, cleared at checkin). Reused so that the checkout path creates no weak reference of its own.
+record_fairy_ref: Callable[[Any], Any] = operator.attrgetter("fairy_ref")
+
+# Pool._return_conn(record): where every checkin of a record ends (ConnectionRecord.checkin calls it
+# right after the `checkin` event), on every pool class. probes.py wraps it per pool instance,
+# instead of listening to `checkin`, whose dispatch costs more than our whole return path.
+RETURN_CONN = "_return_conn"
+
+
 def max_overflow(pool: QueuePool) -> int | None:
     """QueuePool's max_overflow (-1 = unlimited), which it has no public reader for; None if unknown."""
     value = getattr(pool, "_max_overflow", None)

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from . import compat
 from .hooks import Hooks
 from .naming import error_class
 from .stats import PoolStats, bump
 
 perf_counter = time.perf_counter
-
-# Start of the open transaction, kept in the pool record's `info` dict: it follows the DBAPI
-# connection, and SQLAlchemy clears it when the connection is replaced.
-TX_START = "pool_exporter.tx_start"
 
 TRANSACTION_METHODS = ("do_begin", "do_commit", "do_rollback", "do_release_savepoint", "do_rollback_to_savepoint")
 STATEMENT_METHODS = ("do_execute", "do_execute_no_params", "do_executemany")
@@ -41,16 +39,15 @@ def operation(statement: str) -> str:
     return _OPERATIONS.get(statement[:64].lstrip()[:6].lower(), "other")
 
 
-# Connection passes its pool proxy, whose `info` is the pool record's; a raw DBAPI connection has
-# none, and the ad-hoc proxy SQLAlchemy uses while initialising the dialect raises NotImplementedError.
-_NO_INFO = (AttributeError, NotImplementedError)
+# Connection passes its pool proxy (a _ConnectionFairy), whose pool record keys the open transaction;
+# a raw DBAPI connection has no record (AttributeError), nor has the ad-hoc proxy SQLAlchemy uses
+# while it initialises the dialect (NotImplementedError).
+_NO_RECORD = (AttributeError, NotImplementedError)
 
 
-def end_transaction(stats: PoolStats, info: dict[Any, Any] | None, outcome: str) -> None:
-    """Record the transaction whose start `info` holds, if any, as ended with `outcome`."""
-    if info is None:
-        return
-    started = info.pop(TX_START, None)
+def end_transaction(stats: PoolStats, record: Any, outcome: str) -> None:
+    """Record the transaction open on `record`, if any, as ended with `outcome`."""
+    started = stats.open_transactions.pop(record, None)
     if started is not None:
         stats.transaction_histogram(outcome).observe(perf_counter() - started)
 
@@ -66,50 +63,58 @@ def owner_of(obj: Any, name: str) -> Any:
 
 
 def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) -> None:
-    """Time BEGIN → COMMIT/ROLLBACK and count savepoints on this dialect instance."""
+    """Time BEGIN → COMMIT/ROLLBACK and count savepoints on this dialect instance.
+
+    The start of each open transaction is kept by pool record in `stats.open_transactions`. The pool's
+    reset-on-return calls do_rollback on every checkin, transaction or not: when no transaction is
+    open in the pool, that path is one frame and one truth test of a dict (docs/performance.md).
+    """
     b, c, r = (owner_of(dialect, name) for name in ("do_begin", "do_commit", "do_rollback"))
     rs, rts = owner_of(dialect, "do_release_savepoint"), owner_of(dialect, "do_rollback_to_savepoint")
     on = hooks.on
     savepoints = stats.savepoints
-
-    # The pool's reset-on-return calls do_rollback on every checkin, transaction or not: that path
-    # must stay one dict pop, with no helper call before it knows a transaction ended.
+    open_tx = stats.open_transactions
+    record_of = compat.fairy_record
     commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
+    commit_counts, rollback_counts, bounds = commits.counts, rollbacks.counts, commits.bounds
 
     def begin(dbapi_connection: Any) -> None:
         if on[0]:
-            try:
-                dbapi_connection.info[TX_START] = perf_counter()
-            except _NO_INFO:
+            try:  # noqa: SIM105 - contextlib.suppress costs a context manager per BEGIN
+                open_tx[record_of(dbapi_connection)] = perf_counter()
+            except _NO_RECORD:
                 pass
-            except Exception as exc:
-                fail("begin", exc)
         b.do_begin(dialect, dbapi_connection)
 
     def commit(dbapi_connection: Any) -> None:
         c.do_commit(dialect, dbapi_connection)  # a failed COMMIT is followed by a ROLLBACK, recorded there
-        try:
-            started = dbapi_connection.info.pop(TX_START, None)
-            if started is not None and on[0]:
-                commits.observe(perf_counter() - started)
-        except _NO_INFO:
-            pass
-        except Exception as exc:
-            fail("commit", exc)
+        if open_tx:
+            try:
+                started = open_tx.pop(record_of(dbapi_connection), None)
+                if started is not None and on[0]:
+                    took = perf_counter() - started
+                    commit_counts[bisect_left(bounds, took)] += 1  # commits.observe(took), inlined
+                    commits.sum += took
+            except _NO_RECORD:
+                pass
+            except Exception as exc:
+                fail("commit", exc)
 
     def rollback(dbapi_connection: Any) -> None:
         try:
             r.do_rollback(dialect, dbapi_connection)
         finally:
-            try:
-                # The pool's reset-on-return also rolls back; with no BEGIN recorded it counts nothing.
-                started = dbapi_connection.info.pop(TX_START, None)
-                if started is not None and on[0]:
-                    rollbacks.observe(perf_counter() - started)
-            except _NO_INFO:
-                pass
-            except Exception as exc:
-                fail("rollback", exc)
+            if open_tx:  # empty: no transaction open in this pool, a reset-on-return (the usual case)
+                try:
+                    started = open_tx.pop(record_of(dbapi_connection), None)
+                    if started is not None and on[0]:
+                        took = perf_counter() - started
+                        rollback_counts[bisect_left(bounds, took)] += 1  # rollbacks.observe(took), inlined
+                        rollbacks.sum += took
+                except _NO_RECORD:
+                    pass
+                except Exception as exc:
+                    fail("rollback", exc)
 
     def release_savepoint(connection: Any, name: str) -> None:
         rs.do_release_savepoint(dialect, connection, name)

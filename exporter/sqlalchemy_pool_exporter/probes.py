@@ -8,7 +8,6 @@ method calls on the way, because here a Python-level call costs as much as the u
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 import weakref
@@ -57,12 +56,14 @@ class PoolProbe:
         # Checkouts counted when dispose() last ran (None: never): a name may be reused once the
         # engine was disposed and not used since (core.py).
         self.disposed_at: int | None = None
+        # Set once dispose() ran: from then on a return may be a record of a dead pool (orphans).
+        self._disposed = [False]
 
     def install(self, engine: Engine) -> None:
         listen = self.hooks.listen
-        # Pool events registered on the Engine follow it to the pool that dispose() creates.
-        listen(engine, "checkin", self._make_on_return("checkin"))
-        listen(engine, "detach", self._make_on_return("detach"))
+        # Pool events registered on the Engine follow it to the pool that dispose() creates. Returns
+        # are seen through pool._return_conn (below), not the `checkin` event.
+        listen(engine, "detach", self._on_detach)
         listen(engine, "connect", self._on_connect)
         listen(engine, "close", self._on_close)
         listen(engine, "close_detached", self._on_close_detached)
@@ -82,6 +83,7 @@ class PoolProbe:
         if pool in self._wrapped:
             return
         self.hooks.patch(pool, "connect", self._make_connect(pool))
+        self.hooks.patch(pool, compat.RETURN_CONN, self._make_return_conn(pool))
         # engine.dispose() swaps the pool for pool.recreate(): hooked here rather than through the
         # engine_disposed event, because any ConnectionEvents listener makes every Connection join
         # the engine's dispatch, +15% app CPU per transaction (docs/performance.md).
@@ -109,13 +111,15 @@ class PoolProbe:
         owner = dialect.owner_of(pool, "connect")
         on = self.hooks.on
         stats = self.stats
+        # Start times of the callers waiting now: a list, not a dict by token. Two waiters that
+        # started at the same instant are interchangeable for "how many" and "since when".
         waiting = stats.waiting
+        add_waiter, drop_waiter = waiting.append, waiting.remove
         checkouts = stats.checked_out
         wait = stats.wait
-        tokens = itertools.count()
         capture = self.leaks.threshold is not None
-        ref = weakref.ref
         record_of = compat.fairy_record
+        fairy_ref_of = compat.record_fairy_ref
         on_timeout = self.on_timeout
         on_connect_error = self._on_connect_error
         fail = self.fail
@@ -135,23 +139,22 @@ class PoolProbe:
             if not on[0]:  # uninstrumented while another layer still calls us: pass through
                 return owner.connect(pool)
             t0 = perf_counter()
-            token = next(tokens)
-            waiting[token] = t0
+            add_waiter(t0)
             try:
                 fairy = owner.connect(pool)
             except sa_exc.TimeoutError:
-                waiting.pop(token, None)
+                drop_waiter(t0)
                 on_timeout()
                 raise
             except Exception as exc:
-                waiting.pop(token, None)
+                drop_waiter(t0)
                 on_connect_error(exc)
                 raise
             except BaseException:  # cancelled while waiting: not an error of the pool
-                waiting.pop(token, None)
+                drop_waiter(t0)
                 raise
             try:
-                del waiting[token]
+                drop_waiter(t0)
                 t1 = perf_counter()
                 waited = t1 - t0
                 wait_counts[bisect_left(wait_bounds, waited)] += 1
@@ -166,7 +169,9 @@ class PoolProbe:
                     slot.wait += waited
                 else:
                     slot = None
-                checkouts[record] = (t1, ref(fairy), capture_stack() if capture else None, slot)  # see PoolStats
+                # SQLAlchemy's own weak reference to the proxy (no new one): dead at return means
+                # the app dropped the connection and the garbage collector returned it.
+                checkouts[record] = (t1, fairy_ref_of(record), capture_stack() if capture else None, slot)
                 if replaced[0]:
                     orphans.setdefault(record, None)
             except Exception as exc:
@@ -179,39 +184,67 @@ class PoolProbe:
         flag = self._replaced[pool] = [False]
         return flag
 
-    def _make_on_return(self, event_name: str) -> Callable[[Any, Any], None]:
-        """The checkin (or detach) listener: the connection is no longer held."""
+    def _make_return_conn(self, pool: Pool) -> Callable[[Any], None]:
+        """`pool._return_conn(record)`, which every checkin ends in: the connection is no longer held.
+
+        Wrapped rather than listened to: a `checkin` listener makes SQLAlchemy dispatch the event on
+        every return, +4.6k instructions per checkout before a listener does anything; this wrapper
+        costs +0.7k (docs/performance.md). Our part runs first: once the record is back in the pool,
+        another thread may check it out again.
+        """
+        owner = dialect.owner_of(pool, "_return_conn")
+        on = self.hooks.on
         checkouts = self.stats.checked_out
         use = self.stats.use
         use_counts = use.counts
         use_bounds = use.bounds
-        leaks = self.leaks
-        leak_warned = leaks.warned
-        # A detached connection is closed through close_detached, never with its dead pool.
-        orphans = self._orphans if event_name == "checkin" else None
+        leak_warned = self.leaks.warned
+        disposed = self._disposed  # a list flag: a WeakKeyDictionary's len() would be a Python call
+        returned_late = self._returned_late
         fail = self.fail
 
-        def on_return(dbapi_connection: Any, record: Any) -> None:
-            try:
-                entry = checkouts.pop(record, None)
-                if entry is None:
-                    return
-                held = perf_counter() - entry[0]
-                use_counts[bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
-                use.sum += held
-                slot = entry[3]
-                if slot is not None:
-                    slot.hold += held
-                if entry[1]() is None:
-                    leaks.reclaimed(Checkout._make(entry))
-                if leak_warned:
-                    leaks.returned(record, Checkout._make(entry))
-                if orphans and record in orphans:
-                    self._orphan_returned(record)
-            except Exception as exc:
-                fail(event_name, exc)
+        def return_conn(record: Any) -> None:
+            if on[0]:
+                try:
+                    entry = checkouts.pop(record, None)
+                    if entry is not None:
+                        held = perf_counter() - entry[0]
+                        use_counts[bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
+                        use.sum += held
+                        slot = entry[3]
+                        if slot is not None:
+                            slot.hold += held
+                        if leak_warned or disposed[0] or entry[1]() is None:
+                            returned_late(record, entry, orphans=True)
+                except Exception as exc:
+                    fail("checkin", exc)
+            owner._return_conn(pool, record)
 
-        return on_return
+        return return_conn
+
+    def _on_detach(self, dbapi_connection: Any, record: Any) -> None:
+        """A detached connection is no longer held either; it is closed through close_detached."""
+        try:
+            entry = self.stats.checked_out.pop(record, None)
+            if entry is None:
+                return
+            held = perf_counter() - entry[0]
+            self.stats.use.observe(held)
+            if entry[3] is not None:
+                entry[3].hold += held
+            self._returned_late(record, entry, orphans=False)
+        except Exception as exc:
+            self.fail("detach", exc)
+
+    def _returned_late(self, record: Any, entry: Any, *, orphans: bool) -> None:
+        """The rare cases of a return: reclaimed by the garbage collector, warned about, from a dead pool."""
+        fairy_ref = entry[1]
+        if fairy_ref is not None and fairy_ref() is None:
+            self.leaks.reclaimed(Checkout._make(entry))
+        if self.leaks.warned:
+            self.leaks.returned(record, Checkout._make(entry))
+        if orphans and self._orphans and record in self._orphans:
+            self._orphan_returned(record)
 
     # -- pool events ----------------------------------------------------------------------------
 
@@ -242,7 +275,7 @@ class PoolProbe:
         self.stats.invalidations["hard"] += 1
         try:
             # No ROLLBACK is sent on a connection being thrown away; the server rolls it back.
-            dialect.end_transaction(self.stats, record.info, "rollback")
+            dialect.end_transaction(self.stats, record, "rollback")
         except Exception as exc:
             self.fail("invalidate", exc)
 
@@ -252,6 +285,7 @@ class PoolProbe:
     def _on_pool_replaced(self, old: Pool, new: Pool) -> None:
         """engine.dispose() made `new` to replace `old` (it becomes engine.pool right after)."""
         self.disposed_at = self.stats.wait.count
+        self._disposed[0] = True
         # The new pool has handed nothing out yet: every checkout now is from a replaced pool.
         for record in tuple(self.stats.checked_out):
             self._orphans.setdefault(record, None)

@@ -57,7 +57,7 @@ class Checkout(NamedTuple):
     """A connection currently checked out: when, by which proxy (weakly), from where, by which holder."""
 
     started: float
-    fairy: Any  # weakref.ref to the _ConnectionFairy; dead means the app dropped it unreturned
+    fairy: Any  # weakref.ref to the _ConnectionFairy (SQLAlchemy's own); dead: the app dropped it unreturned
     stack: traceback.StackSummary | None
     slot: Slot | None  # the holder's slot; None when no holder was ever set in this process
 
@@ -84,10 +84,12 @@ class PoolStats:
         self.sessions: dict[str, int] = {}
         self.statement_errors: dict[str, int] = {}
         self.holders = Holders(max_holders)
+        # Pool record -> start of the transaction open on it (dialect.py).
+        self.open_transactions: dict[Any, float] = {}
         # Live state: waiters (token -> start) and checked-out connection records. The checkout
         # path stores plain (started, fairy weakref, stack, holder slot) tuples: building a NamedTuple
         # there costs ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names them.
-        self.waiting: dict[int, float] = {}
+        self.waiting: list[float] = []
         self.checked_out: dict[Any, tuple[float, Any, traceback.StackSummary | None, Slot | None]] = {}
 
     @property
@@ -108,7 +110,7 @@ class PoolStats:
         return hist
 
     def oldest_pending(self, now: float) -> float:
-        starts = tuple(self.waiting.values())
+        starts = tuple(self.waiting)
         return now - min(starts) if starts else 0.0
 
     def oldest_checkout(self, now: float) -> float:

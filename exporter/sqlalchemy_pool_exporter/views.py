@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, dialect, holders, samples
+from . import catalog, holders, samples
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -66,8 +66,7 @@ def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str
     now = time.perf_counter()
     rows = []
     for record, entry in sorted(tuple(stats.checked_out.items()), key=lambda item: item[1][0])[:top]:
-        info = getattr(record, "info", None) or {}
-        started = info.get(dialect.TX_START)
+        started = stats.open_transactions.get(record)
         rows.append(
             {
                 "holder": entry[3].name if entry[3] is not None else holders.NONE,

@@ -53,7 +53,7 @@ def test_close_takes_back_everything_it_installed(tmp_path: Path) -> None:
     assert not any(event.contains(e, name, fn) for e, name, fn in listeners)
     for engine in engines:
         assert not WRAPPED & set(vars(engine.dialect))
-        assert {"connect", "recreate"}.isdisjoint(vars(engine.pool))
+        assert {"connect", "recreate", "_return_conn"}.isdisjoint(vars(engine.pool))
         assert type(engine.pool).connect is Pool.connect
         assert pool_exporter.handle_for(engine) is None
     assert list(registry.collect()) == []

@@ -62,8 +62,10 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     assert "connect" in vars(second_pool)
     listeners = list(handle.hooks.listeners)
     assert {name for name, _ in listeners} == {
-        "checkin", "detach", "connect", "close", "close_detached", "invalidate", "soft_invalidate",
+        "detach", "connect", "close", "close_detached", "invalidate", "soft_invalidate",
     }  # fmt: skip
+    # Returns are seen by wrapping each pool's _return_conn, not through the `checkin` event.
+    assert not sync.pool.dispatch.checkin
     assert all(event.contains(sync, name, fn) for name, fn in listeners)
     # Connections, transactions and statements are seen through this engine's dialect methods.
     wrapped = {"connect", "is_disconnect", *TRANSACTION_METHODS, *STATEMENT_METHODS}
@@ -75,7 +77,7 @@ async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempote
     assert not any(event.contains(sync, name, fn) for name, fn in listeners)
     assert not wrapped & set(vars(sync.dialect))
     for pool in (first_pool, second_pool):
-        assert "connect" not in vars(pool)
+        assert "connect" not in vars(pool) and "_return_conn" not in vars(pool)
         assert pool.connect.__func__ is type(pool).connect  # type: ignore[attr-defined]
         assert type(pool).connect is Pool.connect
     assert pool_labels(registry) == set()

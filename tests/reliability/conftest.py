@@ -275,7 +275,7 @@ async def assert_at_rest(
     handle: pool_exporter.PoolHandle, registry: CollectorRegistry, cluster: Cluster, app: str
 ) -> None:
     """Nothing held, gauges at zero, and the open-connection count equal to the server's own count."""
-    assert handle.stats.waiting == {}
+    assert handle.stats.waiting == []
     assert handle.stats.checkouts == {}
     name = handle.name
     assert value(registry, "sqlalchemy_pool_connections", pool=name, state="used") == 0

@@ -77,7 +77,7 @@ async def test_unreachable_at_start_then_recovers(
                 pass
         assert unwrap(info.value) == "InvalidCatalogNameError"
     assert s("sqlalchemy_pool_connect_errors_total", {"pool": "missing-db", "error": "InvalidCatalogNameError"}) == 3
-    assert other.stats.waiting == {} and other.stats.checkouts == {}
+    assert other.stats.waiting == [] and other.stats.checkouts == {}
 
 
 async def _down_phase(engine, handle, registry, unwrap, raised_by_us, get) -> None:  # type: ignore[no-untyped-def]
@@ -90,7 +90,7 @@ async def _down_phase(engine, handle, registry, unwrap, raised_by_us, get) -> No
             assert not raised_by_us(exc)
             seen[unwrap(exc)] += 1
     assert sum(seen.values()) == 7
-    assert handle.stats.waiting == {} and handle.stats.checkouts == {}
+    assert handle.stats.waiting == [] and handle.stats.checkouts == {}
     s = registry.get_sample_value
     p = {"pool": "down"}
     for cls, n in seen.items():
