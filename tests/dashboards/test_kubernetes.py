@@ -1,15 +1,20 @@
-"""deploy/kubernetes: generated from the rule file and the dashboard, and wired the way the comments say."""
+"""deploy/kubernetes: generated from the rule file and the dashboard, valid against the Kubernetes and
+prometheus-operator schemas, and wired the way docs/kubernetes.md says."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
-from dashboards import kubernetes
+from dashboards import kubernetes, kubernetes_schema
 from sqlalchemy_pool_exporter import __version__
 from sqlalchemy_pool_exporter.settings import DEFAULT_PORT
 
@@ -20,13 +25,8 @@ DEPLOY = kubernetes.DEPLOY
 RULES = REPO / "dashboards" / "alerts.yml"
 RULE_TESTS = REPO / "dashboards" / "tests" / "alerts_test.yml"
 PROMTOOL = shutil.which("promtool") or "promtool"
-RESOURCES = [
-    doc
-    for path in sorted(DEPLOY.glob("*.yaml"))
-    if path.name != "kustomization.yaml"
-    for doc in yaml.safe_load_all(path.read_text())
-]
-BY_KIND = {doc["kind"]: doc for doc in RESOURCES}
+RESOURCES = kubernetes_schema.resources()
+BY_KIND = {r.doc["kind"]: r.doc for r in RESOURCES}
 POD = BY_KIND["Deployment"]["spec"]["template"]
 CONTAINERS = {c["name"]: c for c in POD["spec"]["containers"]}
 APP, SIDECAR = CONTAINERS["app"], CONTAINERS["pool-exporter"]
@@ -81,6 +81,107 @@ def test_prometheus_rule_passes_promtool_like_the_rule_file(tmp_path: Path) -> N
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
+
+
+# -- schemas -----------------------------------------------------------------------------------------
+
+
+def test_kubernetes_resources_match_every_release_strictly() -> None:
+    lines, ok = kubernetes_schema.validate_kubernetes(RESOURCES)
+    assert ok, "\n".join(lines)
+    assert len(lines) == 3 and all("(strict)" in line for line in lines)
+    assert "1.37" in kubernetes_schema.kubernetes_versions()
+
+
+def test_operator_resources_validate() -> None:
+    lines, ok = kubernetes_schema.validate_operator(RESOURCES)
+    assert ok, "\n".join(lines)
+    assert lines == [
+        "podmonitor.yaml: PodMonitor/my-app-pool-exporter: valid",
+        "prometheusrule.yaml: PrometheusRule/sqlalchemy-pool: valid",
+    ]
+
+
+def test_operator_resources_have_no_unknown_fields() -> None:
+    lines, ok = kubernetes_schema.typecheck_operator(RESOURCES)
+    assert ok, "\n".join(lines)
+
+
+def test_cli_prints_every_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert kubernetes_schema.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": OK\n") == 3 and "FAILED" not in out
+
+
+def _kind(kind: str) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    return lambda docs: next(d for d in docs if d["kind"] == kind)
+
+
+def _container(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    pod = _kind("Deployment")(docs)["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == name)
+
+
+# Each breaks one resource in one place; the check named must say so.
+MUTATIONS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], None]]] = {
+    "misspelled container field": ("kubernetes", lambda d: _container(d, "app").update(imagee="x")),
+    "probe port as a list": (
+        "kubernetes",
+        lambda d: _container(d, "pool-exporter")["livenessProbe"]["httpGet"].update(port=["metrics"]),
+    ),
+    "misspelled pod security field": (
+        "kubernetes",
+        lambda d: _kind("Deployment")(d)["spec"]["template"]["spec"]["securityContext"].update(fsgroup=1),
+    ),
+    "service port as text": ("kubernetes", lambda d: _kind("Service")(d)["spec"]["ports"][0].update(port="x")),
+    "configmap value not a string": ("kubernetes", lambda d: _kind("ConfigMap")(d)["data"].update(n=1)),
+    "podmonitor without selector": ("validate", lambda d: _kind("PodMonitor")(d)["spec"].pop("selector")),
+    "rule duration not a duration": (
+        "validate",
+        lambda d: _kind("PrometheusRule")(d)["spec"]["groups"][0]["rules"][0].update({"for": "5 minutes"}),
+    ),
+    "misspelled podmonitor field": (
+        "tsc",
+        lambda d: _kind("PodMonitor")(d)["spec"].update(podMetricEndpoints=[{"port": "metrics"}]),
+    ),
+    "misspelled endpoint field": (
+        "tsc",
+        lambda d: _kind("PodMonitor")(d)["spec"]["podMetricsEndpoints"][0].update(prot="metrics"),
+    ),
+    "misspelled rule field": (
+        "tsc",
+        lambda d: _kind("PrometheusRule")(d)["spec"]["groups"][0]["rules"][0].update(annotation={}),
+    ),
+}
+CHECKS = {
+    "kubernetes": kubernetes_schema.validate_kubernetes,
+    "validate": kubernetes_schema.validate_operator,
+    "tsc": kubernetes_schema.typecheck_operator,
+}
+PASSED = {"kubernetes": ": valid for Kubernetes", "validate": ": valid", "tsc": ": no field outside"}
+
+
+@pytest.fixture(scope="module")
+def broken() -> dict[str, list[str]]:
+    """Each check run once over every mutation meant for it, each mutated resource named after its mutation."""
+    lines: dict[str, list[str]] = {}
+    for check, run in CHECKS.items():
+        items = []
+        for name, (target, mutate) in MUTATIONS.items():
+            if target == check:
+                docs = copy.deepcopy([r.doc for r in RESOURCES])
+                before = copy.deepcopy(docs)
+                mutate(docs)
+                items += [kubernetes_schema.Resource(name, d) for d, b in zip(docs, before, strict=True) if d != b]
+        lines[check], _ = run(items)
+    return lines
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_a_broken_manifest_fails(broken: dict[str, list[str]], name: str) -> None:
+    check = MUTATIONS[name][0]
+    about = [line for line in broken[check] if line.startswith(f"{name}: ")]
+    assert about and not any(PASSED[check] in line for line in about), f"{name}: {check} let it through: {about}"
 
 
 # -- wiring ------------------------------------------------------------------------------------------
