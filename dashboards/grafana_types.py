@@ -122,6 +122,8 @@ def check_many(docs: dict[str, dict[str, Any]], version: str) -> dict[str, list[
         source = (Path(tmp) / "checks.ts").read_text().splitlines()
     errors: dict[str, list[str]] = {name: [] for name in ["", *docs]}
     for line in (result.stdout + result.stderr).splitlines():
+        if line[:1].isspace():  # the elaboration of the error above: its first line says enough
+            continue
         m = _ERROR.match(line)
         if m and m["file"].endswith("checks.ts"):
             number = int(m["line"])

@@ -129,8 +129,10 @@ def typecheck_operator(items: Iterable[Resource]) -> tuple[list[str], bool]:
         (Path(tmp) / "tsconfig.json").write_text(json.dumps(config))
         result = npm.tsc(Path(tmp) / "tsconfig.json")
     errors: list[list[str]] = [[] for _ in operator]
-    stray = []
+    stray: list[str] = []
     for line in (result.stdout + result.stderr).splitlines():
+        if line[:1].isspace():  # the elaboration of the error above: its first line says enough
+            continue
         head = line.split("): error ", 1)
         number = int(head[0].rsplit("(", 1)[1].split(",")[0]) if len(head) == 2 else 0
         owner = next((i for i, span in enumerate(spans) if number in span), None)
