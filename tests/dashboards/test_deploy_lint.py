@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from .conftest import REPO
@@ -62,6 +64,45 @@ def test_compose_services_and_mounted_files_exist() -> None:
                 assert (REPO / source).exists(), f"{source} is mounted but missing"
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{port} would listen on every interface"
+
+
+# registry/namespace/name:tag, the tag an exact version (a digest pins further): podman refuses short names
+# without a search registry, and a floating tag (`16-alpine`, `latest`) changes under a rebuild.
+PINNED_IMAGE = re.compile(
+    r"^(?P<registry>[a-z0-9.-]+\.[a-z]+(:\d+)?)/(?P<path>[a-z0-9._-]+(/[a-z0-9._-]+)*)"
+    r"(:(?P<tag>v?\d+\.\d+(\.\d+)?[A-Za-z0-9._-]*))(@sha256:[0-9a-f]{64})?$"
+)
+
+
+def pinned(reference: str) -> bool:
+    """Fully qualified and pinned; on Docker Hub with its namespace too (`docker.io/library/postgres`)."""
+    m = PINNED_IMAGE.match(reference)
+    return m is not None and (m["registry"] != "docker.io" or "/" in m["path"])
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        "postgres:16-alpine",
+        "docker.io/library/postgres:16-alpine",
+        "docker.io/library/postgres:latest",
+        "prom/prometheus:v2.53.4",
+        "grafana/grafana:11.6.0",
+        "docker.io/postgres:16.9",
+    ],
+)
+def test_pinned_image_pattern_rejects_short_or_floating(reference: str) -> None:
+    assert not pinned(reference)
+
+
+def test_pulled_images_fully_qualified_and_pinned() -> None:
+    pulled = {name: s["image"] for name, s in COMPOSE["services"].items() if "build" not in s and "image" in s}
+    assert set(pulled) == {"postgres", "prometheus", "grafana"}
+    for name, image in pulled.items():
+        assert pinned(image), f"{name}: {image} is not registry/namespace/name:exact-version"
+    # Services built here are tagged locally, never pulled.
+    built = [s for s in COMPOSE["services"].values() if "build" in s]
+    assert built and all(s["image"].endswith(":local") for s in built)
 
 
 def test_prometheus_config_is_valid() -> None:
