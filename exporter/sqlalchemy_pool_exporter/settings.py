@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import ssl
-import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +26,7 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # A URL quoted in a problem: `scheme://` and the user (or host), then the rest of the message.
 # One '/' is enough: a URL given to a path setting comes back as `postgresql:/user:...`.
 _URL = re.compile(r"(:/+[^:@/?\s]*)(.*)", re.DOTALL)
-# Certificates and keys are a few KiB; a cap keeps a wrong path (/dev/zero, a disk image) harmless.
-MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES = validation.MAX_FILE_BYTES
 
 
 class SettingError(ValueError):
@@ -277,17 +275,9 @@ def _no_pass_phrase() -> bytes:
 def _check_small_file(name: str, path: Path) -> None:
     """A readable regular file of at most MAX_FILE_BYTES: checked before anything reads it."""
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise SettingError(name, f"{path} is not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise SettingError(name, f"{path} is {info.st_size} bytes; at most {MAX_FILE_BYTES} expected")
-        with path.open("rb") as f:
-            f.read(1)
-    except OSError as exc:
-        raise SettingError(name, f"cannot read {path}: {exc.strerror}") from None
-    except ValueError:  # a NUL in the path
-        raise SettingError(name, f"not a usable path: {str(path)!r}") from None
+        validation.small_file(path)
+    except ValueError as exc:
+        raise SettingError(name, str(exc)) from None
 
 
 def _check_writable_dir(path: Path) -> None:
