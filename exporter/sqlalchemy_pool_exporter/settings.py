@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import catalog, naming, validation
+from . import catalog, naming, validation, webconfig, webtls
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # In the full 9100-9999 exporter range, where every port is taken: chosen knowingly, see the README.
@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     basic_auth_password: SecretStr | None = Field(None, description="Password for basic_auth_user.")
     tls_cert: Path | None = Field(None, description="PEM certificate (chain) file: serve HTTPS.")
     tls_key: Path | None = Field(None, description="PEM private key file for tls_cert.")
+    web_config_file: Path | None = Field(
+        None,
+        description="exporter-toolkit web config file (TLS with mTLS, bcrypt basic auth users, headers), "
+        "re-read for every connection and request.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -201,9 +206,9 @@ class Settings(BaseSettings):
             raise ValueError("an '@' after user:password@: write '@' as %40 in the password, database name or query")
         return value
 
-    @field_validator("multiproc_dir", mode="before")
+    @field_validator("multiproc_dir", "web_config_file", mode="before")
     @classmethod
-    def _empty_dir(cls, value: object) -> object:
+    def _empty_path(cls, value: object) -> object:
         return None if value == "" else value
 
     @model_validator(mode="after")
@@ -223,6 +228,8 @@ class Settings(BaseSettings):
             raise SettingError(missing, "TLS needs both tls_cert and tls_key")
         if self.tls_cert is not None:
             self.ssl_context()
+        if self.web_config_file is not None:
+            self.web_config()
         return self
 
     # -- derived values -------------------------------------------------------------------------
@@ -262,6 +269,28 @@ class Settings(BaseSettings):
             problem = f"cannot load certificate {self.tls_cert} with key {self.tls_key}: {exc.reason}"
             raise SettingError("tls_cert", problem) from None
         return context
+
+    def web_config(self) -> webconfig.WebConfig | None:
+        """The web config file as it is now, checked (its TLS files loaded once), or None.
+
+        TLS and auth come from the file or from our own settings, never both: which would win is no
+        choice to guess at for a security setting.
+        """
+        if self.web_config_file is None:
+            return None
+        try:
+            config = webconfig.load(self.web_config_file)
+            if config.tls is not None:
+                webtls.TLSReloader(webconfig.WebConfigFile(self.web_config_file))()
+        except webconfig.WebConfigError as exc:
+            raise SettingError("web_config_file", str(exc)) from None
+        name = self.web_config_file
+        if config.tls is not None and self.tls_cert is not None:
+            raise SettingError("web_config_file", f"{name} sets tls_server_config, and tls_cert is set too: use one")
+        if config.users and (self.auth_token is not None or self.basic_auth_user is not None):
+            other = "auth_token" if self.auth_token is not None else "basic_auth_user"
+            raise SettingError("web_config_file", f"{name} sets basic_auth_users, and {other} is set too: use one")
+        return config
 
 
 class _PassPhraseNeeded(Exception):
