@@ -125,6 +125,8 @@ def test_bad_files_exit_2_without_hanging_or_echoing(tmp_path: Path) -> None:
     )
     cert_is_a_device = tmp_path / "device.yml"
     cert_is_a_device.write_text("tls_server_config:\n  cert_file: /dev/zero\n  key_file: /dev/zero\n")
-    for path in (fifo, Path("/dev/zero"), huge, password, unverified, cert_is_a_device):
+    deep = tmp_path / "deep.yml"  # a SIGSEGV in PyYAML 6.0.1's composer, without our depth check
+    deep.write_text("basic_auth_users: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    for path in (fifo, Path("/dev/zero"), huge, password, unverified, cert_is_a_device, deep):
         result = run_cli([*SERVE, "--web-config-file", str(path)])
         assert_exit_2_one_line(result, "web_config_file", "Secr3t")
