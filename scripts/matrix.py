@@ -31,7 +31,17 @@ TESTS = ["tests/core", "tests/service"]
 # type checking and the dashboard tools, which `make test` covers on the latest set).
 TEST_DEPS = ("pytest", "pytest-asyncio", "pytest-timeout", "trustme", "asyncpg", "aiosqlite")
 # Shown in the table, in this order.
-SHOWN = ("sqlalchemy", "prometheus-client", "aiohttp", "pydantic-settings", "pydantic", "asyncpg", "aiosqlite")
+SHOWN = (
+    "sqlalchemy",
+    "prometheus-client",
+    "aiohttp",
+    "pydantic-settings",
+    "pydantic",
+    "asyncpg",
+    "aiosqlite",
+    "pyyaml",
+    "bcrypt",
+)
 # pip's own --only-binary: no compiler in the loop, and a release without a wheel for this Python is
 # a failed install, not a silent source build.
 PIP = ("-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary=:all:")

@@ -35,7 +35,14 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("basic_auth_password", "PASSWORD", "password for --basic-auth-user (prefer the env var)"),
     ("tls_cert", "FILE", "PEM certificate: serve HTTPS"),
     ("tls_key", "FILE", "PEM private key for --tls-cert"),
+    (
+        "web_config_file",
+        "FILE",
+        "exporter-toolkit web config: TLS and mTLS, bcrypt users, headers; re-read live (serve)",
+    ),
 )
+# The exporter-toolkit's flag names, for fleets that configure every exporter alike.
+ALIASES: dict[str, str] = {"web_config_file": "--web.config.file", "metrics_path": "--web.telemetry-path"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     group = common.add_argument_group("settings (each also POOL_EXPORTER_<NAME>; flags win)")
     for name, metavar, help_text in FLAGS:
-        group.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, help=help_text)
+        flags = ["--" + name.replace("_", "-"), *([ALIASES[name]] if name in ALIASES else [])]
+        group.add_argument(*flags, dest=name, metavar=metavar, help=help_text)
+    group.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        action="append",
+        metavar="[HOST]:PORT",
+        help="--host and --port in one, as the Go exporters take them (':9717' is every address, IPv4 and IPv6)",
+    )
 
     parser = _Parser(prog=PROG, description="Prometheus metrics for SQLAlchemy connection pools.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -91,13 +106,39 @@ def _demo_options(args: argparse.Namespace) -> tuple[float | None, int]:
     return duration, workers
 
 
+def listen_address(values: list[str], host: str | None, port: str | None) -> dict[str, str]:
+    """`--web.listen-address` as host and port; it stands for both, so neither flag may come with it."""
+    if host is not None or port is not None:
+        raise SettingError("host", "--web.listen-address stands for --host and --port: give one or the other")
+    if len(values) > 1:
+        raise SettingError("host", "--web.listen-address given more than once: this exporter listens on one address")
+    value = values[0]
+    address, sep, port_text = value.rpartition(":")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    elif ":" in address or "/" in address or "[" in address:
+        sep = ""  # an IPv6 address without brackets, a vsock:// URL
+    if not sep:
+        raise SettingError("host", f"--web.listen-address must be HOST:PORT, [IPv6]:PORT or :PORT, got {value!r}")
+    # ':PORT' is every address, IPv4 and IPv6, as in Go; asyncio binds both for an empty host.
+    return {"host": address, "port": port_text}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load(**{name: getattr(args, name) for name, _, _ in FLAGS})
+        overrides = {name: getattr(args, name) for name, _, _ in FLAGS}
+        if args.listen_address is not None:
+            overrides.update(listen_address(args.listen_address, args.host, args.port))
+        settings = load(**overrides)
         logs.setup(settings.log_level, settings.log_format, settings.secrets())
         if args.command == "serve":
             return _serve(settings)
+        if settings.web_config_file is not None:
+            raise SettingError(
+                "web_config_file",
+                "is for serve only: the demo's own load generator could not pass its certificates or users",
+            )
         duration, workers = _demo_options(args)
         return _demo(settings, duration, workers, args)
     except SettingError as exc:

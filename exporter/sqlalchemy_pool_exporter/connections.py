@@ -13,6 +13,11 @@ So every connection goes through `Guard`, the protocol factory the listening soc
 - at `max_connections` open connections, a new one first closes the oldest idle one (waiting for
   a request head, or kept alive between requests); only when every one is busy with a request is
   the new one answered 503 and closed. An idle Prometheus connection that is closed just reconnects.
+
+With TLS, the listening socket is plain and each connection is upgraded with `loop.start_tls()`,
+with the TLS that `Guard.tls` gives for it at that moment: the web config file's certificates
+reload without a restart that way (webtls.py says why not `create_server(ssl=)`). As before, the
+handshake has its own deadline, and a connection counts towards the cap once its handshake is done.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -38,18 +45,36 @@ _ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENO
 # -- connections ----------------------------------------------------------------------------------
 
 
-class Guard:
-    """The protocol factory for one listening server: head deadlines and the connection cap."""
+@dataclass(frozen=True)
+class TLS:
+    """How a new connection's TLS handshake goes, and a check of the client's certificate after it."""
 
-    def __init__(self, *, head_timeout: float | None, max_connections: int | None) -> None:
+    context: ssl.SSLContext
+    # Given the verified client certificate (`getpeercert()`, None if none was sent): let it in?
+    accepts: Callable[[dict[str, Any] | None], bool] | None = None
+
+
+class Guard:
+    """The protocol factory for one listening server: head deadlines, the connection cap and TLS.
+
+    `tls`, when given, is called for every new connection (and may raise: that connection is refused).
+    """
+
+    def __init__(
+        self, *, head_timeout: float | None, max_connections: int | None, tls: Callable[[], TLS] | None = None
+    ) -> None:
         self.head_timeout = head_timeout
         self.max_connections = max_connections
+        self.tls = tls
         self._factory: Callable[[], asyncio.Protocol] | None = None
         self._hooked = False
         # Keyed by aiohttp's protocol (what a request knows), in accept order: oldest first.
         self._open: dict[asyncio.BaseProtocol, _Connection] = {}
+        # TLS handshakes in progress: cancelled when the server stops.
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._stalled_log = Throttle()
         self._full_log = Throttle()
+        self._tls_log = Throttle()
 
     def attach(self, server: Callable[[], asyncio.Protocol]) -> None:
         """Serve through aiohttp's protocol factory `server` (AppRunner.server, after setup())."""
@@ -79,9 +104,11 @@ class Guard:
         return _Connection(self, self._factory())
 
     def close(self) -> None:
-        """Drop every pending deadline (the server is stopping; aiohttp closes the connections)."""
+        """Drop every pending deadline and handshake (the server is stopping; aiohttp closes the connections)."""
         for conn in self._open.values():
             conn.disarm()
+        for task in self._handshakes:
+            task.cancel()
 
     # -- called by connections and hooks --------------------------------------------------------
 
@@ -123,6 +150,16 @@ class Guard:
                 self._stalled_log.note(held),
             )
 
+    def _handshake(self, conn: _Connection, transport: asyncio.Transport) -> None:
+        task = asyncio.get_running_loop().create_task(conn.handshake(transport))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _refused(self, why: str) -> None:
+        held = self._tls_log.ready()
+        if held is not None:
+            log.warning("refused a TLS connection: %s%s", why, self._tls_log.note(held))
+
     def _log_full(self, what: str) -> None:
         held = self._full_log.ready()
         if held is not None:
@@ -145,9 +182,50 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self._pipelined = False
         self._deadline: asyncio.TimerHandle | None = None
+        # Between the end of the TLS handshake and our turn to run, the request may already arrive.
+        self._handshaking = False
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if self.guard.tls is not None:
+            self._handshaking = True
+            self.guard._handshake(self, transport)
+            return
+        self._open(transport)
+
+    async def handshake(self, raw: asyncio.Transport) -> None:
+        """TLS over `raw` with the TLS of this moment, then on as a plain connection would go."""
+        assert self.guard.tls is not None
+        try:
+            tls = self.guard.tls()
+        except Exception as exc:
+            self.guard._refused(f"no usable TLS configuration: {exc}")
+            raw.abort()
+            return
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, self, tls.context, server_side=True, ssl_handshake_timeout=self.guard.head_timeout
+            )
+        except Exception:
+            return  # the client's doing (no certificate, a stalled handshake...); start_tls closed it
+        if self._lost or not isinstance(transport, asyncio.Transport):
+            return
+        if tls.accepts is not None and not tls.accepts(transport.get_extra_info("peercert")):
+            self.guard._refused("the client certificate has none of client_allowed_sans")
+            transport.abort()
+            return
+        self._handshaking = False
+        self._open(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+        if self._early_eof:
+            self.eof_received()
+
+    def _open(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         if not self.guard._admit(self):
             transport.write(_BUSY)
@@ -158,6 +236,9 @@ class _Connection(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._handshaking:
+            self._early.append(data)
+            return
         if not self.admitted:
             return
         if self.busy:
@@ -168,6 +249,9 @@ class _Connection(asyncio.Protocol):
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        if self._handshaking:
+            self._early_eof = True
+            return None
         return self.inner.eof_received() if self.admitted else None
 
     def pause_writing(self) -> None:
@@ -179,6 +263,7 @@ class _Connection(asyncio.Protocol):
             self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self.disarm()
         self.guard._forget(self)
         if self.admitted:

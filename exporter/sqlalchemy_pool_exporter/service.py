@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import demo, web
 from .auth import Auth
+from .connections import TLS
 from .core import Exporter
 from .loadgen import LoadGenerator, LoadPlan
 from .naming import safe_url
@@ -58,10 +60,34 @@ def auth_headers(auth: Auth) -> dict[str, str]:
     return {}
 
 
+def apply_web_config(app: Application, settings: Settings, auth: Auth) -> Callable[[], TLS] | None:
+    """The web config file's rate limit, users and headers on `app`; its TLS for listen(), if it has some."""
+    from .webconfig import WebConfigError, WebConfigFile
+    from .webpolicy import WebPolicy
+    from .webtls import TLSReloader
+
+    if settings.web_config_file is None:
+        return None
+    source = WebConfigFile(settings.web_config_file)
+    try:
+        config = source.current()
+    except WebConfigError as exc:  # changed since the settings checked it
+        raise SettingError("web_config_file", str(exc)) from None
+    for note in config.notes:
+        log.warning("web config file: %s", note)
+    WebPolicy(source, tls=config.tls is not None, other_auth=auth.enabled).install(app)
+    return TLSReloader(source) if config.tls is not None else None
+
+
 async def listen(
-    app: Application, settings: Settings, *, port: int | None = None, reuse_port: bool | None = None
+    app: Application,
+    settings: Settings,
+    *,
+    port: int | None = None,
+    reuse_port: bool | None = None,
+    tls: Callable[[], TLS] | None = None,
 ) -> web.Server:
-    """Start serving `app`; a bind failure is a bad host/port setting."""
+    """Start serving `app` (over `tls`, when given); a bind failure is a bad host/port setting."""
     server = web.Server(
         app,
         settings.host,
@@ -70,6 +96,7 @@ async def listen(
         reuse_port=reuse_port,
         request_head_timeout=settings.request_head_timeout,
         max_connections=settings.max_http_connections,
+        tls=tls,
     )
     try:
         await server.start()
@@ -313,17 +340,18 @@ async def run_serve(settings: Settings) -> int:
     if view is not None:
         registry.register(view)
         await view.start()
+    auth = auth_from(settings)
     app = web.make_app(
         registry=registry,
         metrics_path=settings.metrics_path,
         pools=sidecar.pools if sidecar is not None else _no_pools,
         readiness=_readiness(sidecar) if sidecar is not None else Readiness(dict),
-        auth=auth_from(settings),
+        auth=auth,
         offload=True,
         refresh=sidecar.refresh if sidecar is not None else None,
     )
     try:
-        server = await listen(app, settings)
+        server = await listen(app, settings, tls=apply_web_config(app, settings, auth))
         log.info(
             "pool-exporter serve: %s%s (multiprocess dir: %s; server view: %s)",
             server.url,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import ssl
-import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import catalog, naming, validation
+from . import catalog, naming, validation, webconfig, webtls
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # In the full 9100-9999 exporter range, where every port is taken: chosen knowingly, see the README.
@@ -27,8 +26,7 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # A URL quoted in a problem: `scheme://` and the user (or host), then the rest of the message.
 # One '/' is enough: a URL given to a path setting comes back as `postgresql:/user:...`.
 _URL = re.compile(r"(:/+[^:@/?\s]*)(.*)", re.DOTALL)
-# Certificates and keys are a few KiB; a cap keeps a wrong path (/dev/zero, a disk image) harmless.
-MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES = validation.MAX_FILE_BYTES
 
 
 class SettingError(ValueError):
@@ -131,6 +129,11 @@ class Settings(BaseSettings):
     basic_auth_password: SecretStr | None = Field(None, description="Password for basic_auth_user.")
     tls_cert: Path | None = Field(None, description="PEM certificate (chain) file: serve HTTPS.")
     tls_key: Path | None = Field(None, description="PEM private key file for tls_cert.")
+    web_config_file: Path | None = Field(
+        None,
+        description="exporter-toolkit web config file (TLS with mTLS, bcrypt basic auth users, headers), "
+        "re-read for every connection and request.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -203,9 +206,9 @@ class Settings(BaseSettings):
             raise ValueError("an '@' after user:password@: write '@' as %40 in the password, database name or query")
         return value
 
-    @field_validator("multiproc_dir", mode="before")
+    @field_validator("multiproc_dir", "web_config_file", mode="before")
     @classmethod
-    def _empty_dir(cls, value: object) -> object:
+    def _empty_path(cls, value: object) -> object:
         return None if value == "" else value
 
     @model_validator(mode="after")
@@ -225,6 +228,8 @@ class Settings(BaseSettings):
             raise SettingError(missing, "TLS needs both tls_cert and tls_key")
         if self.tls_cert is not None:
             self.ssl_context()
+        if self.web_config_file is not None:
+            self.web_config()
         return self
 
     # -- derived values -------------------------------------------------------------------------
@@ -265,6 +270,28 @@ class Settings(BaseSettings):
             raise SettingError("tls_cert", problem) from None
         return context
 
+    def web_config(self) -> webconfig.WebConfig | None:
+        """The web config file as it is now, checked (its TLS files loaded once), or None.
+
+        TLS and auth come from the file or from our own settings, never both: which would win is no
+        choice to guess at for a security setting.
+        """
+        if self.web_config_file is None:
+            return None
+        try:
+            config = webconfig.load(self.web_config_file)
+            if config.tls is not None:
+                webtls.TLSReloader(webconfig.WebConfigFile(self.web_config_file))()
+        except webconfig.WebConfigError as exc:
+            raise SettingError("web_config_file", str(exc)) from None
+        name = self.web_config_file
+        if config.tls is not None and self.tls_cert is not None:
+            raise SettingError("web_config_file", f"{name} sets tls_server_config, and tls_cert is set too: use one")
+        if config.users and (self.auth_token is not None or self.basic_auth_user is not None):
+            other = "auth_token" if self.auth_token is not None else "basic_auth_user"
+            raise SettingError("web_config_file", f"{name} sets basic_auth_users, and {other} is set too: use one")
+        return config
+
 
 class _PassPhraseNeeded(Exception):
     pass
@@ -277,17 +304,9 @@ def _no_pass_phrase() -> bytes:
 def _check_small_file(name: str, path: Path) -> None:
     """A readable regular file of at most MAX_FILE_BYTES: checked before anything reads it."""
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise SettingError(name, f"{path} is not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise SettingError(name, f"{path} is {info.st_size} bytes; at most {MAX_FILE_BYTES} expected")
-        with path.open("rb") as f:
-            f.read(1)
-    except OSError as exc:
-        raise SettingError(name, f"cannot read {path}: {exc.strerror}") from None
-    except ValueError:  # a NUL in the path
-        raise SettingError(name, f"not a usable path: {str(path)!r}") from None
+        validation.small_file(path)
+    except ValueError as exc:
+        raise SettingError(name, str(exc)) from None
 
 
 def _check_writable_dir(path: Path) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import stat
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from . import catalog
 
@@ -18,6 +21,9 @@ _NAME_REST = _NAME_START | frozenset("0123456789")
 # Every bound is a series per labelled histogram: keep what one setting can cost bounded.
 MAX_BUCKETS = 40
 MAX_POOL_NAME = 200
+# Certificates, keys and web config files are a few KiB; a cap keeps a wrong path (/dev/zero, a disk
+# image) harmless.
+MAX_FILE_BYTES = 1 << 20
 
 
 def namespace(value: object) -> str:
@@ -207,3 +213,56 @@ def basic_auth(user: str | None, password: str | None) -> tuple[str | None, str 
     if not password:
         raise ValueError("basic auth password is empty: it would lock everyone out (unset both to turn it off)")
     return user, password
+
+
+# -- files named by settings ------------------------------------------------------------------------
+
+
+def small_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of `path`: a readable regular file of at most `limit` bytes.
+
+    Symlinks are followed (mounted Kubernetes secrets are symlinks). The file is checked before it is
+    opened (opening a device can have effects), opened without blocking (a FIFO swapped in meanwhile
+    cannot hang us), checked again through the descriptor, and never read past `limit` + 1 bytes.
+    """
+    try:
+        before = path.stat()
+        _small_regular(path, before, limit)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        if isinstance(exc, _NotSmallRegular):
+            raise ValueError(str(exc)) from None
+        raise ValueError(f"not a usable path: {str(path)!r}") from None  # a NUL in it
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise ValueError(f"{path} was replaced while being read")
+        _small_regular(path, now, limit)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ValueError(f"{path} grew past {limit} bytes while being read")
+    return b"".join(chunks)
+
+
+class _NotSmallRegular(ValueError):
+    pass
+
+
+def _small_regular(path: Path, info: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise _NotSmallRegular(f"{path} is not a regular file")
+    if info.st_size > limit:
+        raise _NotSmallRegular(f"{path} is {info.st_size} bytes; at most {limit} expected")

@@ -23,7 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 
 from . import _version, validation, views
 from .auth import Auth
-from .connections import AcceptErrors, Guard, request_error_logger, within_fd_limit
+from .connections import TLS, AcceptErrors, Guard, request_error_logger, within_fd_limit
 from .core import Exporter, default_exporter
 from .exposition import Exposition
 from .readiness import Check, Readiness, Unavailable, check_pool
@@ -291,7 +291,8 @@ class Server:
 
     Clients get `request_head_timeout` seconds to send each request head (and to finish a TLS
     handshake); at most `max_connections` connections stay open, idle ones closed first to make
-    room (see connections.py). None turns either off.
+    room (see connections.py). None turns either off. HTTPS with a fixed `ssl_context`, or with
+    `tls`, called for each new connection (the web config file's certificates, reloaded).
     """
 
     def __init__(
@@ -305,11 +306,15 @@ class Server:
         shutdown_timeout: float = 5.0,
         request_head_timeout: float | None = 5.0,
         max_connections: int | None = 200,
+        tls: Callable[[], TLS] | None = None,
     ) -> None:
+        if ssl_context is not None and tls is not None:
+            raise ValueError("give ssl_context or tls, not both")
         self.app = app
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.tls = tls if ssl_context is None else (lambda: TLS(ssl_context))
         self.reuse_port = reuse_port
         self.shutdown_timeout = shutdown_timeout
         self.request_head_timeout = request_head_timeout
@@ -322,7 +327,11 @@ class Server:
     async def start(self) -> None:
         """Bind and serve without blocking; `port` is updated when 0 was asked."""
         loop = asyncio.get_running_loop()
-        guard = Guard(head_timeout=self.request_head_timeout, max_connections=within_fd_limit(self.max_connections))
+        guard = Guard(
+            head_timeout=self.request_head_timeout,
+            max_connections=within_fd_limit(self.max_connections),
+            tls=self.tls,
+        )
         runner = web.AppRunner(
             self.app,
             access_log=logging.getLogger("aiohttp.access"),
@@ -333,18 +342,10 @@ class Server:
         await runner.setup()
         assert runner.server is not None
         guard.attach(runner.server)
-        # Our own listening socket rather than a TCPSite: every connection must go through the guard.
+        # Our own listening socket rather than a TCPSite: every connection must go through the guard,
+        # which also does TLS (per connection: see connections.py).
         try:
-            server = await loop.create_server(
-                guard,
-                self.host,
-                self.port,
-                ssl=self.ssl_context,
-                backlog=128,
-                reuse_port=self.reuse_port,
-                # The head deadline starts once TLS is up; a stalled handshake needs its own.
-                ssl_handshake_timeout=self.request_head_timeout if self.ssl_context else None,
-            )
+            server = await loop.create_server(guard, self.host, self.port, backlog=128, reuse_port=self.reuse_port)
         except BaseException:
             await runner.cleanup()
             raise
@@ -357,7 +358,7 @@ class Server:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         host = f"[{host}]" if ":" in host else host
-        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), run cleanup hooks."""

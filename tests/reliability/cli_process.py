@@ -84,16 +84,20 @@ class Serving:
 
 @contextlib.contextmanager
 def serving(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    nofile: int | None = None,
+    listen: Sequence[str] = ("--host", "127.0.0.1", "--port", "0"),
 ) -> Iterator[Serving]:
-    """`pool-exporter serve` on 127.0.0.1, a free port, over an empty multiprocess directory.
+    """`pool-exporter serve` on 127.0.0.1 (`listen`: a free port), over an empty multiprocess directory.
 
     Yields once it logged its URL; stops it with SIGTERM afterwards (SIGKILL if it does not exit).
     """
     directory = tmp_path / "mp"
     directory.mkdir(exist_ok=True)
     log = tmp_path / "serve.log"
-    argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--multiproc-dir", str(directory), *args]
+    argv = ["serve", *listen, "--multiproc-dir", str(directory), *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sqlalchemy_pool_exporter", *argv],

@@ -1,0 +1,195 @@
+"""TLS from the web config file: a server SSLContext for each version of the file and of the files it names.
+
+How certificates reload. The toolkit builds its whole TLS configuration again for every handshake
+(Go's GetConfigForClient), so a rotated certificate, key or client CA, or any other changed field,
+applies to the next connection, with no restart. asyncio ties one SSLContext to a listening socket
+(`create_server(ssl=)`), and an `sni_callback` that swaps the context mid-handshake changes the
+certificate but not the verify mode, protocol versions or ciphers: OpenSSL copied those from the
+first context when the connection was made. So our server accepts plain TCP and upgrades each
+connection with the public `loop.start_tls()`, asking `TLSReloader` for the TLS of that moment
+(connections.py): every field reloads, as in the toolkit. It re-reads the web config file and the
+PEM files at each new connection (~30 µs for the file and three PEM files, measured here, next to
+~3 ms for a handshake, both ends) and builds a context only when their bytes change (~2 ms); reading the bytes,
+not comparing mtimes, also catches a rewrite within the same timestamp tick, and the key is loaded
+from the very bytes compared, never from a file that could have changed in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import os
+import ssl
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import validation
+from .connections import TLS
+from .webconfig import CIPHER_SUITES, Inline, Pem, TLSServerConfig, WebConfigError, WebConfigFile
+
+_VERIFY = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+_GO_NAME = {code: name for name, code in CIPHER_SUITES.items()}
+
+
+def read_pem(pem: Pem, field: str) -> bytes:
+    """The bytes of an inline PEM block or of the (small, regular) file it names."""
+    if isinstance(pem, Inline):
+        return bytes(pem)
+    try:
+        return validation.small_file(pem)
+    except ValueError as exc:
+        raise WebConfigError(f"tls_server_config.{field}_file: {exc}") from None
+
+
+def build(config: TLSServerConfig, cert: bytes, key: bytes, client_ca: bytes | None) -> TLS:
+    """The server side of one version of tls_server_config; WebConfigError if OpenSSL refuses any of it."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = config.min_version
+    context.maximum_version = config.max_version
+    if config.cipher_suites:
+        names = openssl_ciphers(config.cipher_suites)
+        try:
+            context.set_ciphers(":".join(names))
+        except ssl.SSLError:
+            raise WebConfigError("tls_server_config.cipher_suites: OpenSSL accepts none of them here") from None
+    if config.curve is not None:
+        context.set_ecdh_curve(config.curve)
+    if not config.prefer_server_cipher_suites:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    _load_key_pair(context, config, cert, key)
+    if config.client_auth != "NoClientCert":
+        assert client_ca is not None, "webconfig requires a client CA for the verifying modes"
+        try:
+            context.load_verify_locations(cadata=client_ca.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError):
+            raise WebConfigError(
+                f"tls_server_config.{_name(config.client_ca, 'client_ca')}: no PEM certificate"
+            ) from None
+        context.verify_mode = _VERIFY[config.client_auth]
+    accepts = san_check(config.client_allowed_sans) if config.client_allowed_sans is not None else None
+    return TLS(context, accepts)
+
+
+@functools.cache
+def _openssl_names() -> dict[int, str]:
+    """IANA code point -> OpenSSL's name, for every suite this OpenSSL has."""
+    every = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    every.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    # OpenSSL's cipher id is 0x0300 followed by the two-byte code point.
+    return {cipher["id"] & 0xFFFF: cipher["name"] for cipher in every.get_ciphers()}
+
+
+def openssl_ciphers(code_points: tuple[int, ...]) -> list[str]:
+    """OpenSSL's names for TLS 1.0-1.2 suites, in order; WebConfigError naming one this OpenSSL lacks."""
+    known = _openssl_names()
+    for code in code_points:
+        if code not in known:
+            raise WebConfigError(f"tls_server_config.cipher_suites: {_GO_NAME[code]} is not in this Python's OpenSSL")
+    return [known[code] for code in code_points]
+
+
+def san_check(allowed: frozenset[str]) -> Callable[[dict[str, Any] | None], bool]:
+    """Whether a verified client certificate has a DNS, e-mail, IP or URI SAN in `allowed` (exact match).
+
+    IP addresses compare as addresses: Go writes `::1` where Python's ssl writes `0:0:0:0:0:0:0:1`.
+    """
+    ips = set()
+    for entry in allowed:
+        with contextlib.suppress(ValueError):
+            ips.add(ipaddress.ip_address(entry))
+
+    def accepts(peercert: dict[str, Any] | None) -> bool:
+        for kind, value in (peercert or {}).get("subjectAltName", ()):
+            if kind in ("DNS", "email", "URI") and value in allowed:
+                return True
+            if kind == "IP Address":
+                with contextlib.suppress(ValueError):
+                    if ipaddress.ip_address(value.strip()) in ips:
+                        return True
+        return False
+
+    return accepts
+
+
+def _name(pem: Pem | None, field: str) -> str:
+    return field if isinstance(pem, Inline) else f"{field}_file {pem}"
+
+
+class _PassPhraseNeeded(Exception):
+    pass
+
+
+def _no_pass_phrase() -> bytes:
+    # Never OpenSSL's pass phrase prompt: a service has no one at the terminal.
+    raise _PassPhraseNeeded
+
+
+def _load_key_pair(context: ssl.SSLContext, config: TLSServerConfig, cert: bytes, key: bytes) -> None:
+    with _pem_path(cert) as cert_path, _pem_path(key) as key_path:
+        try:
+            context.load_cert_chain(cert_path, key_path, password=_no_pass_phrase)
+        except _PassPhraseNeeded:
+            raise WebConfigError(
+                f"tls_server_config.{_name(config.key, 'key')} is encrypted: give an unencrypted key"
+            ) from None
+        except ssl.SSLError as exc:
+            what = f"{_name(config.cert, 'cert')} with {_name(config.key, 'key')}"
+            raise WebConfigError(f"tls_server_config: cannot load {what}: {exc.reason}") from None
+
+
+@contextlib.contextmanager
+def _pem_path(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can read `data` from: an anonymous memory file where there are such, else a
+    private temporary file; OpenSSL's load_cert_chain reads paths only."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("pool-exporter-pem", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="pool-exporter-") as directory:  # pragma: no cover - not Linux
+        path = Path(directory) / "pem"
+        path.write_bytes(data)
+        yield str(path)
+
+
+class TLSReloader:
+    """For each new connection: the TLS of the web config file as it is now (see the module docstring).
+
+    A file that is broken now raises WebConfigError: the connection is refused (the toolkit's
+    handshake fails too), and the next one tries again.
+    """
+
+    def __init__(self, source: WebConfigFile) -> None:
+        self.source = source
+        self._key: object = None
+        self._result: TLS | WebConfigError | None = None
+
+    def __call__(self) -> TLS:
+        config = self.source.current().tls
+        if config is None:
+            raise WebConfigError(
+                "tls_server_config is gone, but the server was started with TLS: restart to serve HTTP"
+            )
+        cert = read_pem(config.cert, "cert")
+        key = read_pem(config.key, "key")
+        client_ca = read_pem(config.client_ca, "client_ca") if config.client_ca is not None else None
+        state = (config, cert, key, client_ca)
+        if state != self._key or self._result is None:
+            try:
+                self._result = build(config, cert, key, client_ca)
+            except WebConfigError as exc:
+                self._result = exc
+            self._key = state
+        if isinstance(self._result, WebConfigError):
+            raise self._result
+        return self._result
