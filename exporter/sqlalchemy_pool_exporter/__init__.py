@@ -1,7 +1,7 @@
 """Prometheus metrics for SQLAlchemy connection pools, connections, transactions and sessions."""
 
 from ._version import __version__
-from .catalog import CATALOG, DEFAULT_NAMESPACE
+from .catalog import CATALOG, DEFAULT_NAMESPACE, LEAN_BUCKETS
 from .core import (
     AlreadyInstrumented,
     Exporter,
@@ -21,6 +21,7 @@ from .session import session_dependency, session_scope
 __all__ = [
     "CATALOG",
     "DEFAULT_NAMESPACE",
+    "LEAN_BUCKETS",
     "AlreadyInstrumented",
     "Exporter",
     "HolderMiddleware",

@@ -24,6 +24,14 @@ CREATE_BUCKETS: tuple[float, ...] = USE_BUCKETS[:-2]
 # A statement: from a point lookup to a report; past 10 s it is the +Inf bucket's business.
 STATEMENT_BUCKETS: tuple[float, ...] = WAIT_BUCKETS[:-1]
 
+# The lean profile's bounds (README "Series budget"): four or three each, for the decade that matters.
+LEAN_BUCKETS: dict[str, tuple[float, ...]] = {
+    "wait": (0.001, 0.01, 0.1, 1.0),
+    "use": (0.01, 0.1, 1.0, 10.0),
+    "create": (0.01, 0.1, 1.0),
+    "statement": (0.01, 0.1, 1.0),
+}
+
 BucketSet = Literal["wait", "use", "create", "statement"]
 DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
     "wait": WAIT_BUCKETS,

@@ -52,6 +52,7 @@ class PoolHandle:
         self.leak_threshold = leak_threshold
         self.options = {"leak_threshold": leak_threshold, "statements": statements, "transactions": transactions}
         self.stats = PoolStats(buckets, max_holders)
+        self.stats.transactions = transactions
         self.fail = Failures(name, self.stats)
         self.leaks = LeakTracker(name, self.stats, leak_threshold, self.fail)
         self.hooks = Hooks()

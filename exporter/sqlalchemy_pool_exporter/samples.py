@@ -51,13 +51,15 @@ def counters(s: PoolStats) -> Iterator[tuple[str, Labels, float]]:
         ("invalidations", s.invalidations),
         ("connect_errors", s.connect_errors),
         ("statement_errors", s.statement_errors),
-        ("savepoints", s.savepoints),
         ("sessions", s.sessions),
     ):
         for label, n in tuple(by_label.items()):
             yield key, (label,), n
-    for outcome in catalog.TRANSACTION_OUTCOMES:
-        yield "transactions", (outcome,), s.transaction_histogram(outcome).count
+    if s.transactions:  # instrument(transactions=False): no transaction series at all (a leaner budget)
+        for label, n in tuple(s.savepoints.items()):
+            yield "savepoints", (label,), n
+        for outcome in catalog.TRANSACTION_OUTCOMES:
+            yield "transactions", (outcome,), s.transaction_histogram(outcome).count
     if holders.ATTRIBUTING[0]:
         h = s.holders
         for slot in h.all():
@@ -74,7 +76,8 @@ def histograms(s: PoolStats) -> Iterator[tuple[str, Labels, Histogram]]:
     yield "wait", (), s.wait
     yield "use", (), s.use
     yield "create", (), s.create
-    for outcome in catalog.TRANSACTION_OUTCOMES:
-        yield "transaction_seconds", (outcome,), s.transaction_histogram(outcome)
+    if s.transactions:
+        for outcome in catalog.TRANSACTION_OUTCOMES:
+            yield "transaction_seconds", (outcome,), s.transaction_histogram(outcome)
     for operation, hist in tuple(s.statement.items()):
         yield "statement_seconds", (operation,), hist

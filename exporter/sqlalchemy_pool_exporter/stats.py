@@ -84,6 +84,8 @@ class PoolStats:
         self.sessions: dict[str, int] = {}
         self.statement_errors: dict[str, int] = {}
         self.holders = Holders(max_holders)
+        # Whether transactions are timed (instrument(transactions=...)); without, no such series.
+        self.transactions = True
         # Pool record -> start of the transaction open on it (dialect.py).
         self.open_transactions: dict[Any, float] = {}
         # Live state: waiters (token -> start) and checked-out connection records. The checkout
