@@ -27,6 +27,7 @@ TITLE = "SQLAlchemy connection pools"
 
 # Grafana template variables; tests substitute them before sending queries to Prometheus.
 POOL = 'job=~"$job", instance=~"$instance", pool=~"$pool"'
+HOLDER = f'{POOL}, holder=~"$holder"'
 TARGET = 'job=~"$job", instance=~"$instance"'
 RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.95, 0.99)
@@ -64,6 +65,7 @@ class Panel:
     thresholds: tuple[tuple[float, str], ...] = ()
     bars: bool = False
     log: bool = False
+    stacked: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,77 @@ SATURATION = Row(
             ),
             "How long the longest-waiting caller has waited; it fails when it reaches the pool timeout.",
             reference=(" timeout",),
+        ),
+    ),
+)
+
+
+def per_holder(counter: str, checkouts: str = "sqlalchemy_pool_holder_checkouts_total") -> str:
+    """Mean seconds per checkout by holder: a holder counter's rate over the rate of its checkouts."""
+    return (
+        f"sum by (pool, holder) (rate({counter}{{{HOLDER}}}[{RATE}]))"
+        f" / sum by (pool, holder) (rate({checkouts}{{{HOLDER}}}[{RATE}]))"
+    )
+
+
+# Who holds the pool (holders.py): series exist once the application named a holder (holder(),
+# holder_middleware, HolderMiddleware, session_scope(holder=)); checkouts with no name are `none`.
+HOLDERS = Row(
+    "Who holds the pool",
+    (
+        Panel(
+            "Connections held by holder",
+            "short",
+            (
+                Query(
+                    f"sum by (pool, holder) (sqlalchemy_pool_holder_connections{{{HOLDER}}})",
+                    "{{holder}} ({{pool}})",
+                ),
+            ),
+            "Checked-out connections by who holds them (a route template, a job), summed over instances and "
+            "stacked: the stack's height is the pool's used connections.",
+            w=12,
+            stacked=True,
+        ),
+        Panel(
+            "Mean hold time by holder",
+            "s",
+            (Query(per_holder("sqlalchemy_pool_holder_hold_seconds_total"), "{{holder}} ({{pool}})"),),
+            "Seconds a holder keeps each connection, checkout to return: a holder far above the rest keeps its "
+            "connection through something slow (an external call inside a transaction).",
+            w=12,
+        ),
+        Panel(
+            "Mean wait by holder",
+            "s",
+            (Query(per_holder("sqlalchemy_pool_holder_wait_seconds_total"), "{{holder}} ({{pool}})"),),
+            "Seconds each holder's callers waited for a connection, per connection they got: who suffers when "
+            "the pool is short.",
+        ),
+        Panel(
+            "Timeouts by holder",
+            "reqps",
+            (
+                Query(
+                    f"sum by (pool, holder) (rate(sqlalchemy_pool_holder_timeouts_total{{{HOLDER}}}[{RATE}]))",
+                    "{{holder}} ({{pool}})",
+                ),
+            ),
+            "Callers that gave up waiting for a connection, by holder: the requests that failed.",
+            bars=True,
+        ),
+        Panel(
+            "Held too long by holder",
+            "short",
+            (
+                Query(
+                    f"sum by (pool, holder) (increase(sqlalchemy_pool_holder_held_too_long_total{{{HOLDER}}}[{RATE}]))",
+                    "{{holder}} ({{pool}})",
+                ),
+            ),
+            "Checkouts held longer than the exporter's leak_threshold, each counted once, by holder "
+            "(only when leak_threshold is set; the log has the stack that took each).",
+            bars=True,
         ),
     ),
 )
@@ -423,7 +496,7 @@ SERVER = Row(
     ),
 )
 
-ROWS: tuple[Row, ...] = (STATS, SATURATION, LATENCY, ERRORS, TRANSACTIONS, SERVER)
+ROWS: tuple[Row, ...] = (STATS, SATURATION, HOLDERS, LATENCY, ERRORS, TRANSACTIONS, SERVER)
 
 
 def _variables() -> list[Any]:
@@ -449,6 +522,7 @@ def _variables() -> list[Any]:
         query_var(
             "pool", "Pool", 'label_values(sqlalchemy_pool_connections{job=~"$job", instance=~"$instance"}, pool)', True
         ),
+        query_var("holder", "Holder", f"label_values(sqlalchemy_pool_holder_connections{{{POOL}}}, holder)", True),
     ]
 
 
@@ -496,6 +570,8 @@ def _panel(spec: Panel, panel_id: int) -> Any:
     builder = builder.fill_opacity(10).line_width(1).show_points(common.VisibilityMode.NEVER)
     if spec.bars:
         builder = builder.draw_style(common.GraphDrawStyle.BARS).fill_opacity(60)
+    if spec.stacked:
+        builder = builder.stacking(cb.StackingConfig().mode(common.StackingMode.NORMAL)).fill_opacity(60)
     if spec.log:
         builder = builder.scale_distribution(cb.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10))
     if spec.thresholds:

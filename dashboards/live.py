@@ -68,7 +68,7 @@ def ensure_database(name: str = DEMO_DB) -> str:
 
 
 def substitute(expr: str, *, rate_interval: str, interval: str = "1s", range_seconds: int = 60) -> str:
-    """Replace Grafana's template variables the way Grafana would, with every job/instance/pool selected."""
+    """Replace Grafana's template variables the way Grafana would, with every job/instance/pool/holder selected."""
     for name, value in (
         ("$__rate_interval", rate_interval),
         ("$__interval", interval),
@@ -76,6 +76,7 @@ def substitute(expr: str, *, rate_interval: str, interval: str = "1s", range_sec
         ("$job", JOB),
         ("$instance", ".*"),
         ("$pool", ".*"),
+        ("$holder", ".*"),
     ):
         expr = expr.replace(name, value)
     if "$" in expr:

@@ -105,6 +105,8 @@ def draw_timeseries(
     reference = [re.compile(o["matcher"]["options"]) for o in panel["fieldConfig"].get("overrides", [])]
     log = custom.get("scaleDistribution", {}).get("type") == "log"
     bars = custom.get("drawStyle") == "bars"
+    stacked = custom.get("stacking", {}).get("mode") == "normal"
+    base: dict[float, float] = {}  # the stack's height so far, by timestamp
     now = time.time()
     n = 0
     positive: list[float] = []
@@ -120,6 +122,13 @@ def draw_timeseries(
             positive += [y for y in ys if y > 0 and not math.isnan(y)]
             if bars and not is_ref:
                 ax.bar(xs, ys, width=0.8 * (xs[1] - xs[0]) if len(xs) > 1 else 0.01, color=color, label=name, alpha=0.8)
+            elif stacked and not is_ref:
+                stamps = [float(t) for t, _ in series["values"]]
+                below = [base.get(t, 0.0) for t in stamps]
+                tops = [b + (0.0 if math.isnan(y) else y) for b, y in zip(below, ys, strict=True)]
+                base.update(zip(stamps, tops, strict=True))
+                ax.plot(xs, tops, color=color, lw=1.0, label=name)
+                ax.fill_between(xs, below, tops, color=color, alpha=0.5)
             else:
                 ax.plot(xs, ys, color=color, lw=1.2, ls="--" if is_ref else "-", label=name)
                 if not is_ref and not log:
@@ -149,7 +158,7 @@ def render(prom: live.Prometheus, output: Path, seconds: float, rate_interval: s
     fig.text(
         0.01,
         1 - 0.35 / height,
-        f"{doc['title']}   ·   job={live.JOB}   instance=All   pool=All   ·   "
+        f"{doc['title']}   ·   job={live.JOB}   instance=All   pool=All   holder=All   ·   "
         f"last {seconds / 60:.0f} min, drawn from Prometheus",
         color=TEXT,
         fontsize=14,

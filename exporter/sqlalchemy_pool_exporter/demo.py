@@ -1,7 +1,8 @@
 """`pool-exporter demo`: a small instrumented aiohttp app, its load, and the exporter, on one port.
 
 The app is the pattern the library is for: an AsyncEngine with a deliberately small pool, an
-`async_sessionmaker`, and every request inside `session_scope()`.
+`async_sessionmaker`, every request inside `session_scope()`, and every request's connections named
+after its route by `holder_middleware` (who holds the pool).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .middleware import holder_middleware
 from .session import session_scope
 
 log = logging.getLogger("sqlalchemy_pool_exporter.demo")
@@ -30,6 +32,10 @@ POOL_SIZE = 3
 MAX_OVERFLOW = 1
 POOL_TIMEOUT = 0.5
 POOL_NAME = "demo"
+# The demo's leak threshold when the user set none: the report route holds its connection longer.
+LEAK_THRESHOLD = 2.0
+# The report's slow "external call", made while its transaction is open.
+REPORT_HOLD = 3.0
 
 SESSIONS_KEY = web.AppKey("demo_sessions", async_sessionmaker[AsyncSession])
 ENGINE_KEY = web.AppKey("demo_engine", AsyncEngine)
@@ -130,6 +136,17 @@ async def slow(request: web.Request) -> web.Response:
     return web.json_response({"held": seconds})
 
 
+async def report(request: web.Request) -> web.Response:
+    """Read, then wait on a slow external call with the transaction still open: the pool's top holder."""
+    seconds = min(float(request.query.get("seconds", str(REPORT_HOLD))), 30.0)
+    async with session_scope(request.app[SESSIONS_KEY]) as session:
+        total = await session.scalar(select(func.coalesce(func.sum(Item.qty), 0)))
+        # The external call (a payment provider, a PDF renderer) belongs after the commit; here it
+        # keeps the connection, and the leak threshold reports it by route.
+        await asyncio.sleep(seconds)
+    return web.json_response({"total": total, "held": seconds})
+
+
 async def leak(request: web.Request) -> web.Response:
     """Check a connection out and drop it without returning it: the garbage collector reclaims it."""
     conn = await request.app[ENGINE_KEY].connect()
@@ -145,9 +162,12 @@ def add_demo_routes(app: web.Application, engine: AsyncEngine) -> None:
     """Mount the demo app's routes under /demo on `app`."""
     app[ENGINE_KEY] = engine
     app[SESSIONS_KEY] = async_sessionmaker(engine, expire_on_commit=False)
+    # Outermost first: the holder is named before any handler (or error mapping) runs.
+    app.middlewares.append(holder_middleware)
     app.middlewares.append(errors_to_status)
     app.router.add_get("/demo/items", list_items)
     app.router.add_post("/demo/items", add_item)
     app.router.add_post("/demo/fail", failing_write)
     app.router.add_get("/demo/slow", slow)
+    app.router.add_get("/demo/report", report)
     app.router.add_post("/demo/leak", leak)

@@ -1,4 +1,4 @@
-"""The demo's traffic: commits, rollbacks, slow transactions, pool-exhausting bursts and rare leaks."""
+"""The demo's traffic: commits, rollbacks, slow transactions, a slow report, pool-exhausting bursts, rare leaks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ log = logging.getLogger("sqlalchemy_pool_exporter.loadgen")
 
 @dataclass
 class LoadPlan:
-    """How hard to push: steady request loops plus periodic bursts and leaks."""
+    """How hard to push: steady request loops plus periodic bursts, reports and leaks."""
 
     loops: int = 3
     pause: float = 0.05
@@ -26,8 +26,11 @@ class LoadPlan:
     burst_every: float = 5.0
     burst_hold: float = 1.0
     leak_every: float = 15.0
+    # One report at a time (it holds its connection for the demo's REPORT_HOLD), then this pause.
+    report_every: float = 1.0
     first_burst: float = 1.0
     first_leak: float = 2.0
+    first_report: float = 0.5
     seed: int | None = None
 
 
@@ -51,6 +54,7 @@ class LoadGenerator:
                 tg.create_task(self._steady(client, random.Random(rng.random())))
             tg.create_task(self._every(client, self.plan.first_burst, self.plan.burst_every, self._burst))
             tg.create_task(self._every(client, self.plan.first_leak, self.plan.leak_every, self._leak))
+            tg.create_task(self._every(client, self.plan.first_report, self.plan.report_every, self._report))
 
     async def _hit(self, client: aiohttp.ClientSession, method: str, path: str) -> None:
         try:
@@ -88,6 +92,9 @@ class LoadGenerator:
     async def _burst(self, client: aiohttp.ClientSession) -> None:
         path = f"/demo/slow?seconds={self.plan.burst_hold}"
         await asyncio.gather(*(self._hit(client, "GET", path) for _ in range(self.plan.burst_size)))
+
+    async def _report(self, client: aiohttp.ClientSession) -> None:
+        await self._hit(client, "GET", "/demo/report")
 
     async def _leak(self, client: aiohttp.ClientSession) -> None:
         await self._hit(client, "POST", "/demo/leak")

@@ -141,16 +141,22 @@ async def _prepare_database(url: URL) -> None:
         await engine.dispose()
 
 
-def _banner(out: TextIO, url: URL, base: str, metrics_path: str, duration: float | None, workers: int) -> None:
+def _banner(
+    out: TextIO, url: URL, base: str, metrics_path: str, duration: float | None, workers: int, leak_threshold: float
+) -> None:
     lines = [
         f"pool-exporter demo: {safe_url(url)} (pool_size={demo.POOL_SIZE}, max_overflow={demo.MAX_OVERFLOW}, "
-        f"pool_timeout={demo.POOL_TIMEOUT}s, {workers} worker{'s' if workers > 1 else ''})",
+        f"pool_timeout={demo.POOL_TIMEOUT}s, leak_threshold={leak_threshold:g}s, "
+        f"{workers} worker{'s' if workers > 1 else ''})",
         f"  overview  {base}/",
         f"  metrics   {base}{metrics_path}",
         f"  pools     {base}/pools",
         f"  try       curl -s {base}{metrics_path} | grep -E 'pool_(connections|timeouts|checkouts)'",
+        f"  holders   curl -s {base}{metrics_path} | grep pool_holder_",
         "  load      commits, rollbacks, slow transactions, a burst that exhausts the pool every 5 s,"
-        " a leaked connection every 15 s",
+        " a leaked connection every 15 s,",
+        f"            GET /demo/report holding its connection {demo.REPORT_HOLD:g} s through a slow external call"
+        " (held too long)",
         f"  stopping  {'after ' + format(duration, 'g') + ' s' if duration else 'on Ctrl-C'}",
     ]
     print("\n".join(lines), file=out, flush=True)
@@ -175,8 +181,13 @@ def _demo_exporter(settings: Settings, multiprocess_dir: Path | None) -> Exporte
     )
 
 
+def _leak_threshold(settings: Settings) -> float:
+    """The user's leak threshold, or the demo's: the report route holds its connection past it."""
+    return demo.LEAK_THRESHOLD if settings.leak_threshold is None else settings.leak_threshold
+
+
 def _instrument_demo(exporter: Exporter, engine: AsyncEngine, settings: Settings) -> None:
-    exporter.instrument(engine, name=demo.POOL_NAME, leak_threshold=settings.leak_threshold)
+    exporter.instrument(engine, name=demo.POOL_NAME, leak_threshold=_leak_threshold(settings))
 
 
 async def _run_demo_single(settings: Settings, url: URL, duration: float | None, out: TextIO) -> int:
@@ -187,7 +198,7 @@ async def _run_demo_single(settings: Settings, url: URL, duration: float | None,
     app = web.make_app(exporter, metrics_path=settings.metrics_path, auth=auth)
     demo.add_demo_routes(app, engine)
     server = await listen(app, settings)
-    _banner(out, url, server.url, settings.metrics_path, duration, 1)
+    _banner(out, url, server.url, settings.metrics_path, duration, 1, _leak_threshold(settings))
     load = LoadGenerator(server.url, LoadPlan(), headers=auth_headers(auth))
     task = asyncio.create_task(load.run())
     try:
@@ -243,7 +254,7 @@ async def _run_demo_workers(
     except BaseException:
         _stop_children(children)
         raise
-    _banner(out, url, server.url, settings.metrics_path, duration, workers)
+    _banner(out, url, server.url, settings.metrics_path, duration, workers, _leak_threshold(settings))
     print(f"  app       http://127.0.0.1:{app_port}/demo/items  (multiprocess dir {directory})", file=out, flush=True)
     try:
         await wait_for_stop(duration)

@@ -73,13 +73,15 @@ def test_histogram_quantiles_sum_by_le_first() -> None:
 
 def test_variables() -> None:
     variables = {v["name"]: v for v in DOC["templating"]["list"]}
-    assert list(variables) == ["datasource", "job", "instance", "pool"]
+    assert list(variables) == ["datasource", "job", "instance", "pool", "holder"]
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for name in ("job", "instance", "pool"):
+    for name in ("job", "instance", "pool", "holder"):
         assert variables[name]["type"] == "query"
         assert variables[name]["datasource"]["uid"] == "${datasource}"
     assert variables["pool"]["multi"] is True and variables["pool"]["includeAll"] is True
     assert variables["instance"]["multi"] is True and variables["instance"]["includeAll"] is True
+    assert variables["holder"]["multi"] is True and variables["holder"]["includeAll"] is True
+    assert variables["holder"]["query"]["query"].startswith("label_values(sqlalchemy_pool_holder_connections{")
 
 
 def test_every_pool_query_filters_by_the_variables() -> None:
@@ -88,6 +90,18 @@ def test_every_pool_query_filters_by_the_variables() -> None:
             for metric in ("sqlalchemy_pool_", "sqlalchemy_transaction", "sqlalchemy_statement"):
                 if metric in t["expr"]:
                     assert 'pool=~"$pool"' in t["expr"] and 'job=~"$job"' in t["expr"], t["expr"]
+
+
+def test_every_holder_query_filters_by_holder() -> None:
+    exprs = [t["expr"] for p in GRAPHS for t in p["targets"] if "sqlalchemy_pool_holder_" in t["expr"]]
+    assert len(exprs) == 5
+    for expr in exprs:
+        assert expr.count('holder=~"$holder"') == expr.count("sqlalchemy_pool_holder_"), expr
+
+
+def test_connections_by_holder_are_stacked() -> None:
+    held = next(p for p in GRAPHS if p["title"] == "Connections held by holder")
+    assert held["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
 
 
 def test_timeout_reference_line_on_wait_panel() -> None:

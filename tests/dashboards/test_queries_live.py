@@ -58,10 +58,13 @@ def test_variable_query_has_values(prometheus: Prometheus, variable: dict[str, A
         "sqlalchemy_pool_timeouts_total",
         "sqlalchemy_pool_connections_leaked_total",
         "sqlalchemy_pool_checkouts_total",
+        'sqlalchemy_pool_holder_held_too_long_total{holder="GET /demo/report"}',
+        'sqlalchemy_pool_holder_checkouts_total{holder="GET /demo/items"}',
     ],
 )
 def test_demo_traffic_reaches_prometheus(prometheus: Prometheus, expr: str) -> None:
-    """The panels show the demo's real events (commits, rollbacks, timeouts, leaks), not just zeros."""
+    """The panels show the demo's real events (commits, rollbacks, timeouts, leaks, the report route held
+    past the leak threshold), not just zeros."""
     payload = prometheus.wait_for(f"sum({expr}) > 0", max(prometheus.remaining(), 20.0))
     assert payload["data"]["result"], f"{expr} stayed at 0"
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
+from typing import Any
 
 import aiohttp
 import pytest
@@ -13,10 +15,26 @@ from .conftest import PG_URL, PYTHON, cli_env, parse, sample, wait_for_line
 DURATION = "6"
 
 
-async def run_and_scrape(
-    env: dict[str, str], *extra: str
-) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], str, str]:
-    """Run the demo; scrape until it showed a timeout (or it ended); return the last scrape, /pools, output."""
+REPORT = "GET /demo/report"
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def shown(samples: Samples, report_checked_out: bool) -> bool:
+    """Everything the assertions look for: a timeout, a rollback, the report held too long and seen held."""
+    return (
+        (sample(samples, "sqlalchemy_pool_timeouts_total", pool="demo") or 0) >= 1
+        and (sample(samples, "sqlalchemy_transactions_total", pool="demo", outcome="rollback") or 0) >= 1
+        and (sample(samples, "sqlalchemy_pool_holder_held_too_long_total", pool="demo", holder=REPORT) or 0) >= 1
+        and report_checked_out
+    )
+
+
+async def run_and_scrape(env: dict[str, str], *extra: str) -> tuple[Samples, str, str, list[dict[str, Any]]]:
+    """Run the demo; scrape until it showed what the tests look for (or it ended).
+
+    Returns the last scrape, the pages (/pools and /), the output, and every /pools row of the demo pool.
+    """
     proc = subprocess.Popen(
         [
             PYTHON,
@@ -39,21 +57,22 @@ async def run_and_scrape(
     lines: list[str] = []
     try:
         base = wait_for_line(proc, r"overview  (http://127\.0\.0\.1:\d+)/", lines)[1]
-        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        samples: Samples = {}
+        rows: list[dict[str, Any]] = []
         async with aiohttp.ClientSession() as client:
             while proc.poll() is None:
                 try:
                     async with client.get(f"{base}/metrics") as r:
                         samples = parse(await r.text())
                     async with client.get(f"{base}/pools") as r:
-                        pools = await r.text()
+                        pools_json = await r.text()
                     async with client.get(f"{base}/") as r:
-                        pools += await r.text()
+                        pools = pools_json + await r.text()
                 except aiohttp.ClientError:
                     break
-                if (sample(samples, "sqlalchemy_pool_timeouts_total", pool="demo") or 0) >= 1 and (
-                    sample(samples, "sqlalchemy_transactions_total", pool="demo", outcome="rollback") or 0
-                ) >= 1:
+                rows += [row for row in json.loads(pools_json)["pools"] if row["name"] == "demo"]
+                held_by_report = any(c["holder"] == REPORT for row in rows for c in row.get("checkouts_now") or ())
+                if shown(samples, held_by_report):
                     break
                 await asyncio.sleep(0.5)
         out, err = proc.communicate(timeout=60)
@@ -62,10 +81,10 @@ async def run_and_scrape(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return samples, pools, "".join(lines) + out + err
+    return samples, pools, "".join(lines) + out + err, rows
 
 
-def assert_demo_traffic(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+def assert_demo_traffic(samples: Samples) -> None:
     assert (sample(samples, "sqlalchemy_pool_checkouts_total", pool="demo") or 0) > 0
     assert (sample(samples, "sqlalchemy_transactions_total", pool="demo", outcome="commit") or 0) > 0
     assert (sample(samples, "sqlalchemy_transactions_total", pool="demo", outcome="rollback") or 0) > 0
@@ -75,9 +94,24 @@ def assert_demo_traffic(samples: dict[tuple[str, tuple[tuple[str, str], ...]], f
     assert sample(samples, "sqlalchemy_pool_timeout_seconds", pool="demo") == 0.5
 
 
+def assert_report_is_a_holder(samples: Samples, rows: list[dict[str, Any]], output: str) -> None:
+    """The report route is named by holder_middleware, held past the demo's 2 s leak threshold, and listed
+    among the current checkouts while it holds."""
+    assert "leak_threshold=2s" in output
+    assert (sample(samples, "sqlalchemy_pool_holder_checkouts_total", pool="demo", holder=REPORT) or 0) >= 1
+    assert (sample(samples, "sqlalchemy_pool_holder_held_too_long_total", pool="demo", holder=REPORT) or 0) >= 1
+    # Requests are attributed to their route templates; nothing the demo does runs without a holder.
+    assert (sample(samples, "sqlalchemy_pool_holder_checkouts_total", pool="demo", holder="GET /demo/items") or 0) > 0
+    assert sample(samples, "sqlalchemy_pool_holder_checkouts_total", pool="demo", holder="none") == 0
+    assert REPORT in rows[-1]["holder_connections"]
+    held = [c for row in rows for c in row["checkouts_now"] if c["holder"] == REPORT]
+    assert held and all(c["in_transaction"] for c in held), held
+
+
 async def test_demo_on_sqlite() -> None:
-    samples, pages, output = await run_and_scrape(cli_env())
+    samples, pages, output, rows = await run_and_scrape(cli_env())
     assert_demo_traffic(samples)
+    assert_report_is_a_holder(samples, rows, output)
     assert '"pool_class": "AsyncAdaptedQueuePool"' in pages
     assert "sqlite+aiosqlite:///" in output
     assert "pool-exporter demo: stopped" in output
@@ -87,8 +121,9 @@ async def test_demo_on_sqlite() -> None:
 @pytest.mark.postgres
 async def test_demo_on_postgresql_never_prints_the_password() -> None:
     url = PG_URL.replace("postgres@", "postgres:DemoPassw0rd@")
-    samples, pages, output = await run_and_scrape(cli_env(POOL_EXPORTER_DATABASE_URL=url))
+    samples, pages, output, rows = await run_and_scrape(cli_env(POOL_EXPORTER_DATABASE_URL=url))
     assert_demo_traffic(samples)
+    assert_report_is_a_holder(samples, rows, output)
     assert "postgresql+asyncpg://postgres:***@127.0.0.1:5432/test" in output
     assert "DemoPassw0rd" not in output + pages
     assert "Traceback" not in output
