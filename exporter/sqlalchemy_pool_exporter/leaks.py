@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -21,9 +22,16 @@ except ImportError:  # pragma: no cover
     _getcurrent = None
 
 
+_OURS = os.path.dirname(os.path.abspath(__file__))
+
+
 def capture_stack() -> traceback.StackSummary:
-    # Source lines are looked up only if a warning is ever printed.
-    return traceback.StackSummary.extract(_frames(), lookup_lines=False)
+    # Source lines are looked up only if a warning is ever printed. Our own frames (this function,
+    # the pool wrapper) are left out: the stack starts where the application asked for a connection.
+    return traceback.StackSummary.extract(
+        ((frame, line) for frame, line in _frames() if not frame.f_code.co_filename.startswith(_OURS)),
+        lookup_lines=False,
+    )
 
 
 def _frames() -> Iterator[tuple[FrameType, int]]:
