@@ -31,6 +31,7 @@ from . import catalog, compat, samples
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .metricnames import Family, View
     from .reading import PoolSource
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -58,18 +59,19 @@ class MultiprocessWriter:
 
     def __init__(
         self,
-        namespace: str,
+        view: View,
         directory: Path,
         buckets: Mapping[str, Sequence[float]],
         sources: Callable[[], Sequence[PoolSource]],
         interval: float = DEFAULT_INTERVAL,
     ) -> None:
-        self.namespace = namespace
+        self.view = view
+        self.namespace = view.namespace
         self.directory = directory
         self.interval = interval
         self.bounds = {key: tuple(buckets[key]) for key in catalog.DEFAULT_BUCKETS}
         self._sources = sources
-        self._metrics: dict[str, Any] = {spec.key: self._make(spec) for spec in catalog.CATALOG}
+        self._metrics: dict[str, Any] = {f.spec.key: self._make(f) for f in view.families}
         # What was already written per pool: (metric key, labels) -> count, or (bucket counts, sum).
         self._written: weakref.WeakKeyDictionary[Any, Written] = weakref.WeakKeyDictionary()
         self._names: set[str] = set()
@@ -91,9 +93,8 @@ class MultiprocessWriter:
             return f"prometheus_client writes {ENV_DIR}={actual}, not {self.directory}"
         return None
 
-    def _make(self, spec: catalog.MetricSpec) -> Any:
-        name = spec.name(self.namespace)
-        labels = list(spec.labelnames)
+    def _make(self, family: Family) -> Any:
+        spec, name, labels = family.spec, family.name, list(family.labelnames)
         if spec.kind == "gauge":
             return Gauge(name, spec.help, labels, registry=None, multiprocess_mode=spec.mp_mode)
         if spec.kind == "counter":
@@ -210,25 +211,27 @@ class MultiprocessWriter:
                 self._names.discard(name)
 
     def _zero_live(self, name: str) -> None:
-        for spec in catalog.CATALOG:
+        for family in self.view.families:
+            spec = family.spec
             if spec.kind == "gauge" and spec.pool_label:
                 metric = self._metrics[spec.key]
                 for extra in [(state,) for state in catalog.CONNECTION_STATES] if spec.labels else [()]:
-                    metric.labels(name, *extra).set(0)
+                    # Gauges have no db.system.name label: the system is not needed to name them.
+                    metric.labels(*self.view.labels(family, name, "", extra)).set(0)
 
     def _write(self, source: PoolSource) -> None:
-        m = self._metrics
-        p = source.name
+        m, view = self._metrics, self.view
+        p, system, by_key = source.name, source.db_system, view.by_key
         reading = source.read()
         if reading is not None:
             for key, labels, value in samples.gauges(reading):
-                m[key].labels(p, *labels).set(value)
+                m[key].labels(*view.labels(by_key[key], p, system, labels)).set(value)
         written = self._written.setdefault(source, {})
         for key, labels, value in samples.counters(source.stats):
             before = written.get((key, labels), 0)
             # Create the child even at 0: as in single-process mode, a counter is exported from the
             # start, so Prometheus sees its first increase (a series born at 1 hides it from rate()).
-            child = m[key].labels(p, *labels)
+            child = m[key].labels(*view.labels(by_key[key], p, system, labels))
             if value > before:
                 child.inc(value - before)
             written[(key, labels)] = value
@@ -236,8 +239,8 @@ class MultiprocessWriter:
             counts, total = list(hist.counts), hist.sum
             before_counts, before_total = written.get((key, labels), ([0] * len(counts), 0.0))
             deltas = [(i, now - then) for i, (now, then) in enumerate(zip(counts, before_counts, strict=True))]
-            compat.add_to_histogram(m[key].labels(p, *labels), [(i, d) for i, d in deltas if d > 0],
-                                    total - before_total)  # fmt: skip
+            child = m[key].labels(*view.labels(by_key[key], p, system, labels))
+            compat.add_to_histogram(child, [(i, d) for i, d in deltas if d > 0], total - before_total)
             written[(key, labels)] = (counts, total)
 
 

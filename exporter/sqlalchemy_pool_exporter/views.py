@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import catalog, samples
+from .metricnames import NAMES, Family, view
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -55,20 +56,31 @@ def pool_row(source: PoolSource, reading: PoolReading | None) -> dict[str, Any]:
 
 
 def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[str, Any]]:
-    """Rows rebuilt from merged multiprocess metrics (no URL, no pool class), by catalog name."""
-    by_sample: dict[str, catalog.MetricSpec] = {}
-    for spec in catalog.CATALOG:
-        if spec.pool_label and spec.field is not None and spec.kind != "histogram":
-            by_sample[spec.name(namespace)] = spec
+    """Rows rebuilt from merged multiprocess metrics (no URL, no pool class), by catalog name.
+
+    Workers may write our names or the semantic conventions' (names="semconv"): both are read, so
+    the sidecar needs no setting for it.
+    """
+    by_sample: dict[str, tuple[Family, str]] = {}
+    for names in NAMES:
+        v = view(namespace, names)
+        for family in v.families:
+            spec = family.spec
+            if spec.pool_label and spec.field is not None and spec.kind != "histogram":
+                by_sample[family.name] = (family, v.pool_label)
     rows: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         for s in metric.samples:
             found = by_sample.get(s.name)
-            pool = s.labels.get("pool")
-            if found is None or pool is None:
+            if found is None:
+                continue
+            family, pool_label = found
+            pool = s.labels.get(pool_label)
+            if pool is None:
                 continue
             row = rows.setdefault(pool, {"name": pool})
-            labels = tuple(s.labels.get(label, "") for label in found.labels)
+            # No family with a field has db.system.name or mapped values: its labels follow the pool's.
+            labels = tuple(s.labels.get(label, "") for label in family.labelnames[1:])
             value: float = int(s.value) if float(s.value).is_integer() else s.value
-            _put(row, found, labels, value)
+            _put(row, family.spec, labels, value)
     return [rows[name] for name in sorted(rows)]
