@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -13,10 +15,19 @@ from .conftest import PG_URL, PYTHON, cli_env, parse, sample, wait_for_line
 DURATION = "6"
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def saw_timeout_and_rollback(samples: Samples) -> bool:
+    return (sample(samples, "sqlalchemy_pool_timeouts_total", pool="demo") or 0) >= 1 and (
+        sample(samples, "sqlalchemy_transactions_total", pool="demo", outcome="rollback") or 0
+    ) >= 1
+
+
 async def run_and_scrape(
-    env: dict[str, str], *extra: str
-) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], str, str]:
-    """Run the demo; scrape until it showed a timeout (or it ended); return the last scrape, /pools, output."""
+    env: dict[str, str], *extra: str, done: Callable[[Samples], bool] = saw_timeout_and_rollback
+) -> tuple[Samples, str, str]:
+    """Run the demo; scrape until `done` (or it ended); return the last scrape, /pools and /, output."""
     proc = subprocess.Popen(
         [
             PYTHON,
@@ -51,9 +62,7 @@ async def run_and_scrape(
                         pools += await r.text()
                 except aiohttp.ClientError:
                     break
-                if (sample(samples, "sqlalchemy_pool_timeouts_total", pool="demo") or 0) >= 1 and (
-                    sample(samples, "sqlalchemy_transactions_total", pool="demo", outcome="rollback") or 0
-                ) >= 1:
+                if done(samples):
                     break
                 await asyncio.sleep(0.5)
         out, err = proc.communicate(timeout=60)
@@ -91,4 +100,26 @@ async def test_demo_on_postgresql_never_prints_the_password() -> None:
     assert_demo_traffic(samples)
     assert "postgresql+asyncpg://postgres:***@127.0.0.1:5432/test" in output
     assert "DemoPassw0rd" not in output + pages
+    assert "Traceback" not in output
+
+
+async def test_demo_with_semconv_names_in_two_workers_and_the_sidecar() -> None:
+    """`--names semconv` reaches the worker processes (through their environment) and the sidecar reads it."""
+    pool = {"db_client_connection_pool_name": "demo"}
+
+    def done(samples: Samples) -> bool:
+        timeouts = sample(samples, "db_client_connection_timeouts_total", **pool) or 0
+        return timeouts >= 1 and (sample(samples, "sqlalchemy_pool_checkouts_total", **pool) or 0) > 0
+
+    extra = ("--names", "semconv", "--workers", "2", "--duration", "15")  # the last --duration wins
+    samples, pages, output = await run_and_scrape(cli_env(), *extra, done=done)
+    assert done(samples), output
+    # Two workers' pools merged: the conventions' names, none of ours for the same metrics, no `pool` label.
+    assert sample(samples, "db_client_connection_max", **pool) == 2 * 4.0
+    assert sample(samples, "db_client_connection_idle_max", **pool) == 2 * 3.0
+    assert (sample(samples, "db_client_connection_wait_time_seconds_count", **pool) or 0) > 0
+    assert not {"sqlalchemy_pool_connections", "sqlalchemy_pool_timeouts_total"} & {name for name, _ in samples}
+    assert not any(label == "pool" for _, labels in samples for label, _ in labels)
+    rows = json.JSONDecoder().raw_decode(pages)[0]["pools"]  # /pools, then the / page
+    assert [(row["name"], row["max"], row["size"]) for row in rows] == [("demo", 8, 6)]
     assert "Traceback" not in output
