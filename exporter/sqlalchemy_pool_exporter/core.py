@@ -318,8 +318,12 @@ def handle_for(engine: Engine | AsyncEngine) -> PoolHandle | None:
     return handle_of(sync_engine(engine))
 
 
+def default_exporters() -> list[Exporter]:
+    """The default Exporters made so far (one per namespace and names), open or closed."""
+    with _defaults_lock:
+        return list(_defaults.values())
+
+
 def handles() -> list[PoolHandle]:
     """The default Exporters' active handles."""
-    with _defaults_lock:
-        exporters = list(_defaults.values())
-    return [h for exporter in exporters for h in exporter.handles()]
+    return [h for exporter in default_exporters() for h in exporter.handles()]
