@@ -61,23 +61,21 @@ def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[s
     Workers may write our names or the semantic conventions' (names="semconv"): both are read, so
     the sidecar needs no setting for it.
     """
-    by_sample: dict[str, tuple[Family, str]] = {}
+    # Our own metrics have the same name in both: the pool label tells which naming wrote a sample.
+    by_sample: dict[str, list[tuple[Family, str]]] = {}
     for names in NAMES:
         v = view(namespace, names)
         for family in v.families:
             spec = family.spec
             if spec.pool_label and spec.field is not None and spec.kind != "histogram":
-                by_sample[family.name] = (family, v.pool_label)
+                by_sample.setdefault(family.name, []).append((family, v.pool_label))
     rows: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         for s in metric.samples:
-            found = by_sample.get(s.name)
-            if found is None:
+            found = [(f, s.labels[label]) for f, label in by_sample.get(s.name, ()) if label in s.labels]
+            if not found:
                 continue
-            family, pool_label = found
-            pool = s.labels.get(pool_label)
-            if pool is None:
-                continue
+            family, pool = found[0]
             row = rows.setdefault(pool, {"name": pool})
             # No family with a field has db.system.name or mapped values: its labels follow the pool's.
             labels = tuple(s.labels.get(label, "") for label in family.labelnames[1:])

@@ -123,6 +123,10 @@ def test_counters_sum_live_gauges_follow_live_workers(
     assert value(registry, "sqlalchemy_transactions_total", outcome="rollback") == sum(n for n, _ in PLAN)
     assert value(registry, "sqlalchemy_statement_seconds_count", operation="select") == sum(n for n, _ in PLAN)
     assert registry.get_sample_value("sqlalchemy_exporter_build_info", {"version": _version()}) == 1
+    rows = views.pools_from_metrics(registry.collect(), "sqlalchemy")
+    assert [(row["name"], row["used"], row["idle"], row["checkouts"]) for row in rows] == [
+        ("shared", 3, 1, total_checkouts)
+    ]
 
     # The worker holding two connections dies without any chance to clean up.
     killed = procs[1]
