@@ -251,6 +251,22 @@ def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
             f"{fmt(r['generate_latest_ms'])} ms",
             f"{fmt(r['generate_latest_ms'] * 1000 / r['lines'])} µs per line",
         ],
+        [
+            f'/metrics render (text), {RENDER_POOLS} pools, `names="semconv"`',
+            f"{fmt(r['semconv_ms'])} ms",
+            f"{r['semconv_lines']:,.0f} lines; {fmt(r['semconv_ms'] * 1000 / r['semconv_lines'])} µs per line",
+        ],
+    ]
+    if "otlp_ms" in r:
+        rows.append(
+            [
+                f"OTLP collection, {RENDER_POOLS} pools (SDK reader collect(): produce + OTLP protobuf encoding)",
+                f"{fmt(r['otlp_ms'])} ms",
+                f"{r['otlp_bytes'] / 1024:,.0f} KiB per request; at the SDK's 60 s interval "
+                f"{fmt(r['otlp_ms'] / 60, 3)} ms of CPU a second",
+            ]
+        )
+    rows += [
         [f"merge, {live} live workers ({s['merge']})", f"{fmt(float(s['live_ms']))} ms", f"{s['live_files']} files"],
         [
             f"merge, {live} live + {gone} gone, no compaction (prometheus_client)",

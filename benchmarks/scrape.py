@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -19,6 +20,8 @@ from sqlalchemy.pool import QueuePool
 
 from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.exposition import Exposition
+
+from .variants import dropping_exporter, encode_otlp, otlp_available
 
 
 def _busy_engine(exporter: Exporter, name: str) -> Engine:
@@ -40,18 +43,35 @@ def _busy_engine(exporter: Exporter, name: str) -> Engine:
 def render(pools: int, repeat: int) -> dict[str, float]:
     """Median ms of what /metrics runs (text and OpenMetrics), and of bare generate_latest() for reference.
 
-    The handler's Exposition is built once and reused, as the handler does; the three renders
-    are interleaved so machine noise hits them alike.
+    The handler's Exposition is built once and reused, as the handler does; the renders are
+    interleaved so machine noise hits them alike. The same pools again under names="semconv", and,
+    with the `otel` extra, an OTLP collection of those (an SDK reader's collect(): our producer, the
+    SDK, the OTLP protobuf encoding; no network).
     """
     registry = CollectorRegistry()
     exporter = Exporter(registry)
     engines = [_busy_engine(exporter, f"db{i}") for i in range(pools)]
     exposition = Exposition(registry, [exporter.collector])
+    semconv_registry = CollectorRegistry()
+    semconv = Exporter(semconv_registry, names="semconv")
+    engines += [_busy_engine(semconv, f"db{i}") for i in range(pools)]
+    semconv_exposition = Exposition(semconv_registry, [semconv.collector])
     runs = {
         "ms": lambda: exposition.render(generate_latest),
         "openmetrics_ms": lambda: exposition.render(openmetrics.generate_latest),
         "generate_latest_ms": lambda: generate_latest(registry),
+        "semconv_ms": lambda: semconv_exposition.render(generate_latest),
     }
+    provider = None
+    if otlp_available():
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        from sqlalchemy_pool_exporter import otel
+
+        reader = PeriodicExportingMetricReader(dropping_exporter(), export_interval_millis=math.inf)
+        provider = MeterProvider(metric_readers=[otel.attach(reader, otel.producer(semconv))])
+        runs["otlp_ms"] = reader.collect
     times: dict[str, list[float]] = {key: [] for key in runs}
     for run in runs.values():  # warm: builds the handler's cached line starts
         run()
@@ -63,11 +83,20 @@ def render(pools: int, repeat: int) -> dict[str, float]:
     body = exposition.render(generate_latest)
     if body != generate_latest(registry):  # the fast path must write what prometheus_client writes
         raise AssertionError("Exposition.render() differs from generate_latest()")
+    semconv_body = semconv_exposition.render(generate_latest)
+    if semconv_body != generate_latest(semconv_registry):
+        raise AssertionError("Exposition.render() differs from generate_latest() under names='semconv'")
+    result = {key: statistics.median(values) for key, values in times.items()}
+    if provider is not None:
+        from sqlalchemy_pool_exporter import otel
+
+        result["otlp_bytes"] = len(encode_otlp(otel.producer(semconv).produce()))
+        provider.shutdown()
     exporter.close()
+    semconv.close()
     for engine in engines:
         engine.dispose()
-    result = {key: statistics.median(values) for key, values in times.items()}
-    return {**result, "lines": body.count(b"\n"), "bytes": len(body)}
+    return {**result, "lines": body.count(b"\n"), "bytes": len(body), "semconv_lines": semconv_body.count(b"\n")}
 
 
 def sidecar(live: int, gone: int, repeat: int) -> dict[str, float | str]:

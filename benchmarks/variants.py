@@ -65,6 +65,59 @@ def _ours(engine: Engine) -> None:
     Exporter(CollectorRegistry()).instrument(engine, name=f"bench{next(_names)}")
 
 
+def _ours_semconv(engine: Engine) -> None:
+    """names="semconv": the same hot path; only the names /metrics renders differ."""
+    Exporter(CollectorRegistry(), names="semconv").instrument(engine, name=f"bench{next(_names)}")
+
+
+# Kept alive for the whole run: a MeterProvider whose reader collects our pools every 60 s.
+_providers: list[Any] = []
+
+
+def _ours_otlp(engine: Engine) -> None:
+    """names="semconv" plus the OTLP bridge: an SDK PeriodicExportingMetricReader at its default 60 s interval.
+
+    Nothing of OpenTelemetry runs on the hot path, so the cycle and end-to-end rows show the same
+    costs as `ours_semconv`; what a collection costs is section 3's "OTLP collection" row. The
+    exporter drops the batch (no network in a benchmark); 60 s is longer than any measured window,
+    so no collection falls inside one.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from sqlalchemy_pool_exporter import otel
+
+    exporter = Exporter(CollectorRegistry(), names="semconv")
+    exporter.instrument(engine, name=f"bench{next(_names)}")
+    reader = PeriodicExportingMetricReader(dropping_exporter(), export_interval_millis=60_000)
+    _providers.append(MeterProvider(metric_readers=[otel.attach(reader, otel.producer(exporter))]))
+
+
+def dropping_exporter() -> Any:
+    """An SDK MetricExporter that encodes each batch as OTLP protobuf (the CPU of an export) and drops it."""
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
+
+    class _Dropping(MetricExporter):
+        def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+            encode_otlp(metrics_data)
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            pass
+
+    return _Dropping()
+
+
+def encode_otlp(metrics_data: Any) -> bytes:
+    """The ExportMetricsServiceRequest bytes an OTLP exporter would send for `metrics_data`."""
+    from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+    return bytes(encode_metrics(metrics_data).SerializeToString())
+
+
 def _ours_pool_only(engine: Engine) -> None:
     """Exporter.instrument() without transaction and statement metrics: pool events only."""
     Exporter(CollectorRegistry()).instrument(engine, name=f"bench{next(_names)}", statements=False, transactions=False)
@@ -137,6 +190,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("none", "none (bare SQLAlchemy)", _none),
     Variant("noop", "no-op listeners (floor)", _noop),
     Variant("ours", "**sqlalchemy-pool-exporter** (all metrics)", _ours),
+    Variant("ours_semconv", 'sqlalchemy-pool-exporter, `names="semconv"`', _ours_semconv),
+    Variant("ours_otlp", 'sqlalchemy-pool-exporter, `names="semconv"` + OTLP bridge (60 s reader)', _ours_otlp),
     Variant("ours_pool", "sqlalchemy-pool-exporter, statements=False, transactions=False", _ours_pool_only),
     Variant("ours_holders", "sqlalchemy-pool-exporter, all metrics, holder attribution on", _ours, holder="bench"),
     Variant("hand", "hand-written prometheus_client (gauge + histogram)", _handwritten),
@@ -147,6 +202,7 @@ BY_NAME = {v.name: v for v in VARIANTS}
 
 
 def otel_available() -> bool:
+    """OpenTelemetry's SQLAlchemy instrumentation and SDK (the `bench` extra): the `otel*` rows."""
     try:
         import opentelemetry.instrumentation.sqlalchemy
         import opentelemetry.sdk  # noqa: F401
@@ -155,9 +211,21 @@ def otel_available() -> bool:
     return True
 
 
+def otlp_available() -> bool:
+    """Our `otel` extra (the SDK and its OTLP encoder): the `ours_otlp` row."""
+    try:
+        import opentelemetry.exporter.otlp.proto.common
+        import opentelemetry.sdk  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def selected(names: list[str] | None = None) -> list[Variant]:
-    """The variants to run: all by default, without OpenTelemetry when the `bench` extra is missing."""
+    """The variants to run: all by default, without the OpenTelemetry ones whose packages are missing."""
     chosen = [BY_NAME[n] for n in names] if names else list(VARIANTS)
     if not otel_available():
         chosen = [v for v in chosen if not v.name.startswith("otel")]
+    if not otlp_available():
+        chosen = [v for v in chosen if v.name != "ours_otlp"]
     return chosen

@@ -41,6 +41,7 @@ SHOWN = (
     "aiosqlite",
     "pyyaml",
     "bcrypt",
+    "opentelemetry-sdk",
 )
 # pip's own --only-binary: no compiler in the loop, and a release without a wheel for this Python is
 # a failed install, not a silent source build.
@@ -82,8 +83,9 @@ class Declared:
     def read(cls) -> Declared:
         project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
         runtime = {_name(r): r for r in project["dependencies"]}
-        # Optional drivers count as declared floors too (asyncpg is the `asyncpg` extra).
-        for extra in ("asyncpg", "aiosqlite"):
+        # Optional extras count as declared floors too (asyncpg is the `asyncpg` extra; tests/core/test_otel.py
+        # needs the `otel` one, and would skip without it).
+        for extra in ("asyncpg", "aiosqlite", "otel"):
             for r in project["optional-dependencies"].get(extra, []):
                 runtime.setdefault(_name(r), r)
         dev = {_name(r): r for r in project["optional-dependencies"]["dev"]}

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["gauge", "counter", "histogram"]
+# OpenTelemetry's instrument kinds: the semantic conventions define pool sizes as up-down counters.
+Instrument = Literal["gauge", "counter", "updowncounter", "histogram"]
 # How prometheus_client's multiprocess mode merges one gauge across worker files.
 MultiprocessMode = Literal["livesum", "livemax", "max"]
 
@@ -32,6 +34,13 @@ LEAN_BUCKETS: dict[str, tuple[float, ...]] = {
     "statement": (0.01, 0.1, 1.0),
 }
 
+# The OpenTelemetry semantic conventions that names="semconv" and the OTLP bridge follow. The
+# db.client.connection.* metrics are still "development" there and were renamed twice: up to 1.25
+# db.client.connections.usage{state, pool.name} in ms; in 1.26 db.client.connection.count{db.client.
+# connections.state, …} in s; since 1.27 the attributes are db.client.connection.*. Unchanged 1.27-1.44.
+SEMCONV_VERSION = "1.44.0"
+SEMCONV_SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
+
 BucketSet = Literal["wait", "use", "create", "statement"]
 DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
     "wait": WAIT_BUCKETS,
@@ -39,12 +48,36 @@ DEFAULT_BUCKETS: dict[str, tuple[float, ...]] = {
     "create": CREATE_BUCKETS,
     "statement": STATEMENT_BUCKETS,
 }
+# db.client.operation.duration "SHOULD be specified with ExplicitBucketBoundaries [...]": with
+# names="semconv" these are the default, so that it aggregates with other applications' (`sum by (le)`).
+# The connection-time histograms have no recommended bounds there: ours stay.
+SEMCONV_BUCKETS: dict[str, tuple[float, ...]] = {"statement": (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)}
+
+
+def default_buckets(names: str) -> dict[str, tuple[float, ...]]:
+    """The bounds of every bucket set when none are given, for a view's `names`."""
+    return {**DEFAULT_BUCKETS, **SEMCONV_BUCKETS} if names == "semconv" else dict(DEFAULT_BUCKETS)
+
+
+@dataclass(frozen=True, slots=True)
+class Semconv:
+    """The semantic conventions' metric (SEMCONV_VERSION) that a catalog metric is: name, instrument, unit.
+
+    `system`: the metric requires `db.system.name` (the engine's database, metricnames.db_system).
+    """
+
+    name: str
+    instrument: Instrument
+    unit: str
+    system: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
     """One metric family: its name without namespace, type, help and labels beyond `pool`.
 
+    `unit` is its UCUM unit for OpenTelemetry (`s`, or an annotation such as `{connection}` for a
+    count); `semconv` the semantic conventions' metric it is, if any (metricnames.py spells both).
     `field` names it in a pool's row of /pools and the sidecar's pool view (None: left out); a
     labelled one becomes a mapping by label value, or, when `flat`, one field per label value.
     `column` titles it in the / table (None: not shown).
@@ -61,6 +94,8 @@ class MetricSpec:
     field: str | None = None
     flat: bool = False
     column: str | None = None
+    unit: str = ""
+    semconv: Semconv | None = None
 
     def name(self, namespace: str) -> str:
         return f"{namespace}_{self.suffix}" if namespace else self.suffix
@@ -78,17 +113,33 @@ def _g(
     mp: MultiprocessMode = "livesum",
     field: str | None = None,
     column: str | None = None,
+    unit: str = "{connection}",
+    semconv: Semconv | None = None,
 ) -> MetricSpec:
-    return MetricSpec(key, suffix, "gauge", help, labels, mp_mode=mp, field=field, column=column)
+    return MetricSpec(key, suffix, "gauge", help, labels, mp_mode=mp, field=field, column=column, unit=unit,
+                      semconv=semconv)  # fmt: skip
 
 
-def _c(key: str, suffix: str, help: str, labels: tuple[str, ...] = (), field: str | None = None,
-       column: str | None = None) -> MetricSpec:  # fmt: skip
-    return MetricSpec(key, suffix, "counter", help, labels, field=field, column=column)
+def _c(
+    key: str,
+    suffix: str,
+    help: str,
+    labels: tuple[str, ...] = (),
+    field: str | None = None,
+    column: str | None = None,
+    unit: str = "{connection}",
+    semconv: Semconv | None = None,
+) -> MetricSpec:
+    return MetricSpec(key, suffix, "counter", help, labels, field=field, column=column, unit=unit, semconv=semconv)
 
 
-def _h(key: str, suffix: str, help: str, buckets: BucketSet, labels: tuple[str, ...] = ()) -> MetricSpec:
-    return MetricSpec(key, suffix, "histogram", help, labels, buckets=buckets)
+def _h(key: str, suffix: str, help: str, buckets: BucketSet, labels: tuple[str, ...] = (),
+       semconv: Semconv | None = None) -> MetricSpec:  # fmt: skip
+    return MetricSpec(key, suffix, "histogram", help, labels, buckets=buckets, unit="s", semconv=semconv)
+
+
+def _sc(name: str, instrument: Instrument, unit: str = "{connection}", system: bool = False) -> Semconv:
+    return Semconv(f"db.client.{name}", instrument, unit, system)
 
 
 CATALOG: tuple[MetricSpec, ...] = (
@@ -101,6 +152,8 @@ CATALOG: tuple[MetricSpec, ...] = (
         ("state",),
         field="connections",
         flat=True,
+        unit="{connection}",
+        semconv=_sc("connection.count", "updowncounter"),
     ),
     _g(
         "max_connections",
@@ -108,8 +161,16 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Most connections the pool may open (pool_size + max_overflow).",
         field="max",
         column="max",
+        semconv=_sc("connection.max", "updowncounter"),
     ),
-    _g("size", "pool_size", "Configured pool_size: connections kept open when idle.", field="size", column="size"),
+    _g(
+        "size",
+        "pool_size",
+        "Configured pool_size: connections kept open when idle.",
+        field="size",
+        column="size",
+        semconv=_sc("connection.idle.max", "updowncounter"),
+    ),
     _g(
         "overflow",
         "pool_overflow_connections",
@@ -123,6 +184,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Configured time a caller waits for a connection before failing.",
         mp="max",
         field="timeout",
+        unit="s",
     ),
     _g(
         "pending",
@@ -130,6 +192,8 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Callers waiting for a connection right now.",
         field="pending",
         column="pending",
+        unit="{request}",
+        semconv=_sc("connection.pending_requests", "updowncounter", "{request}"),
     ),
     _g(
         "oldest_pending",
@@ -137,6 +201,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Age of the longest-waiting caller (0 when none).",
         mp="livemax",
         field="oldest_pending",
+        unit="s",
     ),
     _g(
         "oldest_checkout",
@@ -145,6 +210,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         mp="livemax",
         field="oldest_checkout",
         column="oldest checkout (s)",
+        unit="s",
     ),
     # Events.
     _c(
@@ -153,6 +219,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Connections handed out by the pool.",
         field="checkouts",
         column="checkouts",
+        unit="{checkout}",
     ),
     _c(
         "timeouts",
@@ -160,6 +227,8 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Callers that gave up waiting for a connection (pool limit reached).",
         field="timeouts",
         column="timeouts",
+        unit="{timeout}",
+        semconv=_sc("connection.timeouts", "counter", "{timeout}"),
     ),
     _c("created", "pool_connections_created_total", "DBAPI connections opened.", field="connections_created"),
     _c(
@@ -174,6 +243,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Failures to get a connection, by exception class.",
         ("error",),
         field="connect_errors",
+        unit="{error}",
     ),
     _c(
         "invalidations",
@@ -195,15 +265,34 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="leaked",
         column="leaked",
     ),
-    _h("wait", "pool_wait_seconds", "Time from asking for a connection to having one, creation included.", "wait"),
-    _h("use", "pool_use_seconds", "Time a connection was held: checkout to return.", "use"),
-    _h("create", "pool_create_seconds", "Time to open a new DBAPI connection.", "create"),
+    _h(
+        "wait",
+        "pool_wait_seconds",
+        "Time from asking for a connection to having one, creation included.",
+        "wait",
+        semconv=_sc("connection.wait_time", "histogram", "s"),
+    ),
+    _h(
+        "use",
+        "pool_use_seconds",
+        "Time a connection was held: checkout to return.",
+        "use",
+        semconv=_sc("connection.use_time", "histogram", "s"),
+    ),
+    _h(
+        "create",
+        "pool_create_seconds",
+        "Time to open a new DBAPI connection.",
+        "create",
+        semconv=_sc("connection.create_time", "histogram", "s"),
+    ),
     _c(
         "transactions",
         "transactions_total",
         "Transactions ended, by outcome (commit or rollback).",
         ("outcome",),
         field="transactions",
+        unit="{transaction}",
     ),
     _h(
         "transaction_seconds",
@@ -218,9 +307,15 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Savepoints ended, by outcome (release or rollback).",
         ("outcome",),
         field="savepoints",
+        unit="{savepoint}",
     ),
     _h(
-        "statement_seconds", "statement_seconds", "Statement execution time, by operation.", "statement", ("operation",)
+        "statement_seconds",
+        "statement_seconds",
+        "Statement execution time, by operation.",
+        "statement",
+        ("operation",),
+        semconv=_sc("operation.duration", "histogram", "s", system=True),
     ),
     _c(
         "statement_errors",
@@ -228,6 +323,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Statements that raised, by exception class.",
         ("error",),
         field="statement_errors",
+        unit="{statement}",
     ),
     _c(
         "sessions",
@@ -235,12 +331,14 @@ CATALOG: tuple[MetricSpec, ...] = (
         "session_scope/session_dependency exits, by outcome.",
         ("outcome",),
         field="sessions",
+        unit="{scope}",
     ),
     _c(
         "errors",
         "exporter_errors_total",
         "Failures inside the exporter's own listeners (never raised to the app).",
         field="exporter_errors",
+        unit="{error}",
     ),
     # Who holds the pool (holders.py): exported once a holder was ever set in the process. Six series
     # per holder and pool, for at most max_holders names plus `none` and `other`. Counters, not

@@ -25,6 +25,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("database_url", "URL", "serve: PostgreSQL for the server view; demo: database (prefer the env var)"),
     ("multiproc_dir", "DIR", "multiprocess directory (default $PROMETHEUS_MULTIPROC_DIR)"),
     ("namespace", "NAME", "metric name prefix (default sqlalchemy)"),
+    ("names", "NAMES", "default, or semconv: OpenTelemetry's semantic-convention names (demo; serve reads either)"),
     ("buckets", "SPEC", "histogram bounds, e.g. 'wait=0.001,0.01,0.1;use=0.1,1'"),
     ("leak_threshold", "SECONDS", "warn about connections held longer (demo)"),
     ("probe_interval", "SECONDS", "seconds between server-view polls (default 15)"),

@@ -1,4 +1,4 @@
-"""Every private name of SQLAlchemy, prometheus_client and aiohttp that the exporter touches, in one place.
+"""Every private name of SQLAlchemy, prometheus_client, aiohttp and OpenTelemetry's SDK that we touch, in one place.
 
 Each entry says what it is for, the versions it was checked on, and what happens when it is gone:
 a public-API fallback where one exists, otherwise a feature that degrades (logged, counted), never
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -148,3 +149,43 @@ def request_protocol(request: web.BaseRequest) -> asyncio.BaseProtocol:
     """The connection (RequestHandler) serving `request`."""
     protocol: asyncio.BaseProtocol = request.protocol
     return protocol
+
+
+# -- OpenTelemetry SDK (opentelemetry-sdk, the `otel` extra; checked on 1.27.0 and 1.45.2) ----------
+#
+# Its MetricReader takes no MetricProducer yet (the specification's way to hand a reader metrics made
+# elsewhere: open-telemetry/opentelemetry-python#4768, not in a release). What every reader has is
+# the public `collect()`, which hands the SDK's own batch (MetricsData; nothing at all when the SDK
+# has no metrics) to the protected `_receive_metrics(metrics_data, timeout_millis=...)`, the method
+# its docs name for subclasses: InMemoryMetricReader keeps the batch, PeriodicExportingMetricReader
+# exports it. Both are wrapped on one reader instance (otel.attach), never on the class: our metrics
+# join each batch, or make one of their own when the SDK had none. If a release renames the hook,
+# attach() raises TypeError naming it; nothing in the application changes.
+
+
+def hook_metric_reader(reader: Any, add: Callable[[Any, float], Any]) -> Callable[[], None]:
+    """Make `reader` pass every batch through `add(batch or None, timeout_millis)`; return the undo."""
+    collect, receive = getattr(reader, "collect", None), getattr(reader, "_receive_metrics", None)
+    if not callable(collect) or not callable(receive):
+        raise TypeError(f"{type(reader).__name__} has no collect() and _receive_metrics(): not an SDK MetricReader")
+    state = threading.local()
+
+    def receive_with_ours(metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> Any:
+        state.received = True
+        return receive(add(metrics_data, timeout_millis), timeout_millis=timeout_millis, **kwargs)
+
+    def collect_with_ours(timeout_millis: float = 10_000) -> None:
+        state.received = False
+        collect(timeout_millis=timeout_millis)
+        if not state.received:  # the SDK had no metrics of its own this time: ours alone
+            receive(add(None, timeout_millis), timeout_millis=timeout_millis)
+
+    reader.collect = collect_with_ours
+    reader._receive_metrics = receive_with_ours
+
+    def undo() -> None:
+        for name, ours in (("collect", collect_with_ours), ("_receive_metrics", receive_with_ours)):
+            if vars(reader).get(name) is ours:
+                delattr(reader, name)
+
+    return undo

@@ -23,6 +23,7 @@ from . import catalog, validation
 from .collector import PoolCollector
 from .handle import PoolHandle, handle_of
 from .holders import DEFAULT_MAX_HOLDERS
+from .metricnames import Names, view
 from .multiprocess import MultiprocessWriter, environment_dir
 from .naming import pool_name
 
@@ -44,10 +45,14 @@ def sync_engine(engine: Engine | AsyncEngine) -> Engine:
 class Exporter:
     """Exports the pools of the engines it instruments into one registry, under one namespace.
 
-    `multiprocess_dir` (default: none) also writes their numbers into prometheus_client's
-    multiprocess directory for a sidecar; prometheus_client must be in multiprocess mode for that
-    same directory (PROMETHEUS_MULTIPROC_DIR set before it was imported). `buckets` are the
-    histogram bounds by set (`wait`, `use`, `create`, `statement`) for every engine.
+    `names="semconv"` names the metrics OpenTelemetry's semantic conventions define as the
+    OpenTelemetry→Prometheus translation spells them (`db_client_connection_count{
+    db_client_connection_pool_name, db_client_connection_state}`…; metricnames.py), without the
+    namespace; the others keep our names. `multiprocess_dir` (default: none) also writes their
+    numbers into prometheus_client's multiprocess directory for a sidecar; prometheus_client must be
+    in multiprocess mode for that same directory (PROMETHEUS_MULTIPROC_DIR set before it was
+    imported). `buckets` are the histogram bounds by set (`wait`, `use`, `create`, `statement`) for
+    every engine; with names="semconv", `statement` defaults to the conventions' bounds.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class Exporter:
         registry: CollectorRegistry | None = None,
         *,
         namespace: str = catalog.DEFAULT_NAMESPACE,
+        names: Names = "default",
         multiprocess_dir: str | os.PathLike[str] | None = None,
         buckets: Mapping[str, Sequence[float]] | None = None,
         max_holders: int = DEFAULT_MAX_HOLDERS,
@@ -62,7 +68,9 @@ class Exporter:
     ) -> None:
         self.registry = REGISTRY if registry is None else registry
         self.namespace = validation.namespace(namespace)
-        self.buckets = validation.buckets(buckets)
+        self.names: Names = validation.names(names)
+        self.view = view(self.namespace, self.names)
+        self.buckets = validation.buckets(buckets, catalog.default_buckets(self.names))
         self.max_holders = validation.max_holders(max_holders)
         self.multiprocess_dir = Path(multiprocess_dir) if multiprocess_dir else None
         self._interval = validation.seconds("multiprocess_interval", multiprocess_interval)
@@ -70,21 +78,26 @@ class Exporter:
         # Held weakly by engine: a dropped engine takes its handle (and its series) with it.
         self._handles: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()
         self._by_name: weakref.WeakValueDictionary[str, PoolHandle] = weakref.WeakValueDictionary()
-        self.collector = PoolCollector(self.namespace, self.handles)
+        self.collector = PoolCollector(self.view, self.handles)
         self._writer: MultiprocessWriter | None = None
         self.closed = False
         try:
             self.registry.register(self.collector)
         except ValueError as exc:
             # All or nothing: nothing is kept of an Exporter whose metrics the registry refused.
+            hint = (
+                "one Exporter with names='semconv' per registry: those names take no namespace"
+                if self.names == "semconv"
+                else "pass namespace='...' to use other names"
+            )
             raise ValueError(
-                f"cannot export namespace {self.namespace!r} into this registry: {exc} "
-                f"(another Exporter, or metrics of your own, already use these names); "
-                f"pass namespace='...' to use other names"
+                f"cannot export namespace {self.namespace!r} (names={self.names!r}) into this registry: {exc} "
+                f"(another Exporter, or metrics of your own, already use these names); {hint}"
             ) from None
 
     def __repr__(self) -> str:
-        return f"Exporter(namespace={self.namespace!r}, pools={[h.name for h in self.handles()]!r})"
+        names = f", names={self.names!r}" if self.names != "default" else ""
+        return f"Exporter(namespace={self.namespace!r}{names}, pools={[h.name for h in self.handles()]!r})"
 
     # -- instrumenting --------------------------------------------------------------------------
 
@@ -189,7 +202,7 @@ class Exporter:
             return None
         if self._writer is None:
             self._writer = MultiprocessWriter(
-                self.namespace, self.multiprocess_dir, self.buckets, self.handles, self._interval
+                self.view, self.multiprocess_dir, self.buckets, self.handles, self._interval
             )
             self._writer.start()
         return self._writer
@@ -257,21 +270,21 @@ class Exporter:
 
 # -- the default Exporter, for the module-level one-liners --------------------------------------------
 
-_defaults: dict[str, Exporter] = {}
+_defaults: dict[tuple[str, str], Exporter] = {}
 _defaults_lock = threading.Lock()
 
 
-def default_exporter(namespace: str = catalog.DEFAULT_NAMESPACE) -> Exporter:
-    """The Exporter of `namespace` bound to prometheus_client.REGISTRY, made at first use.
+def default_exporter(namespace: str = catalog.DEFAULT_NAMESPACE, names: Names = "default") -> Exporter:
+    """The Exporter of `namespace` and `names` bound to prometheus_client.REGISTRY, made at first use.
 
     Its multiprocess directory is PROMETHEUS_MULTIPROC_DIR, read when it is made. If its
     registration fails (a name clash), nothing is kept and the next call tries again.
     """
     with _defaults_lock:
-        exporter = _defaults.get(namespace)
+        exporter = _defaults.get((namespace, names))
         if exporter is None or exporter.closed:
-            exporter = _defaults[namespace] = Exporter(
-                REGISTRY, namespace=namespace, multiprocess_dir=environment_dir()
+            exporter = _defaults[(namespace, names)] = Exporter(
+                REGISTRY, namespace=namespace, names=names, multiprocess_dir=environment_dir()
             )
         return exporter
 
@@ -284,9 +297,10 @@ def instrument(
     leak_threshold: float | None = None,
     statements: bool = True,
     transactions: bool = True,
+    names: Names = "default",
 ) -> PoolHandle:
-    """Instrument `engine` with the default Exporter (prometheus_client.REGISTRY): see Exporter.instrument."""
-    return default_exporter().instrument(
+    """Instrument `engine` with the default Exporter of `names` (in prometheus_client.REGISTRY): see Exporter."""
+    return default_exporter(names=validation.names(names)).instrument(
         engine,
         name=name,
         buckets=buckets,
@@ -308,8 +322,12 @@ def handle_for(engine: Engine | AsyncEngine) -> PoolHandle | None:
     return handle_of(sync_engine(engine))
 
 
+def default_exporters() -> list[Exporter]:
+    """The default Exporters made so far (one per namespace and names), open or closed."""
+    with _defaults_lock:
+        return list(_defaults.values())
+
+
 def handles() -> list[PoolHandle]:
     """The default Exporters' active handles."""
-    with _defaults_lock:
-        exporters = list(_defaults.values())
-    return [h for exporter in exporters for h in exporter.handles()]
+    return [h for exporter in default_exporters() for h in exporter.handles()]

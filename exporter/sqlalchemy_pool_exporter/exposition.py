@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 from . import catalog, compat, samples
 from ._version import __version__
 from .collector import PoolCollector
+from .metricnames import View
 from .reading import PoolReading
 from .stats import PoolStats
 
@@ -130,13 +131,14 @@ def _percents(s: str) -> str:
 
 
 class _Layout:
-    """The families of one namespace in one format, and each handle's series line starts."""
+    """The families of one catalog view in one format, and each handle's series line starts."""
 
-    def __init__(self, namespace: str, fmt: Format) -> None:
+    def __init__(self, view: View, fmt: Format) -> None:
         self.fmt = fmt
+        self.view = view
         self.families: list[_Family] = []
-        for spec in catalog.CATALOG:
-            name = spec.name(namespace)
+        for family in view.families:
+            spec, name = family.spec, family.name
             if spec.kind == "counter":
                 base = name[:-6] if name.endswith("_total") else name  # as CounterMetricFamily strips it
                 names: tuple[str, ...] = (base + "_total",)
@@ -147,7 +149,7 @@ class _Layout:
                 base = name
                 names = (name,)
             header = _header(fmt, base, spec.kind, spec.help)
-            self.families.append(_Family(spec.key, spec.kind, header, spec.labelnames, names))
+            self.families.append(_Family(spec.key, spec.kind, header, family.labelnames, names))
         self.by_key = {f.key: f for f in self.families}
         build = self.by_key["build_info"]
         self.build_info = _line_start(fmt, build.names[0], [("version", __version__)]) + "1.0\n"
@@ -159,13 +161,17 @@ class _Layout:
             found = self._series[handle] = {}
         return found
 
-    def line_start(self, key: str, pool: str, labels: samples.Labels) -> str:
-        family = self.by_key[key]
-        return _line_start(self.fmt, family.names[0], zip(family.labelnames, (pool, *labels), strict=True))
+    def values(self, key: str, source: PoolSource, labels: samples.Labels) -> samples.Labels:
+        return self.view.labels(self.view.by_key[key], source.name, source.db_system, labels)
 
-    def hist(self, key: str, pool: str, labels: samples.Labels, les: tuple[str, ...]) -> _Hist:
+    def line_start(self, key: str, source: PoolSource, labels: samples.Labels) -> str:
         family = self.by_key[key]
-        pairs = list(zip(family.labelnames, (pool, *labels), strict=True))
+        values = self.values(key, source, labels)
+        return _line_start(self.fmt, family.names[0], zip(family.labelnames, values, strict=True))
+
+    def hist(self, key: str, source: PoolSource, labels: samples.Labels, les: tuple[str, ...]) -> _Hist:
+        family = self.by_key[key]
+        pairs = list(zip(family.labelnames, self.values(key, source, labels), strict=True))
         buckets = tuple(_line_start(self.fmt, family.names[0], [*pairs, ("le", le)]) for le in les)
         count = _line_start(self.fmt, family.names[1], pairs)
         sum_ = _line_start(self.fmt, family.names[2], pairs)
@@ -186,8 +192,8 @@ class Exposition:
     def __init__(self, registry: CollectorRegistry, collectors: Sequence[PoolCollector] = ()) -> None:
         self.registry = registry
         self.collectors = list(collectors)
-        self._layouts: dict[tuple[str, Format], _Layout] = {}
-        self._checked: dict[tuple[str, Format], bool] = {}
+        self._layouts: dict[tuple[View, Format], _Layout] = {}
+        self._checked: dict[tuple[View, Format], bool] = {}
         self.fast = om is not None
         if not self.fast:
             log.warning("fast /metrics renderer off, prometheus_client renders everything: %s",
@@ -198,7 +204,7 @@ class Exposition:
         wanted = frozenset(names) or None
         target: Any = self.registry.restricted_registry(wanted) if wanted else self.registry
         fmt = format_of(encoder) if self.fast else None
-        ours = [c for c in self.collectors if fmt is not None and self._verified(c.namespace, fmt, encoder)]
+        ours = [c for c in self.collectors if fmt is not None and self._verified(c.view, fmt, encoder)]
         if fmt is None or not ours:
             return encoder(target)
         try:
@@ -216,12 +222,12 @@ class Exposition:
             rest = rest[: -len(_EOF)]
         return rest + text.encode("utf-8") + (_EOF if fmt.openmetrics else b"")
 
-    def _verified(self, namespace: str, fmt: Format, encoder: Encoder) -> bool:
-        key = (namespace, fmt)
+    def _verified(self, view: View, fmt: Format, encoder: Encoder) -> bool:
+        key = (view, fmt)
         ok = self._checked.get(key)
         if ok is None:
             try:
-                ok = self._checked[key] = _self_test(namespace, fmt, encoder)
+                ok = self._checked[key] = _self_test(view, fmt, encoder)
             except Exception as exc:
                 ok = self._checked[key] = False
                 log.warning("fast /metrics renderer failed its self-test (%s: %s)", type(exc).__name__, exc)
@@ -243,14 +249,14 @@ class Exposition:
             for source in collector.sources():
                 source.stats.errors += 1
 
-    def _layout(self, namespace: str, fmt: Format) -> _Layout:
-        layout = self._layouts.get((namespace, fmt))
+    def _layout(self, view: View, fmt: Format) -> _Layout:
+        layout = self._layouts.get((view, fmt))
         if layout is None:
-            layout = self._layouts[(namespace, fmt)] = _Layout(namespace, fmt)
+            layout = self._layouts[(view, fmt)] = _Layout(view, fmt)
         return layout
 
     def _render(self, collector: PoolCollector, fmt: Format, wanted: frozenset[str] | None) -> str:
-        return _render_text(self._layout(collector.namespace, fmt), collector.sources(), wanted)
+        return _render_text(self._layout(collector.view, fmt), collector.sources(), wanted)
 
 
 def _render_text(layout: _Layout, sources: Iterable[PoolSource], wanted: frozenset[str] | None) -> str:
@@ -281,6 +287,7 @@ class _Sample:
 
     name = 'self-test "pool"\\n\u00e9'
     url = None
+    db_system = "postgresql"
 
     def __init__(self) -> None:
         self.stats = PoolStats(catalog.DEFAULT_BUCKETS)
@@ -290,6 +297,7 @@ class _Sample:
         self.stats.wait.observe(12.5)
         self.stats.transaction_histogram("commit").observe(0.25)
         self.stats.statement_histogram("select").observe(1234567.0)
+        self.stats.statement_histogram("other").observe(0.002)  # no db.operation.name: an empty label
 
     def read(self) -> PoolReading:
         return PoolReading("QueuePool", 2, 1, 5, 15, 0, 30.0, 0, 0.0, 1.5)
@@ -298,15 +306,15 @@ class _Sample:
         raise exc
 
 
-def _self_test(namespace: str, fmt: Format, encoder: Encoder) -> bool:
-    """Whether our bytes for a fixed sample pool equal prometheus_client's for `fmt`."""
+def _self_test(view: View, fmt: Format, encoder: Encoder) -> bool:
+    """Whether our bytes for a fixed sample pool equal prometheus_client's for `fmt`, in `view`'s names."""
     sample = _Sample()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PoolCollector(namespace, lambda: [sample]))
+    registry.register(PoolCollector(view, lambda: [sample]))
     theirs = encoder(registry)
     if fmt.openmetrics and theirs.endswith(_EOF):
         theirs = theirs[: -len(_EOF)]
-    return _render_text(_Layout(namespace, fmt), [sample], None).encode("utf-8") == theirs
+    return _render_text(_Layout(view, fmt), [sample], None).encode("utf-8") == theirs
 
 
 def _add_pool(
@@ -317,26 +325,25 @@ def _add_pool(
     wanted: frozenset[str] | None,
 ) -> None:
     series = layout.series(source)
-    pool = source.name
     by_key = layout.by_key
     for key, labels, value in samples.gauges(reading):
         start = series.get((key, labels))
         if start is None:
-            start = series[(key, labels)] = layout.line_start(key, pool, labels)
+            start = series[(key, labels)] = layout.line_start(key, source, labels)
         if wanted is None or by_key[key].names[0] in wanted:
             lines[key].append(start + _value(value) + "\n")
     stats = source.stats
     for key, labels, n in samples.counters(stats):
         start = series.get((key, labels))
         if start is None:
-            start = series[(key, labels)] = layout.line_start(key, pool, labels)
+            start = series[(key, labels)] = layout.line_start(key, source, labels)
         if wanted is None or by_key[key].names[0] in wanted:
             # Counts print as "<n>.0"; the holders' seconds totals are floats.
             lines[key].append(f"{start}{n}.0\n" if n.__class__ is int and n < _PLAIN_BELOW else f"{start}{_value(n)}\n")
     for key, labels, hist in samples.histograms(stats):
         h = series.get((key, labels))
         if h is None or h.les is not hist.les:
-            h = series[(key, labels)] = layout.hist(key, pool, labels, hist.les)
+            h = series[(key, labels)] = layout.hist(key, source, labels, hist.les)
         parts = None if wanted is None else tuple(name in wanted for name in by_key[key].names)
         _add_hist(lines[key], h, hist, parts)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from . import dialect, holders, validation, views
+from . import dialect, holders, metricnames, validation, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
@@ -48,6 +48,7 @@ class PoolHandle:
     ) -> None:
         self.name = name
         self.url = _printable_url(engine)
+        self.db_system = metricnames.db_system(engine.dialect.name)
         self.owner = owner  # the Exporter that made this handle
         self.leak_threshold = leak_threshold
         self.options = {"leak_threshold": leak_threshold, "statements": statements, "transactions": transactions}

@@ -31,6 +31,7 @@ from . import catalog, compat, samples
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .metricnames import Family, View
     from .reading import PoolSource
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -58,23 +59,25 @@ class MultiprocessWriter:
 
     def __init__(
         self,
-        namespace: str,
+        view: View,
         directory: Path,
         buckets: Mapping[str, Sequence[float]],
         sources: Callable[[], Sequence[PoolSource]],
         interval: float = DEFAULT_INTERVAL,
     ) -> None:
-        self.namespace = namespace
+        self.view = view
+        self.namespace = view.namespace
         self.directory = directory
         self.interval = interval
         self.bounds = {key: tuple(buckets[key]) for key in catalog.DEFAULT_BUCKETS}
         self._sources = sources
-        self._metrics: dict[str, Any] = {spec.key: self._make(spec) for spec in catalog.CATALOG}
+        self._metrics: dict[str, Any] = {f.spec.key: self._make(f) for f in view.families}
         # What was already written per pool: (metric key, labels) -> count, or (bucket counts, sum).
         self._written: weakref.WeakKeyDictionary[Any, Written] = weakref.WeakKeyDictionary()
         self._names: set[str] = set()
-        # Gauge series written per pool: what must read 0 once the pool leaves a worker that lives on.
-        self._live: dict[str, set[tuple[str, samples.Labels]]] = {}
+        # Gauge series written per pool (all their labels, as this naming spells them): what must read 0
+        # once the pool leaves a worker that lives on.
+        self._live: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,9 +96,8 @@ class MultiprocessWriter:
             return f"prometheus_client writes {ENV_DIR}={actual}, not {self.directory}"
         return None
 
-    def _make(self, spec: catalog.MetricSpec) -> Any:
-        name = spec.name(self.namespace)
-        labels = list(spec.labelnames)
+    def _make(self, family: Family) -> Any:
+        spec, name, labels = family.spec, family.name, list(family.labelnames)
         if spec.kind == "gauge":
             return Gauge(name, spec.help, labels, registry=None, multiprocess_mode=spec.mp_mode)
         if spec.kind == "counter":
@@ -213,23 +215,24 @@ class MultiprocessWriter:
 
     def _zero_live(self, name: str) -> None:
         for key, labels in self._live.pop(name, ()):
-            self._metrics[key].labels(name, *labels).set(0)
+            self._metrics[key].labels(*labels).set(0)
 
     def _write(self, source: PoolSource) -> None:
-        m = self._metrics
-        p = source.name
+        m, view = self._metrics, self.view
+        p, system, by_key = source.name, source.db_system, view.by_key
         reading = source.read()
         if reading is not None:
             live = self._live.setdefault(p, set())
             for key, labels, value in samples.gauges(reading):
-                m[key].labels(p, *labels).set(value)
-                live.add((key, labels))
+                full = tuple(view.labels(by_key[key], p, system, labels))
+                m[key].labels(*full).set(value)
+                live.add((key, full))
         written = self._written.setdefault(source, {})
         for key, labels, value in samples.counters(source.stats):
             before = written.get((key, labels), 0)
             # Create the child even at 0: as in single-process mode, a counter is exported from the
             # start, so Prometheus sees its first increase (a series born at 1 hides it from rate()).
-            child = m[key].labels(p, *labels)
+            child = m[key].labels(*view.labels(by_key[key], p, system, labels))
             if value > before:
                 child.inc(value - before)
             written[(key, labels)] = value
@@ -237,8 +240,8 @@ class MultiprocessWriter:
             counts, total = list(hist.counts), hist.sum
             before_counts, before_total = written.get((key, labels), ([0] * len(counts), 0.0))
             deltas = [(i, now - then) for i, (now, then) in enumerate(zip(counts, before_counts, strict=True))]
-            compat.add_to_histogram(m[key].labels(p, *labels), [(i, d) for i, d in deltas if d > 0],
-                                    total - before_total)  # fmt: skip
+            child = m[key].labels(*view.labels(by_key[key], p, system, labels))
+            compat.add_to_histogram(child, [(i, d) for i, d in deltas if d > 0], total - before_total)
             written[(key, labels)] = (counts, total)
 
 

@@ -1,7 +1,7 @@
 """Zero-code install: `create_engine("…?plugin=pool_exporter")` instruments the engine it creates.
 
 Options come from the URL query (`pool_exporter_name`, `pool_exporter_namespace`,
-`pool_exporter_leak_threshold`) and are stripped before the driver sees them. This path never
+`pool_exporter_names`, `pool_exporter_leak_threshold`) and are stripped before the driver sees them. This path never
 raises into create_engine(): a bad option or a failure to instrument is logged (the URL's password
 never is) and the engine works, uninstrumented or with that option left out.
 """
@@ -13,14 +13,14 @@ from typing import Any
 
 from sqlalchemy.engine import URL, CreateEnginePlugin, Engine
 
-from . import validation
+from . import catalog, validation
 from .core import default_exporter
 from .naming import safe_url
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 
 _PREFIX = "pool_exporter_"
-_OPTIONS = ("name", "namespace", "leak_threshold")
+_OPTIONS = ("name", "namespace", "names", "leak_threshold")
 
 
 class PoolExporterPlugin(CreateEnginePlugin):
@@ -41,6 +41,8 @@ class PoolExporterPlugin(CreateEnginePlugin):
                     self._options[option] = validation.leak_threshold(value)
                 elif option == "namespace":
                     self._options[option] = validation.namespace(value)
+                elif option == "names":
+                    self._options[option] = validation.names(value)
                 else:
                     self._options[option] = validation.pool_name(value)
             except ValueError as exc:
@@ -51,9 +53,10 @@ class PoolExporterPlugin(CreateEnginePlugin):
 
     def engine_created(self, engine: Engine) -> None:
         options = dict(self._options)
-        namespace = options.pop("namespace", None)
+        namespace = options.pop("namespace", catalog.DEFAULT_NAMESPACE)
+        names = options.pop("names", "default")
         try:
-            exporter = default_exporter(namespace) if namespace is not None else default_exporter()
+            exporter = default_exporter(namespace, names)
             exporter.instrument(engine, **options)
         except Exception as exc:
             log.error("engine %s is not instrumented: %s: %s", safe_url(self._url), type(exc).__name__, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -142,8 +143,13 @@ async def _prepare_database(url: URL) -> None:
 
 
 def _banner(
-    out: TextIO, url: URL, base: str, metrics_path: str, duration: float | None, workers: int, leak_threshold: float
+    out: TextIO, url: URL, base: str, settings: Settings, duration: float | None, workers: int, leak_threshold: float
 ) -> None:
+    metrics_path = settings.metrics_path
+    semconv = settings.names == "semconv"
+    look_for = (
+        "db_client_connection_(count|timeouts)|pool_checkouts" if semconv else "pool_(connections|timeouts|checkouts)"
+    )
     lines = [
         f"pool-exporter demo: {safe_url(url)} (pool_size={demo.POOL_SIZE}, max_overflow={demo.MAX_OVERFLOW}, "
         f"pool_timeout={demo.POOL_TIMEOUT}s, leak_threshold={leak_threshold:g}s, "
@@ -151,7 +157,7 @@ def _banner(
         f"  overview  {base}/",
         f"  metrics   {base}{metrics_path}",
         f"  pools     {base}/pools",
-        f"  try       curl -s {base}{metrics_path} | grep -E 'pool_(connections|timeouts|checkouts)'",
+        f"  try       curl -s {base}{metrics_path} | grep -E '{look_for}'",
         f"  holders   curl -s {base}{metrics_path} | grep pool_holder_",
         "  load      commits, rollbacks, slow transactions, a burst that exhausts the pool every 5 s,"
         " a leaked connection every 15 s,",
@@ -177,13 +183,27 @@ async def run_demo(settings: Settings, *, duration: float | None, workers: int =
 
 def _demo_exporter(settings: Settings, multiprocess_dir: Path | None) -> Exporter:
     return Exporter(
-        REGISTRY, namespace=settings.namespace, buckets=settings.bucket_bounds(), multiprocess_dir=multiprocess_dir
+        REGISTRY,
+        namespace=settings.namespace,
+        names=settings.names,
+        buckets=settings.bucket_bounds(),
+        multiprocess_dir=multiprocess_dir,
     )
 
 
 def _leak_threshold(settings: Settings) -> float:
     """The user's leak threshold, or the demo's: the report route holds its connection past it."""
     return demo.LEAK_THRESHOLD if settings.leak_threshold is None else settings.leak_threshold
+
+
+def _worker_settings(settings: Settings) -> dict[str, str]:
+    """What a demo worker needs of the parent's settings (given as flags or not), as its environment."""
+    env = {"POOL_EXPORTER_NAMESPACE": settings.namespace, "POOL_EXPORTER_NAMES": settings.names}
+    if settings.buckets:
+        env["POOL_EXPORTER_BUCKETS"] = json.dumps(settings.buckets)
+    if settings.leak_threshold is not None:
+        env["POOL_EXPORTER_LEAK_THRESHOLD"] = repr(settings.leak_threshold)
+    return env
 
 
 def _instrument_demo(exporter: Exporter, engine: AsyncEngine, settings: Settings) -> None:
@@ -198,7 +218,7 @@ async def _run_demo_single(settings: Settings, url: URL, duration: float | None,
     app = web.make_app(exporter, metrics_path=settings.metrics_path, auth=auth)
     demo.add_demo_routes(app, engine)
     server = await listen(app, settings)
-    _banner(out, url, server.url, settings.metrics_path, duration, 1, _leak_threshold(settings))
+    _banner(out, url, server.url, settings, duration, 1, _leak_threshold(settings))
     load = LoadGenerator(server.url, LoadPlan(), headers=auth_headers(auth))
     task = asyncio.create_task(load.run())
     try:
@@ -229,6 +249,8 @@ async def _run_demo_workers(
         # Through the environment, not argv: argv is visible to every user in `ps`.
         "POOL_EXPORTER_DATABASE_URL": url.render_as_string(hide_password=False),
         "POOL_EXPORTER_MULTIPROC_DIR": str(directory),
+        # Flags are not passed on: the workers read these settings from their environment.
+        **_worker_settings(settings),
     }
     children = [
         subprocess.Popen(
@@ -254,7 +276,7 @@ async def _run_demo_workers(
     except BaseException:
         _stop_children(children)
         raise
-    _banner(out, url, server.url, settings.metrics_path, duration, workers, _leak_threshold(settings))
+    _banner(out, url, server.url, settings, duration, workers, _leak_threshold(settings))
     print(f"  app       http://127.0.0.1:{app_port}/demo/items  (multiprocess dir {directory})", file=out, flush=True)
     try:
         await wait_for_stop(duration)

@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from . import catalog, naming, validation, webconfig, webtls
+from .metricnames import Names
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # In the full 9100-9999 exporter range, where every port is taken: chosen knowingly, see the README.
@@ -114,6 +115,10 @@ class Settings(BaseSettings):
         description="prometheus_client multiprocess directory (default: $PROMETHEUS_MULTIPROC_DIR).",
     )
     namespace: str = Field(catalog.DEFAULT_NAMESPACE, description="Metric name prefix.")
+    names: Names = Field(
+        "default",
+        description="Metric names: ours (default) or OpenTelemetry's semantic conventions (semconv); demo.",
+    )
     buckets: Annotated[dict[str, tuple[float, ...]] | None, NoDecode] = Field(
         None,
         description="Histogram bounds per set (wait, use, create, statement): `wait=0.001,0.01,0.1;use=0.1,1`.",
@@ -181,6 +186,11 @@ class Settings(BaseSettings):
     @classmethod
     def _namespace(cls, value: str) -> str:
         return validation.namespace(value)
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> Names:
+        return validation.names(value.lower() if isinstance(value, str) else value)
 
     @field_validator("buckets", mode="before")
     @classmethod

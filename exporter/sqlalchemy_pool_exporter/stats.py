@@ -8,6 +8,7 @@ inside `x[i] += 1`), so counts stay exact for threaded sync engines too.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -66,6 +67,8 @@ class PoolStats:
     """Everything counted for one instrumented engine since it was instrumented."""
 
     def __init__(self, buckets: Mapping[str, Sequence[float]], max_holders: int = DEFAULT_MAX_HOLDERS) -> None:
+        # Wall-clock start of every count below: an OpenTelemetry cumulative point's start time.
+        self.started_ns = time.time_ns()
         self.wait = Histogram(buckets["wait"])
         self.use = Histogram(buckets["use"])
         self.create = Histogram(buckets["create"])

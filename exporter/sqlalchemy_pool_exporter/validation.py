@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import catalog
+from .metricnames import NAMES, Names
 
 # Prometheus metric names are ASCII: [a-zA-Z_:][a-zA-Z0-9_:]*; a namespace is their first part.
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
@@ -37,6 +38,14 @@ def namespace(value: object) -> str:
     return value
 
 
+def names(value: object) -> Names:
+    """`default` (our metric names) or `semconv` (OpenTelemetry's semantic conventions, metricnames.py)."""
+    for known in NAMES:
+        if value == known:
+            return known
+    raise ValueError(f"names must be one of {', '.join(NAMES)}, got {value!r}")
+
+
 def bounds(name: str, values: object) -> tuple[float, ...]:
     """Histogram bounds: finite, positive, strictly increasing numbers (the +Inf bucket is implicit)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -56,9 +65,11 @@ def bounds(name: str, values: object) -> tuple[float, ...]:
     return floats
 
 
-def buckets(value: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
-    """Every bucket set, the defaults overridden by `value`."""
-    out = dict(catalog.DEFAULT_BUCKETS)
+def buckets(
+    value: Mapping[str, Sequence[float]] | None, defaults: Mapping[str, tuple[float, ...]] | None = None
+) -> dict[str, tuple[float, ...]]:
+    """Every bucket set, the defaults (catalog.DEFAULT_BUCKETS unless given) overridden by `value`."""
+    out = dict(catalog.DEFAULT_BUCKETS if defaults is None else defaults)
     if value is None:
         return out
     if not isinstance(value, Mapping):

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import catalog, holders, samples
+from .metricnames import NAMES, Family, view
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -80,22 +81,31 @@ def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str
 
 
 def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[str, Any]]:
-    """Rows rebuilt from merged multiprocess metrics (no URL, no pool class), by catalog name."""
-    by_sample: dict[str, catalog.MetricSpec] = {}
-    for spec in catalog.CATALOG:
-        if spec.pool_label and spec.field is not None and spec.kind != "histogram":
-            by_sample[spec.name(namespace)] = spec
+    """Rows rebuilt from merged multiprocess metrics (no URL, no pool class), by catalog name.
+
+    Workers may write our names or the semantic conventions' (names="semconv"): both are read, so
+    the sidecar needs no setting for it.
+    """
+    # Our own metrics have the same name in both: the pool label tells which naming wrote a sample.
+    by_sample: dict[str, list[tuple[Family, str]]] = {}
+    for names in NAMES:
+        v = view(namespace, names)
+        for family in v.families:
+            spec = family.spec
+            if spec.pool_label and spec.field is not None and spec.kind != "histogram":
+                by_sample.setdefault(family.name, []).append((family, v.pool_label))
     rows: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         for s in metric.samples:
-            found = by_sample.get(s.name)
-            pool = s.labels.get("pool")
-            if found is None or pool is None:
+            found = [(f, s.labels[label]) for f, label in by_sample.get(s.name, ()) if label in s.labels]
+            if not found:
                 continue
+            family, pool = found[0]
             row = rows.setdefault(pool, {"name": pool})
-            labels = tuple(s.labels.get(label, "") for label in found.labels)
+            # No family with a field has db.system.name or mapped values: its labels follow the pool's.
+            labels = tuple(s.labels.get(label, "") for label in family.labelnames[1:])
             value: float = int(s.value) if float(s.value).is_integer() else s.value
-            _put(row, found, labels, value)
+            _put(row, family.spec, labels, value)
     return [rows[name] for name in sorted(rows)]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.run import finite
-from benchmarks.variants import otel_available, selected
+from benchmarks.variants import otel_available, otlp_available, selected
 
 ROOT = Path(__file__).resolve().parents[2]
 BLANK = "\N{EN DASH}"
@@ -62,7 +62,7 @@ def test_every_section_and_goal_is_reported(report: str) -> None:
 def test_every_variant_has_finite_timings(report: str) -> None:
     tables = _tables(report)
     labels = [v.label for v in selected()]
-    assert len(labels) == (8 if otel_available() else 6)
+    assert len(labels) == 7 + otlp_available() + 2 * otel_available()
     cycle = next(rows for title, rows in tables.items() if title.startswith("1."))
     e2e = next(rows for title, rows in tables.items() if title.startswith("2."))
     assert [row[0] for row in cycle] == labels
@@ -92,12 +92,15 @@ def test_scrape_and_memory_numbers_are_finite(report: str) -> None:
     tables = _tables(report)
     scrape = next(rows for title, rows in tables.items() if title.startswith("3."))
     memory = next(rows for title, rows in tables.items() if title.startswith("4."))
-    # Our /metrics in both formats, prometheus_client's generate_latest as the reference, and the
-    # sidecar's four merge measurements.
+    # Our /metrics in both formats, prometheus_client's generate_latest as the reference, the render under
+    # the semantic conventions' names, an OTLP collection (with the `otel` extra), and the sidecar's four
+    # merge measurements.
     assert [row[0].split(",")[0].split(" (")[0] for row in scrape] == [
         "/metrics render",
         "/metrics render",
         "generate_latest() alone",
+        "/metrics render",
+        *(["OTLP collection"] if otlp_available() else []),
         "merge",
         "merge",
         "first sidecar scrape after the churn",

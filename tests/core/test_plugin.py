@@ -93,3 +93,21 @@ def test_two_engines_from_one_url_never_raise(caplog: pytest.LogCaptureFixture, 
         for engine in (first, second):
             pool_exporter.uninstrument(engine)
             engine.dispose()
+
+
+def test_plugin_names_option() -> None:
+    url = "sqlite://?plugin=pool_exporter&pool_exporter_namespace=core_plugin_sc&pool_exporter_names=semconv"
+    engine = create_engine(url)
+    handle = pool_exporter.handle_for(engine)
+    assert handle is not None
+    try:
+        assert handle.owner is pool_exporter.default_exporter("core_plugin_sc", "semconv")
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        pool = {"db_client_connection_pool_name": "sqlite:memory"}
+        assert REGISTRY.get_sample_value("core_plugin_sc_pool_checkouts_total", pool) == 1
+        used = {**pool, "db_client_connection_state": "used"}  # a SingletonThreadPool: no idle count
+        assert REGISTRY.get_sample_value("db_client_connection_count", used) == 0
+    finally:
+        handle.uninstrument()
+        engine.dispose()

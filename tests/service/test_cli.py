@@ -25,6 +25,8 @@ BAD = [
     (["serve", "--basic-auth-user", "prom"], {}, "basic_auth_password"),
     (["serve", "--buckets", "wait=1,0.5"], {}, "buckets"),
     (["serve", "--namespace", "9lives"], {}, "namespace"),
+    (["demo", "--names", "otel"], {}, "names"),
+    (["serve"], {"POOL_EXPORTER_NAMES": "prometheus"}, "names"),
     (["serve", "--metrics-path", "healthz"], {}, "metrics_path"),
     (["serve", "--probe-interval", "0"], {}, "probe_interval"),
     (["demo", "--duration", "soon"], {}, "duration"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -30,8 +31,18 @@ def shown(samples: Samples, report_checked_out: bool) -> bool:
     )
 
 
-async def run_and_scrape(env: dict[str, str], *extra: str) -> tuple[Samples, str, str, list[dict[str, Any]]]:
-    """Run the demo; scrape until it showed what the tests look for (or it ended).
+Rows = list[dict[str, Any]]
+
+
+def shown_with_holders(samples: Samples, rows: Rows) -> bool:
+    held_by_report = any(c["holder"] == REPORT for row in rows for c in row.get("checkouts_now") or ())
+    return shown(samples, held_by_report)
+
+
+async def run_and_scrape(
+    env: dict[str, str], *extra: str, done: Callable[[Samples, Rows], bool] = shown_with_holders
+) -> tuple[Samples, str, str, Rows]:
+    """Run the demo; scrape until `done` says it showed what the test looks for (or it ended).
 
     Returns the last scrape, the pages (/pools and /), the output, and every /pools row of the demo pool.
     """
@@ -71,8 +82,7 @@ async def run_and_scrape(env: dict[str, str], *extra: str) -> tuple[Samples, str
                 except aiohttp.ClientError:
                     break
                 rows += [row for row in json.loads(pools_json)["pools"] if row["name"] == "demo"]
-                held_by_report = any(c["holder"] == REPORT for row in rows for c in row.get("checkouts_now") or ())
-                if shown(samples, held_by_report):
+                if done(samples, rows):
                     break
                 await asyncio.sleep(0.5)
         out, err = proc.communicate(timeout=60)
@@ -126,4 +136,26 @@ async def test_demo_on_postgresql_never_prints_the_password() -> None:
     assert_report_is_a_holder(samples, rows, output)
     assert "postgresql+asyncpg://postgres:***@127.0.0.1:5432/test" in output
     assert "DemoPassw0rd" not in output + pages
+    assert "Traceback" not in output
+
+
+async def test_demo_with_semconv_names_in_two_workers_and_the_sidecar() -> None:
+    """`--names semconv` reaches the worker processes (through their environment) and the sidecar reads it."""
+    pool = {"db_client_connection_pool_name": "demo"}
+
+    def done(samples: Samples) -> bool:
+        timeouts = sample(samples, "db_client_connection_timeouts_total", **pool) or 0
+        return timeouts >= 1 and (sample(samples, "sqlalchemy_pool_checkouts_total", **pool) or 0) > 0
+
+    extra = ("--names", "semconv", "--workers", "2", "--duration", "15")  # the last --duration wins
+    samples, pages, output, _ = await run_and_scrape(cli_env(), *extra, done=lambda samples, rows: done(samples))
+    assert done(samples), output
+    # Two workers' pools merged: the conventions' names, none of ours for the same metrics, no `pool` label.
+    assert sample(samples, "db_client_connection_max", **pool) == 2 * 4.0
+    assert sample(samples, "db_client_connection_idle_max", **pool) == 2 * 3.0
+    assert (sample(samples, "db_client_connection_wait_time_seconds_count", **pool) or 0) > 0
+    assert not {"sqlalchemy_pool_connections", "sqlalchemy_pool_timeouts_total"} & {name for name, _ in samples}
+    assert not any(label == "pool" for _, labels in samples for label, _ in labels)
+    rows = json.JSONDecoder().raw_decode(pages)[0]["pools"]  # /pools, then the / page
+    assert [(row["name"], row["max"], row["size"]) for row in rows] == [("demo", 8, 6)]
     assert "Traceback" not in output
