@@ -32,7 +32,6 @@ from .stats import PoolStats
 
 if TYPE_CHECKING:
     from .reading import PoolSource
-    from .stats import Histogram
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 
@@ -324,37 +323,57 @@ def _add_pool(
     reading: PoolReading,
     wanted: frozenset[str] | None,
 ) -> None:
+    # Each series keeps its line start and its last value and line: most series of most pools do
+    # not change between two scrapes, and reusing the line skips formatting it (and the garbage).
     series = layout.series(source)
     by_key = layout.by_key
     for key, labels, value in samples.gauges(reading):
-        start = series.get((key, labels))
-        if start is None:
-            start = series[(key, labels)] = layout.line_start(key, source, labels)
+        cached = series.get((key, labels))
+        if cached is None:
+            cached = series[(key, labels)] = [layout.line_start(key, source, labels), None, ""]
         if wanted is None or by_key[key].names[0] in wanted:
-            lines[key].append(start + _value(value) + "\n")
+            if cached[1] != value or cached[1].__class__ is not value.__class__:
+                cached[1], cached[2] = value, cached[0] + _value(value) + "\n"
+            lines[key].append(cached[2])
     stats = source.stats
     for key, labels, n in samples.counters(stats):
-        start = series.get((key, labels))
-        if start is None:
-            start = series[(key, labels)] = layout.line_start(key, source, labels)
+        cached = series.get((key, labels))
+        if cached is None:
+            cached = series[(key, labels)] = [layout.line_start(key, source, labels), None, ""]
         if wanted is None or by_key[key].names[0] in wanted:
-            # Counts print as "<n>.0"; the holders' seconds totals are floats.
-            lines[key].append(f"{start}{n}.0\n" if n.__class__ is int and n < _PLAIN_BELOW else f"{start}{_value(n)}\n")
+            if cached[1] != n or cached[1].__class__ is not n.__class__:
+                # Counts print as "<n>.0"; the holders' seconds totals are floats.
+                start = cached[0]
+                line = f"{start}{n}.0\n" if n.__class__ is int and n < _PLAIN_BELOW else f"{start}{_value(n)}\n"
+                cached[1], cached[2] = n, line
+            lines[key].append(cached[2])
     for key, labels, hist in samples.histograms(stats):
-        h = series.get((key, labels))
-        if h is None or h.les is not hist.les:
-            h = series[(key, labels)] = layout.hist(key, source, labels, hist.les)
-        parts = None if wanted is None else tuple(name in wanted for name in by_key[key].names)
-        _add_hist(lines[key], h, hist, parts)
+        cached = series.get((key, labels))
+        if cached is None or cached[0].les is not hist.les:
+            cached = series[(key, labels)] = [layout.hist(key, source, labels, hist.les), None, None, ""]
+        if wanted is None:
+            counts, total = tuple(hist.counts), hist.sum
+            if counts != cached[1] or total != cached[2]:
+                out: list[str] = []
+                _add_hist(out, cached[0], counts, total, None)
+                cached[1], cached[2], cached[3] = counts, total, "".join(out)
+            lines[key].append(cached[3])
+        else:
+            parts = tuple(name in wanted for name in by_key[key].names)
+            _add_hist(lines[key], cached[0], tuple(hist.counts), hist.sum, parts)
 
 
-def _add_hist(out: list[str], h: _Hist, hist: Histogram, parts: tuple[bool, ...] | None) -> None:
-    """Append one histogram series; `parts` says which of _bucket, _count, _sum (None: all)."""
-    # accumulate() walks the list in C without releasing the GIL: one consistent snapshot, as cumulative().
-    cumulative = list(accumulate(hist.counts))
+def _add_hist(
+    out: list[str], h: _Hist, counts: tuple[int, ...], hist_sum: float, parts: tuple[bool, ...] | None
+) -> None:
+    """Append one histogram series; `parts` says which of _bucket, _count, _sum (None: all).
+
+    `counts` is one snapshot of the bucket counts: tuple() copies the list in one C call.
+    """
+    cumulative = list(accumulate(counts))
     total = cumulative[-1]
     if parts is None and total < _PLAIN_BELOW:
-        out.append(h.template % (*cumulative, total, _value(hist.sum)))
+        out.append(h.template % (*cumulative, total, _value(hist_sum)))
         return
     buckets, count, sum_ = parts or (True, True, True)
     if buckets:
@@ -363,4 +382,4 @@ def _add_hist(out: list[str], h: _Hist, hist: Histogram, parts: tuple[bool, ...]
     if count:
         out.append(f"{h.count_start}{total}.0\n" if total < _PLAIN_BELOW else f"{h.count_start}{_go(total)}\n")
     if sum_:
-        out.append(f"{h.sum_start}{_value(hist.sum)}\n")
+        out.append(f"{h.sum_start}{_value(hist_sum)}\n")
