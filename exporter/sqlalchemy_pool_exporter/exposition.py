@@ -326,41 +326,63 @@ def _add_pool(
     # Each series keeps its line start and its last value and line: most series of most pools do
     # not change between two scrapes, and reusing the line skips formatting it (and the garbage).
     series = layout.series(source)
-    by_key = layout.by_key
+    get = series.get
+    if wanted is not None:
+        _add_pool_restricted(layout, lines, source, reading, wanted)
+        return
+    # An int and a float that are equal print the same ("5.0", or Go's exponent form from 1e6 on).
     for key, labels, value in samples.gauges(reading):
-        cached = series.get((key, labels))
+        cached = get((key, labels))
         if cached is None:
             cached = series[(key, labels)] = [layout.line_start(key, source, labels), None, ""]
-        if wanted is None or by_key[key].names[0] in wanted:
-            if cached[1] != value or cached[1].__class__ is not value.__class__:
-                cached[1], cached[2] = value, cached[0] + _value(value) + "\n"
-            lines[key].append(cached[2])
+        if cached[1] != value:
+            cached[1], cached[2] = value, cached[0] + _value(value) + "\n"
+        lines[key].append(cached[2])
     stats = source.stats
     for key, labels, n in samples.counters(stats):
-        cached = series.get((key, labels))
+        cached = get((key, labels))
         if cached is None:
             cached = series[(key, labels)] = [layout.line_start(key, source, labels), None, ""]
-        if wanted is None or by_key[key].names[0] in wanted:
-            if cached[1] != n or cached[1].__class__ is not n.__class__:
-                # Counts print as "<n>.0"; the holders' seconds totals are floats.
-                start = cached[0]
-                line = f"{start}{n}.0\n" if n.__class__ is int and n < _PLAIN_BELOW else f"{start}{_value(n)}\n"
-                cached[1], cached[2] = n, line
-            lines[key].append(cached[2])
+        if cached[1] != n:
+            # Counts print as "<n>.0"; the holders' seconds totals are floats.
+            start = cached[0]
+            cached[1] = n
+            cached[2] = f"{start}{n}.0\n" if n.__class__ is int and n < _PLAIN_BELOW else f"{start}{_value(n)}\n"
+        lines[key].append(cached[2])
     for key, labels, hist in samples.histograms(stats):
-        cached = series.get((key, labels))
+        cached = get((key, labels))
         if cached is None or cached[0].les is not hist.les:
             cached = series[(key, labels)] = [layout.hist(key, source, labels, hist.les), None, None, ""]
-        if wanted is None:
-            counts, total = tuple(hist.counts), hist.sum
-            if counts != cached[1] or total != cached[2]:
-                out: list[str] = []
-                _add_hist(out, cached[0], counts, total, None)
-                cached[1], cached[2], cached[3] = counts, total, "".join(out)
-            lines[key].append(cached[3])
-        else:
-            parts = tuple(name in wanted for name in by_key[key].names)
-            _add_hist(lines[key], cached[0], tuple(hist.counts), hist.sum, parts)
+        counts, total = tuple(hist.counts), hist.sum
+        if counts != cached[1] or total != cached[2]:
+            out: list[str] = []
+            _add_hist(out, cached[0], counts, total, None)
+            cached[1], cached[2], cached[3] = counts, total, "".join(out)
+        lines[key].append(cached[3])
+
+
+def _add_pool_restricted(
+    layout: _Layout,
+    lines: dict[str, list[str]],
+    source: PoolSource,
+    reading: PoolReading,
+    wanted: frozenset[str],
+) -> None:
+    """`?name[]=` asked for some families only: formatted afresh, the cache left as it is."""
+    by_key = layout.by_key
+    for key, labels, value in samples.gauges(reading):
+        if by_key[key].names[0] in wanted:
+            lines[key].append(layout.line_start(key, source, labels) + _value(value) + "\n")
+    stats = source.stats
+    for key, labels, n in samples.counters(stats):
+        if by_key[key].names[0] in wanted:
+            start = layout.line_start(key, source, labels)
+            lines[key].append(f"{start}{n}.0\n" if n.__class__ is int and n < _PLAIN_BELOW else f"{start}{_value(n)}\n")
+    for key, labels, hist in samples.histograms(stats):
+        parts = tuple(name in wanted for name in by_key[key].names)
+        if any(parts):
+            h = layout.hist(key, source, labels, hist.les)
+            _add_hist(lines[key], h, tuple(hist.counts), hist.sum, parts)
 
 
 def _add_hist(
