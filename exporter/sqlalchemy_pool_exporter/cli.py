@@ -28,6 +28,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("names", "NAMES", "default, or semconv: OpenTelemetry's semantic-convention names (demo; serve reads either)"),
     ("buckets", "SPEC", "histogram bounds, e.g. 'wait=0.001,0.01,0.1;use=0.1,1'"),
     ("leak_threshold", "SECONDS", "warn about connections held longer (demo)"),
+    ("max_holders", "N", "holder names a pool keeps apart, 1-1000 (demo; default 50)"),
     ("probe_interval", "SECONDS", "seconds between server-view polls (default 15)"),
     ("log_level", "LEVEL", "DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)"),
     ("log_format", "FORMAT", "text or json (default text)"),

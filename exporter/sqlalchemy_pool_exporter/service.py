@@ -187,6 +187,7 @@ def _demo_exporter(settings: Settings, multiprocess_dir: Path | None) -> Exporte
         namespace=settings.namespace,
         names=settings.names,
         buckets=settings.bucket_bounds(),
+        max_holders=settings.max_holders,
         multiprocess_dir=multiprocess_dir,
     )
 
@@ -198,7 +199,11 @@ def _leak_threshold(settings: Settings) -> float:
 
 def _worker_settings(settings: Settings) -> dict[str, str]:
     """What a demo worker needs of the parent's settings (given as flags or not), as its environment."""
-    env = {"POOL_EXPORTER_NAMESPACE": settings.namespace, "POOL_EXPORTER_NAMES": settings.names}
+    env = {
+        "POOL_EXPORTER_NAMESPACE": settings.namespace,
+        "POOL_EXPORTER_NAMES": settings.names,
+        "POOL_EXPORTER_MAX_HOLDERS": str(settings.max_holders),
+    }
     if settings.buckets:
         env["POOL_EXPORTER_BUCKETS"] = json.dumps(settings.buckets)
     if settings.leak_threshold is not None:

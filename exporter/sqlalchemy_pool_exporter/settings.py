@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from . import catalog, naming, validation, webconfig, webtls
+from .holders import DEFAULT_MAX_HOLDERS
 from .metricnames import Names
 
 ENV_PREFIX = "POOL_EXPORTER_"
@@ -123,6 +124,9 @@ class Settings(BaseSettings):
         None,
         description="Histogram bounds per set (wait, use, create, statement): `wait=0.001,0.01,0.1;use=0.1,1`.",
     )
+    max_holders: int = Field(
+        DEFAULT_MAX_HOLDERS, description="Holder names a pool keeps apart; more count as holder=other (demo)."
+    )
     leak_threshold: float | None = Field(
         None, description="Warn about connections held longer than this many seconds (demo)."
     )
@@ -164,6 +168,16 @@ class Settings(BaseSettings):
     @classmethod
     def _max_http_connections(cls, value: object) -> int:
         return validation.max_http_connections(value)
+
+    @field_validator("max_holders", mode="before")
+    @classmethod
+    def _max_holders(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ValueError("must be a whole number from 1 to 1000") from None
+        return validation.max_holders(value)
 
     @field_validator("leak_threshold")
     @classmethod
