@@ -60,13 +60,20 @@ _ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX
 def _running(pid: int) -> bool | None:
     """Whether `pid` runs in our pid namespace: None when /proc cannot tell."""
     try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError:
         return None
+    try:
+        stat_line = os.read(fd, 4096)
+    except OSError:  # ESRCH: it exited between the open and the read
+        return False
+    finally:
+        os.close(fd)
     # A zombie (killed, not yet waited for) is dead for our purpose.
-    return stat_line.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    state = stat_line.rpartition(b")")[2].split()
+    return state[0] not in (b"Z", b"X") if state else None
 
 
 def _maps(pid: int, directory: str) -> bool:
@@ -98,6 +105,7 @@ class Sidecar(Collector):
         self._shared = same_pid_namespace
         self._probe_shared = same_pid_namespace is None
         self._seen_alive: set[int] = set()
+        self._layouts: dict[str, mpfile.Layout] = {}  # each file's layout at the last merge (mpfile.Layout)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.executor = DaemonExecutor("pool-exporter-merge")
@@ -180,20 +188,22 @@ class Sidecar(Collector):
         # Smallest first: a worker's file is small, so the file that would take a merge past
         # MAX_SERIES (and is rejected for it) is the big one a hostile writer made.
         found.sort(key=lambda f: f[0].st_size)
-        reader, merge = mpfile.Reader(budget), mpfile.Merge()
+        reader, merge = mpfile.Reader(budget, self._layouts), mpfile.Merge()
+        where = os.fspath(self.directory) + os.sep
         for seen, name, m in found:
             budget()
             try:
-                entries = reader.load(self.directory / name, mpfile.MAX_SERIES - merge.series, seen)
-                if entries is None:
+                parsed = reader.read(where + name, name, mpfile.MAX_SERIES - merge.series, seen)
+                if parsed is None:
                     self._unwritten(name, m["ident"], seen)
                 else:
-                    merge.add(m["kind"], m["mode"], m["ident"], entries)
+                    merge.add(m["kind"], m["mode"], m["ident"], parsed)
             except FileNotFoundError:  # a live gauge of a worker reaped meanwhile
                 continue
             except mpfile.Rejected as exc:
                 self.quarantine.move(name, str(exc))
         self.files = merge.files
+        self._layouts = reader.kept
         return merge.result()
 
     def _unwritten(self, name: str, ident: str, seen: os.stat_result) -> None:
