@@ -191,25 +191,28 @@ def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: lis
                 ir[int(kind[3:])] = callgrind.run(names, kind=kind, cycles=tx_counted)
     header = ["variant"]
     for c in results:
-        header += [f"c={c} CPU µs/tx", "× none", f"c={c} tx/s", "× none"]
-        if c in ir:
-            header += [f"c={c} Ir/tx", "× none"]
+        header += [f"c={c} Ir/tx", "added Ir/tx", "× none"] if c in ir else []
+        header += [f"c={c} CPU µs/tx", "added µs/tx ± noise", "× none", "tx/s × none"]
     rows = []
     for v in variants:
         row = [v.label]
         for c, r in results.items():
             cpu, tps = r.cpu_us[v.name], r.tps[v.name]
-            row += [fmt(cpu.median, 0), _ratio(cpu), fmt(tps.median, 0), _ratio(tps)]
             if c in ir:
-                n = ir[c].get(v.name)
-                row += [f"{n:,.0f}", f"×{n / ir[c]['none']:.3f}"] if n is not None else ["–", "–"]
+                n, base = ir[c].get(v.name), ir[c]["none"]
+                row += [f"{n:,.0f}", f"{n - base:+,.0f}", f"×{n / base:.3f}"] if n is not None else ["–"] * 3
+            row += [fmt(cpu.median, 0), f"{fmt(cpu.delta, 1, sign=True)} ± {fmt(cpu.spread, 1)}", _ratio(cpu)]
+            row.append(_ratio(tps))
         rows.append(row)
     totals = ", ".join(f"{n:,} at c={c}" for c, n in plan.e2e_total.items())
     out += [
         f"{plan.e2e_rounds} interleaved rounds per concurrency; each slot opens its connections untimed, runs "
-        f"{totals} transactions, then disposes the engine. CPU = this process's CPU time per transaction "
-        "(the server's is not counted); × = median of per-round ratios against `none`. Ir/tx = instructions "
-        f"per transaction of this process under callgrind ({tx_counted} transactions after warm-up).",
+        f"{totals} transactions, then disposes the engine. Ir/tx = instructions per transaction of this "
+        f"process under callgrind ({tx_counted} transactions after warm-up; deterministic), and what a "
+        "variant adds to `none`'s. CPU = this process's CPU time per transaction (the server's is not "
+        "counted); added µs = the median of per-round differences against `none`, ± half their "
+        "interquartile range: the noise of this shared machine, often larger than the difference. "
+        "× = median of per-round ratios against `none`.",
         "",
         table(header, rows),
         "",
