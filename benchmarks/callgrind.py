@@ -1,10 +1,16 @@
 """Goals 1 and 2 in instructions: valgrind's callgrind counts them exactly, however busy the machine is.
 
-The child (`python -m benchmarks.callgrind VARIANT KIND N`, KIND = pool | engine | e2e1 | e2e16)
-starts with instrumentation off (fast: imports are not simulated), sets up and warms up, switches
-it on with `callgrind_control -i on`, then calls os.getppid() right before and right after the N
-timed cycles. Callgrind runs with `--dump-before=getppid`, so the second dump holds exactly the N
-cycles: no start-up run to subtract, no import noise.
+The child (`python -m benchmarks.callgrind VARIANT KIND N`) starts with instrumentation off (fast:
+imports are not simulated), sets up and warms up, switches it on with `callgrind_control -i on`,
+then calls os.getppid() right before and right after the N timed cycles. Callgrind runs with
+`--dump-before=getppid`, so the second dump holds exactly the N cycles: no start-up run to
+subtract, no import noise.
+
+KIND is `pool` or `engine` (one pool cycle), `e2e<C>` (one transaction at concurrency C, e.g.
+`e2e1`, `e2e16`) or `render<P>` (one /metrics render of P busy pools; VARIANT is ignored). The last
+two take a list, `e2e1,16,64` or `render1,20,500`: one window of N cycles per size in one process,
+each set up and warmed up with instrumentation off, so that the start-up (~8 s under valgrind) is
+paid once; window i is dump 2i.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ def available() -> bool:
     return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
 
 
-def _one(variant: str, kind: str, cycles: int, workdir: Path) -> float:
+def _windows(variant: str, kind: str, cycles: int, workdir: Path) -> list[float]:
     out = workdir / f"{variant}-{kind}.out"
     # setarch -R: no address randomisation, so that id()-keyed dicts probe the same way every run.
     cmd = [
@@ -54,31 +60,51 @@ def _one(variant: str, kind: str, cycles: int, workdir: Path) -> float:
     env = {**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     subprocess.run(cmd, check=True, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Dump 1: start-up and warm-up; dump 2: the timed cycles; the final file: teardown.
-    match = _TOTALS.search((workdir / f"{out.name}.2").read_bytes())
-    if match is None:
-        raise RuntimeError(f"no totals in callgrind output for {variant}")
-    return int(match.group(1)) / cycles
+    # Dump 2i: window i's cycles; the odd dumps: set-up and warm-up; the final file: teardown.
+    counts = []
+    for window in range(1, len(sizes(kind)) + 1):
+        match = _TOTALS.search((workdir / f"{out.name}.{2 * window}").read_bytes())
+        if match is None:
+            raise RuntimeError(f"no totals in callgrind output for {variant}, window {window} of {kind}")
+        counts.append(int(match.group(1)) / cycles)
+    return counts
+
+
+def sizes(kind: str) -> list[int]:
+    """The sizes of a kind's windows: `e2e1,16,64` -> [1, 16, 64]; `pool` and `engine` have one window."""
+    for prefix in ("e2e", "render"):
+        if kind.startswith(prefix):
+            return [int(n) for n in kind.removeprefix(prefix).split(",")]
+    return [0]
 
 
 def run(variants: list[str], *, kind: str, cycles: int, jobs: int = 2) -> dict[str, float]:
     """Instructions per cycle for each variant; `jobs` valgrind runs at a time."""
+    return {v: counts[0] for v, counts in run_windows(variants, kind=kind, cycles=cycles, jobs=jobs).items()}
+
+
+def run_windows(variants: list[str], *, kind: str, cycles: int, jobs: int = 2) -> dict[str, list[float]]:
+    """Instructions per cycle in each of the kind's windows (`e2e1,16,64`: one per concurrency), by variant."""
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp, ThreadPoolExecutor(jobs) as pool:
-        futures = {v: pool.submit(_one, v, kind, cycles, Path(tmp)) for v in variants}
+        futures = {v: pool.submit(_windows, v, kind, cycles, Path(tmp)) for v in variants}
         return {v: f.result() for v, f in futures.items()}
 
 
-def _instrument_now() -> None:
-    subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True, capture_output=True)
+def _instrument(on: bool = True) -> None:
+    state = "on" if on else "off"
+    subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True, capture_output=True)
 
 
 def _child(variant: str, kind: str, cycles: int) -> None:
     from .pool_cycle import engine_cycles, make_engine, pool_cycles
     from .variants import BY_NAME, inside
 
+    if kind.startswith("render"):
+        _child_render(sizes(kind), cycles)
+        return
     with inside(BY_NAME[variant]):
         if kind.startswith("e2e"):
-            asyncio.run(_child_e2e(BY_NAME[variant], int(kind[3:]), cycles))
+            asyncio.run(_child_e2e(BY_NAME[variant], sizes(kind), cycles))
         else:
             _child_cycles(BY_NAME[variant], pool_cycles if kind == "pool" else engine_cycles, make_engine, cycles)
 
@@ -86,7 +112,7 @@ def _child(variant: str, kind: str, cycles: int) -> None:
 def _child_cycles(variant: Variant, loop: Any, make_engine: Any, cycles: int) -> None:
     engine = make_engine(variant)
     loop(engine, 200)
-    _instrument_now()
+    _instrument()
     loop(engine, 20)
     # A full collection now, so that none falls inside the window by chance of timing (one costs
     # ~1,000 Ir per cycle at 2,000 cycles); the young-generation collections that the cycles'
@@ -97,23 +123,53 @@ def _child_cycles(variant: Variant, loop: Any, make_engine: Any, cycles: int) ->
     os.getppid()
 
 
-async def _child_e2e(variant: Variant, concurrency: int, transactions: int) -> None:
+async def _child_e2e(variant: Variant, concurrencies: list[int], transactions: int) -> None:
     """The end-to-end transaction of benchmarks.e2e, counted in our process only: the app's CPU."""
     from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
     from .e2e import PG_URL, run_transactions
 
-    engine = create_async_engine(PG_URL, pool_size=concurrency, max_overflow=0)
-    variant.attach(engine.sync_engine)
-    maker = async_sessionmaker(engine, expire_on_commit=False)
-    await run_transactions(maker, concurrency * 4, concurrency)
-    _instrument_now()
-    await run_transactions(maker, concurrency, concurrency)
-    gc.collect()
-    os.getppid()
-    await run_transactions(maker, transactions, concurrency)
-    os.getppid()
-    await engine.dispose()
+    for concurrency in concurrencies:
+        engine = create_async_engine(PG_URL, pool_size=concurrency, max_overflow=0)
+        variant.attach(engine.sync_engine)
+        maker = async_sessionmaker(engine, expire_on_commit=False)
+        await run_transactions(maker, concurrency * 4, concurrency)
+        _instrument()
+        await run_transactions(maker, concurrency, concurrency)
+        gc.collect()
+        os.getppid()
+        await run_transactions(maker, transactions, concurrency)
+        os.getppid()
+        _instrument(False)  # the next window's set-up runs at full speed
+        await engine.dispose()
+
+
+def _child_render(pools: list[int], renders: int) -> None:
+    """What /metrics runs (benchmarks.scrape.render's `ms`) for each number of busy pools, idle between renders."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sqlalchemy_pool_exporter import Exporter
+    from sqlalchemy_pool_exporter.exposition import Exposition
+
+    from .scrape import _busy_engine
+
+    for n in pools:
+        registry = CollectorRegistry()
+        exporter = Exporter(registry)
+        engines = [_busy_engine(exporter, f"db{i}") for i in range(n)]
+        exposition = Exposition(registry, [exporter.collector])
+        exposition.render(generate_latest)  # the first render builds the cached line starts
+        _instrument()
+        exposition.render(generate_latest)
+        gc.collect()
+        os.getppid()
+        for _ in range(renders):
+            exposition.render(generate_latest)
+        os.getppid()
+        _instrument(False)
+        exporter.close()
+        for engine in engines:
+            engine.dispose()
 
 
 if __name__ == "__main__":
