@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
 
@@ -56,7 +57,7 @@ def render(pools: int, repeat: int) -> dict[str, float]:
     semconv = Exporter(semconv_registry, names="semconv")
     engines += [_busy_engine(semconv, f"db{i}") for i in range(pools)]
     semconv_exposition = Exposition(semconv_registry, [semconv.collector])
-    runs = {
+    runs: dict[str, Callable[[], object]] = {
         "ms": lambda: exposition.render(generate_latest),
         "openmetrics_ms": lambda: exposition.render(openmetrics.generate_latest),
         "generate_latest_ms": lambda: generate_latest(registry),
