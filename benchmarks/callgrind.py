@@ -6,11 +6,11 @@ then calls os.getppid() right before and right after the N timed cycles. Callgri
 `--dump-before=getppid`, so the second dump holds exactly the N cycles: no start-up run to
 subtract, no import noise.
 
-KIND is `pool` or `engine` (one pool cycle), `e2e<C>` (one transaction at concurrency C, e.g.
-`e2e1`, `e2e16`) or `render<P>` (one /metrics render of P busy pools; VARIANT is ignored). The last
-two take a list, `e2e1,16,64` or `render1,20,500`: one window of N cycles per size in one process,
-each set up and warmed up with instrumentation off, so that the start-up (~8 s under valgrind) is
-paid once; window i is dump 2i.
+KIND is `pool` or `engine` (one pool cycle), `tx` (one SQLite transaction without I/O), `e2e<C>`
+(one asyncpg transaction at concurrency C, e.g. `e2e1`, `e2e16`) or `render<P>` (one /metrics render
+of P busy pools; VARIANT is ignored). The last two take a list, `e2e1,16,64` or `render1,20,500`:
+one window of N cycles per size in one process, each set up and warmed up with instrumentation off,
+so that the start-up (~8 s under valgrind) is paid once; window i is dump 2i.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _instrument(on: bool = True) -> None:
 
 
 def _child(variant: str, kind: str, cycles: int) -> None:
-    from .pool_cycle import engine_cycles, make_engine, pool_cycles
+    from .pool_cycle import engine_cycles, make_engine, pool_cycles, transaction_cycles
     from .variants import BY_NAME, inside
 
     if kind.startswith("render"):
@@ -106,7 +106,8 @@ def _child(variant: str, kind: str, cycles: int) -> None:
         if kind.startswith("e2e"):
             asyncio.run(_child_e2e(BY_NAME[variant], sizes(kind), cycles))
         else:
-            _child_cycles(BY_NAME[variant], pool_cycles if kind == "pool" else engine_cycles, make_engine, cycles)
+            loops = {"pool": pool_cycles, "engine": engine_cycles, "tx": transaction_cycles}
+            _child_cycles(BY_NAME[variant], loops[kind], make_engine, cycles)
 
 
 def _child_cycles(variant: Variant, loop: Any, make_engine: Any, cycles: int) -> None:
