@@ -21,10 +21,12 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +40,15 @@ def available() -> bool:
     return shutil.which("valgrind") is not None and shutil.which("callgrind_control") is not None
 
 
-def _windows(variant: str, kind: str, cycles: int, workdir: Path) -> list[float]:
-    out = workdir / f"{variant}-{kind}.out"
+# Memory layout moves instruction counts: CPython's method cache and id()-keyed dicts hash addresses,
+# so a miss or a collision costs more instructions in one layout than in another (up to ~1% of an
+# asyncpg transaction, ~1-2k Ir of a pool cycle; measured). Each extra layout pads the environment,
+# which shifts the process's addresses; a count is the median over the layouts, its range the noise.
+_LAYOUT_PAD = 4096
+
+
+def _windows(variant: str, kind: str, cycles: int, workdir: Path, layout: int = 0) -> list[float]:
+    out = workdir / f"{variant}-{kind}-{layout}.out"
     # setarch -R: no address randomisation, so that id()-keyed dicts probe the same way every run.
     cmd = [
         *(["setarch", platform.machine(), "-R"] if shutil.which("setarch") else []),
@@ -57,7 +66,7 @@ def _windows(variant: str, kind: str, cycles: int, workdir: Path) -> list[float]
     ]
     root = Path(__file__).resolve().parent.parent
     path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(root)) if p)
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0", "BENCH_LAYOUT": "x" * (layout * _LAYOUT_PAD)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     subprocess.run(cmd, check=True, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Dump 2i: window i's cycles; the odd dumps: set-up and warm-up; the final file: teardown.
@@ -81,6 +90,40 @@ def sizes(kind: str) -> list[int]:
 def run(variants: list[str], *, kind: str, cycles: int, jobs: int = 2) -> dict[str, float]:
     """Instructions per cycle for each variant; `jobs` valgrind runs at a time."""
     return {v: counts[0] for v, counts in run_windows(variants, kind=kind, cycles=cycles, jobs=jobs).items()}
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Instructions per cycle over several memory layouts: the median, and the lowest and highest."""
+
+    median: float
+    low: float
+    high: float
+
+
+# The variants the goals compare: counted in every layout; the others in the first only.
+LAYOUT_VARIANTS = ("none", "noop", "ours", "ours_pool", "ours_holders")
+
+
+def run_layouts(variants: list[str], *, kind: str, cycles: int, layouts: int, jobs: int = 2) -> dict[str, Spread]:
+    """As run(), `layouts` times for LAYOUT_VARIANTS, each in another memory layout (see _LAYOUT_PAD)."""
+
+    def runs(v: str) -> range:
+        return range(layouts if v in LAYOUT_VARIANTS else 1)
+
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp, ThreadPoolExecutor(jobs) as pool:
+        futures = {
+            (v, layout): pool.submit(_windows, v, kind, cycles, Path(tmp), layout)
+            for layout in range(layouts)
+            for v in variants
+            if layout in runs(v)
+        }
+        counts = {key: f.result()[0] for key, f in futures.items()}
+    out = {}
+    for v in variants:
+        values = [counts[(v, layout)] for layout in runs(v)]
+        out[v] = Spread(statistics.median(values), min(values), max(values))
+    return out
 
 
 def run_windows(variants: list[str], *, kind: str, cycles: int, jobs: int = 2) -> dict[str, list[float]]:

@@ -28,6 +28,7 @@ class Plan:
     callgrind_cycles: int
     callgrind_variants: tuple[str, ...] | None  # None: all
     callgrind_kinds: tuple[str, ...]
+    layouts: int  # memory layouts each count is taken in (benchmarks.callgrind.run_layouts)
     e2e_rounds: int
     e2e_total: dict[int, int]  # concurrency -> transactions per slot
     scrape_repeat: int
@@ -42,6 +43,7 @@ FULL = Plan(
     callgrind_cycles=1_000,
     callgrind_variants=None,
     callgrind_kinds=("pool", "engine", "tx", "e2e1", "e2e16"),
+    layouts=3,
     e2e_rounds=6,
     e2e_total={1: 500, 16: 1_600},
     scrape_repeat=12,
@@ -55,6 +57,7 @@ QUICK = Plan(
     callgrind_cycles=300,
     callgrind_variants=("none", "ours"),
     callgrind_kinds=("pool", "tx", "e2e16"),
+    layouts=1,
     e2e_rounds=1,
     e2e_total={1: 40, 16: 160},
     scrape_repeat=5,
@@ -108,11 +111,15 @@ def _ratio(s: Summary) -> str:
 def _section_cycle(variants: list[Variant], plan: Plan, out: list[str], goals: list[list[str]]) -> None:
     t = pool_cycle.run(variants, rounds=plan.rounds, cycles=plan.cycles)
     ir: dict[str, dict[str, float]] = {}
+    spreads: dict[str, dict[str, callgrind.Spread]] = {}
     if callgrind.available():
         names = [v.name for v in variants if plan.callgrind_variants is None or v.name in plan.callgrind_variants]
         for kind in plan.callgrind_kinds:
             if kind in ("pool", "engine"):
-                ir[kind] = callgrind.run(names, kind=kind, cycles=plan.callgrind_cycles)
+                spreads[kind] = callgrind.run_layouts(
+                    names, kind=kind, cycles=plan.callgrind_cycles, layouts=plan.layouts
+                )
+                ir[kind] = {v: spread.median for v, spread in spreads[kind].items()}
     pool_ir, engine_ir = ir.get("pool", {}), ir.get("engine", {})
 
     def ir_cols(irs: dict[str, float], name: str) -> list[str]:
@@ -142,8 +149,9 @@ def _section_cycle(variants: list[Variant], plan: Plan, out: list[str], goals: l
         f"QueuePool over in-memory SQLite, connection already open. {plan.rounds} interleaved rounds of "
         f"{plan.cycles:,} cycles per variant; µs are medians of rounds, Δ the median of per-round differences "
         f"against `none` (± half the interquartile range of those differences), × the median per-round ratio. "
-        f"Ir = instructions per cycle under callgrind ({plan.callgrind_cycles:,} cycles after warm-up; "
-        "deterministic).",
+        f"Ir = instructions per cycle under callgrind ({plan.callgrind_cycles:,} cycles after warm-up), the "
+        f"median over {plan.layouts} memory layout(s): a run repeats to a few instructions, but another "
+        "layout moves CPython's method-cache and dict probing by ~1-2k Ir a cycle.",
         "",
         table(
             [
@@ -171,6 +179,7 @@ def _section_cycle(variants: list[Variant], plan: Plan, out: list[str], goals: l
         per_ir = t["pool"]["none"].best / pool_ir["none"]
         est = (pool_ir["ours"] - pool_ir["none"]) * per_ir
         line += f"; {est:+.2f} µs from instructions ({pool_ir['ours'] - pool_ir['none']:+,.0f} Ir"
+        line += _layout_range(spreads["pool"], plan.layouts)
         if "noop" in pool_ir:
             line += f"; no-op listener pair {pool_ir['noop'] - pool_ir['none']:+,.0f} Ir"
         line += ")"
@@ -191,13 +200,20 @@ def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: lis
     ir: dict[int, dict[str, float]] = {}
     tx_counted = max(plan.callgrind_cycles // 5, 32)
     sqlite_ir: dict[str, float] = {}
+    sqlite_spread: dict[str, callgrind.Spread] = {}
+    spreads: dict[int, dict[str, callgrind.Spread]] = {}
     if callgrind.available():
         names = [v.name for v in variants if plan.callgrind_variants is None or v.name in plan.callgrind_variants]
         for kind in plan.callgrind_kinds:
             if kind.startswith("e2e"):
-                ir[int(kind[3:])] = callgrind.run(names, kind=kind, cycles=tx_counted)
+                c = int(kind[3:])
+                spreads[c] = callgrind.run_layouts(names, kind=kind, cycles=tx_counted, layouts=plan.layouts)
+                ir[c] = {v: spread.median for v, spread in spreads[c].items()}
             elif kind == "tx":
-                sqlite_ir = callgrind.run(names, kind=kind, cycles=plan.callgrind_cycles)
+                sqlite_spread = callgrind.run_layouts(
+                    names, kind=kind, cycles=plan.callgrind_cycles, layouts=plan.layouts
+                )
+                sqlite_ir = {v: spread.median for v, spread in sqlite_spread.items()}
     header = ["variant"]
     if sqlite_ir:
         header += ["no I/O (SQLite) Ir/tx", "added Ir/tx"]
@@ -223,10 +239,11 @@ def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: lis
         f"{plan.e2e_rounds} interleaved rounds per concurrency; each slot opens its connections untimed, runs "
         f"{totals} transactions, then disposes the engine. No I/O: the same transaction (`engine.begin()`: "
         f"`SELECT 1`; COMMIT) on in-memory SQLite under callgrind ({plan.callgrind_cycles:,} transactions): "
-        "nothing waits, so the count is exact, and `added Ir/tx` is what a variant adds to a transaction. "
+        "nothing waits, and `added Ir/tx` is what a variant adds to a transaction. "
         f"Ir/tx = instructions per asyncpg transaction of this process under callgrind ({tx_counted} "
-        "transactions after warm-up); these move by up to ~1% from run to run with memory layout and with how "
-        "often the event loop polls before PostgreSQL's reply is there. CPU = this process's CPU time per "
+        "transactions after warm-up), which also count how often the event loop polls before PostgreSQL's "
+        f"reply is there. Every count is the median over {plan.layouts} memory layout(s); the layout alone "
+        "moves a count by up to ~1% (the goals below give the range). CPU = this process's CPU time per "
         "transaction (the server's is not counted); added µs = the median of per-round differences "
         "against `none`, ± half their interquartile range: the noise of this shared machine, often "
         "larger than the difference. "
@@ -245,9 +262,10 @@ def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: lis
         if c in ir and "ours" in ir[c]:
             # Instructions decide: the timed ratio's noise on this machine is several times the goal.
             ratio = ir[c]["ours"] / ir[c]["none"]
-            added = f" (+{ir[c]['ours'] - ir[c]['none']:,.0f} Ir/tx"
+            added = f" (+{ir[c]['ours'] - ir[c]['none']:,.0f} Ir/tx" + _layout_range(spreads[c], plan.layouts)
             if "ours" in sqlite_ir:
                 added += f"; +{sqlite_ir['ours'] - sqlite_ir['none']:,.0f} without I/O"
+                added += _layout_range(sqlite_spread, plan.layouts)
             line = f"×{ratio:.3f} in instructions{added}); {line}"
         goals.append(
             [
@@ -258,6 +276,14 @@ def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: lis
             ]
         )
     _holders_goal(ir, goals)
+
+
+def _layout_range(spreads: dict[str, callgrind.Spread], layouts: int) -> str:
+    """`ours` against `none` at its lowest and highest over the memory layouts, when there were several."""
+    if layouts < 2 or "ours" not in spreads:
+        return ""
+    ours, none = spreads["ours"], spreads["none"]
+    return f", {ours.low - none.high:+,.0f} to {ours.high - none.low:+,.0f} over {layouts} layouts"
 
 
 def _holders_goal(ir: dict[int, dict[str, float]], goals: list[list[str]]) -> None:
