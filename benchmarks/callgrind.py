@@ -126,10 +126,12 @@ def run_layouts(variants: list[str], *, kind: str, cycles: int, layouts: int, jo
     return out
 
 
-def run_windows(variants: list[str], *, kind: str, cycles: int, jobs: int = 2) -> dict[str, list[float]]:
+def run_windows(
+    variants: list[str], *, kind: str, cycles: int, jobs: int = 2, layout: int = 0
+) -> dict[str, list[float]]:
     """Instructions per cycle in each of the kind's windows (`e2e1,16,64`: one per concurrency), by variant."""
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp, ThreadPoolExecutor(jobs) as pool:
-        futures = {v: pool.submit(_windows, v, kind, cycles, Path(tmp)) for v in variants}
+        futures = {v: pool.submit(_windows, v, kind, cycles, Path(tmp), layout) for v in variants}
         return {v: f.result() for v, f in futures.items()}
 
 

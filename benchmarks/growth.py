@@ -71,6 +71,7 @@ class Plan:
     transactions: int  # counted under callgrind per concurrency: a multiple of each
     holders: tuple[int, ...]
     max_holders: int
+    layouts: int = 1  # e2e rows: counted in this many memory layouts (benchmarks.callgrind), median
 
     def __post_init__(self) -> None:
         if self.churn[0] not in self.live:
@@ -90,6 +91,7 @@ FULL = Plan(
     transactions=640,
     holders=(1, 10, 50, 200),
     max_holders=1_000,
+    layouts=3,
 )
 QUICK = Plan(
     pools=(1, 2, 4, 8),
@@ -261,19 +263,31 @@ def e2e_rows(plan: Plan) -> list[Row]:
         ]
     kind = "e2e" + ",".join(map(str, plan.concurrency))
     jobs = 2 if 2 * max(plan.concurrency) <= PG_CONNECTIONS else 1
-    ir = callgrind.run_windows(["none", *E2E_VARIANTS], kind=kind, cycles=plan.transactions, jobs=jobs)
+    names = ["none", *E2E_VARIANTS]
+    runs = [
+        callgrind.run_windows(names, kind=kind, cycles=plan.transactions, jobs=jobs, layout=layout)
+        for layout in range(plan.layouts)
+    ]
     rows = []
     for i, c in enumerate(plan.concurrency):
-        none = ir["none"][i]
+        nones = [run["none"][i] for run in runs]
+        none = statistics.median(nones)
         for name in E2E_VARIANTS:
-            ours = ir[name][i]
+            ours_each = [run[name][i] for run in runs]
+            ours = statistics.median(ours_each)
+            spread = ""
+            if plan.layouts > 1:
+                spread = (
+                    f"; {min(ours_each) - max(nones):+,.0f} to {max(ours_each) - min(nones):+,.0f} Ir/tx "
+                    f"over {plan.layouts} memory layouts"
+                )
             rows.append(
                 [
                     "app CPU per transaction",
                     f"c={c}, {name}",
                     f"×{ours / none:.3f} none",
                     f"{ours - none:+,.0f} Ir/tx",
-                    f"none {none:,.0f} Ir/tx, {name} {ours:,.0f} Ir/tx",
+                    f"none {none:,.0f} Ir/tx, {name} {ours:,.0f} Ir/tx (medians){spread}",
                 ]
             )
     return rows
@@ -429,7 +443,8 @@ def _captions(plan: Plan, quick: bool) -> list[str]:
         "on) against `none` (bare SQLAlchemy). Ir counts only this process's CPU: not PostgreSQL's, not the "
         "kernel's. Deterministic for one command line, yet the same code moves by up to ~7k Ir/tx (0.7%) with the "
         "process's memory layout alone (measured by growing the environment; the difference sits in CPython's "
-        "type-attribute lookups): smaller differences between rows are not the code's.",
+        f"type-attribute lookups), so each count is the median over {plan.layouts} layout(s), with the range of "
+        "the difference: smaller differences between rows are not the code's.",
         f"- **memory** (`python -m benchmarks.growth --only memory{flag}`): what tracemalloc still sees allocated "
         "after instrumenting, running every statement kind and rendering twice (the cached lines count), "
         "SQLAlchemy's and SQLite's own allocations made before tracing. Holders: one pool, one checkout per "
