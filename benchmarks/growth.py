@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -49,7 +45,7 @@ from .growth_merge import BATCH
 from .measure import table
 from .memory import _engine
 from .run import machine
-from .scrape import _busy_engine
+from .scrape import _busy_engine, multiprocess_child
 
 GROUPS = ("render", "merge", "e2e", "memory")
 E2E_VARIANTS = ("ours", "ours_holders")
@@ -195,19 +191,7 @@ def render_rows(plan: Plan) -> list[Row]:
 
 def _merge(live: int, gone: int, repeat: int) -> dict[str, Any]:
     """benchmarks.growth_merge in a child: prometheus_client picks its multiprocess mode at import."""
-    with tempfile.TemporaryDirectory(prefix="bench-growth-mp-") as tmp:
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": tmp}
-        root = Path(__file__).resolve().parent.parent
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(root)) if p)
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.growth_merge", tmp, str(live), str(gone), str(repeat)],
-            check=True,
-            env=env,
-            capture_output=True,
-            text=True,
-        ).stdout
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return result
+    return multiprocess_child("benchmarks.growth_merge", live, gone, repeat)
 
 
 def merge_rows(plan: Plan) -> list[Row]:

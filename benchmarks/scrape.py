@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
@@ -100,18 +101,23 @@ def render(pools: int, repeat: int) -> dict[str, float]:
     return {**result, "lines": body.count(b"\n"), "bytes": len(body), "semconv_lines": semconv_body.count(b"\n")}
 
 
-def sidecar(live: int, gone: int, repeat: int) -> dict[str, float | str]:
+def sidecar(live: int, gone: int, repeat: int) -> dict[str, Any]:
     """Run the multiprocess half in a child: prometheus_client picks its file mode at import time."""
+    return multiprocess_child("benchmarks.sidecar_child", live, gone, repeat)
+
+
+def multiprocess_child(module: str, *args: int) -> dict[str, Any]:
+    """`python -m module DIR *args` with PROMETHEUS_MULTIPROC_DIR=DIR, a fresh directory: its last line, as JSON."""
     with tempfile.TemporaryDirectory(prefix="bench-mp-") as tmp:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": tmp}
         root = Path(__file__).resolve().parent.parent
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(root)) if p)
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.sidecar_child", tmp, str(live), str(gone), str(repeat)],
+            [sys.executable, "-m", module, tmp, *map(str, args)],
             check=True,
             env=env,
             capture_output=True,
             text=True,
         ).stdout
-    result: dict[str, float | str] = json.loads(out.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result

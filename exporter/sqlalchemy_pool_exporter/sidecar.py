@@ -48,7 +48,7 @@ log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 
 DEFAULT_STALE_AFTER = 10 * DEFAULT_INTERVAL
 # Prometheus' default scrape_timeout is 10 s: past 5 s a scrape gets a 503 and our reason, before the
-# scraper gives up on us with none. A merge of 64 live workers takes ~30 ms.
+# scraper gives up on us with none. A merge of 256 live workers takes ~40 ms here (docs/performance.md).
 DEFAULT_DEADLINE = 5.0
 # How long waiters give a merge past its deadline to report its own reason (it checks between steps).
 _GRACE = 0.5
