@@ -34,8 +34,6 @@ from time import perf_counter
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import text
-from sqlalchemy.engine import Engine
 
 from sqlalchemy_pool_exporter import Exporter, holder, holders
 from sqlalchemy_pool_exporter.exposition import Exposition
@@ -45,7 +43,7 @@ from .growth_merge import BATCH
 from .measure import table
 from .memory import _engine
 from .run import machine
-from .scrape import _busy_engine, multiprocess_child
+from .scrape import _busy_engine, busy_statements, multiprocess_child
 
 GROUPS = ("render", "merge", "e2e", "memory")
 E2E_VARIANTS = ("ours", "ours_holders")
@@ -280,19 +278,6 @@ def e2e_rows(plan: Plan) -> list[Row]:
 # -- memory ---------------------------------------------------------------------------------------
 
 
-def _statements(engine: Engine) -> None:
-    """Every statement kind, a commit and a rollback (benchmarks.scrape's busy pool), run again alike."""
-    with engine.connect() as conn:
-        conn.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
-        conn.execute(text("INSERT INTO t VALUES (1)"))
-        conn.execute(text("UPDATE t SET x = 2"))
-        conn.execute(text("SELECT x FROM t"))
-        conn.execute(text("DELETE FROM t"))
-        conn.commit()
-        conn.execute(text("SELECT 1"))
-        conn.rollback()
-
-
 def _traced(setup: Callable[[], None], render: Callable[[], bytes]) -> int:
     """Bytes still allocated after `setup()` and two renders, traced by tracemalloc."""
     gc.collect()
@@ -314,7 +299,7 @@ def _pools_memory(pools: int) -> tuple[int, int]:
     exporter = Exporter(registry)
     engines = [_engine() for _ in range(pools)]
     for engine in engines:  # SQLAlchemy's own caches and SQLite's connection, before tracing
-        _statements(engine)
+        busy_statements(engine)
     exposition = Exposition(registry, [exporter.collector])
 
     def render() -> bytes:
@@ -325,7 +310,7 @@ def _pools_memory(pools: int) -> tuple[int, int]:
     def setup() -> None:
         for i, engine in enumerate(engines):
             exporter.instrument(engine, name=f"m{i}")
-            _statements(engine)
+            busy_statements(engine)
 
     kept = _traced(setup, render)
     series = sum(1 for line in render().splitlines() if line and not line.startswith(b"#"))
@@ -341,7 +326,7 @@ def _holders_memory(names: int, max_holders: int) -> tuple[int, int]:
     exporter = Exporter(registry, max_holders=max_holders)
     engine = _engine()
     exporter.instrument(engine, name="holders")
-    _statements(engine)
+    busy_statements(engine)
     exposition = Exposition(registry, [exporter.collector])
 
     def render() -> bytes:

@@ -30,8 +30,14 @@ def _busy_engine(exporter: Exporter, name: str) -> Engine:
     """An instrumented engine whose every series exists: commits, rollbacks, all statement kinds."""
     engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
     exporter.instrument(engine, name=name)
+    busy_statements(engine)
+    return engine
+
+
+def busy_statements(engine: Engine) -> None:
+    """Every statement kind, a commit and a rollback; run again alike."""
     with engine.connect() as conn:
-        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
         conn.execute(text("INSERT INTO t VALUES (1)"))
         conn.execute(text("UPDATE t SET x = 2"))
         conn.execute(text("SELECT x FROM t"))
@@ -39,7 +45,6 @@ def _busy_engine(exporter: Exporter, name: str) -> Engine:
         conn.commit()
         conn.execute(text("SELECT 1"))
         conn.rollback()
-    return engine
 
 
 def render(pools: int, repeat: int) -> dict[str, float]:
