@@ -197,12 +197,12 @@ def _child_render(pools: list[int], renders: int) -> None:
     from sqlalchemy_pool_exporter import Exporter
     from sqlalchemy_pool_exporter.exposition import Exposition
 
-    from .scrape import _busy_engine
+    from .scrape import busy_engine
 
     for n in pools:
         registry = CollectorRegistry()
         exporter = Exporter(registry)
-        engines = [_busy_engine(exporter, f"db{i}") for i in range(n)]
+        engines = [busy_engine(exporter, f"db{i}") for i in range(n)]
         exposition = Exposition(registry, [exporter.collector])
         exposition.render(generate_latest)  # the first render builds the cached line starts
         _instrument()

@@ -41,9 +41,9 @@ from sqlalchemy_pool_exporter.exposition import Exposition
 from . import callgrind, e2e
 from .growth_merge import BATCH
 from .measure import table
-from .memory import _engine
+from .memory import sqlite_engine
 from .run import machine
-from .scrape import _busy_engine, busy_statements, multiprocess_child
+from .scrape import busy_engine, busy_statements, multiprocess_child
 
 GROUPS = ("render", "merge", "e2e", "memory")
 E2E_VARIANTS = ("ours", "ours_holders")
@@ -128,7 +128,7 @@ def _render(pools: int, repeat: int) -> dict[str, float]:
     """Median ms of the handler's render with the pools idle, and after one checkout on every pool."""
     registry = CollectorRegistry()
     exporter = Exporter(registry)
-    engines = [_busy_engine(exporter, f"db{i}") for i in range(pools)]
+    engines = [busy_engine(exporter, f"db{i}") for i in range(pools)]
     exposition = Exposition(registry, [exporter.collector])
 
     def run() -> bytes:
@@ -297,7 +297,7 @@ def _pools_memory(pools: int) -> tuple[int, int]:
     """Bytes that `pools` busy instrumented pools keep, rendered; and the series they export."""
     registry = CollectorRegistry()
     exporter = Exporter(registry)
-    engines = [_engine() for _ in range(pools)]
+    engines = [sqlite_engine() for _ in range(pools)]
     for engine in engines:  # SQLAlchemy's own caches and SQLite's connection, before tracing
         busy_statements(engine)
     exposition = Exposition(registry, [exporter.collector])
@@ -324,7 +324,7 @@ def _holders_memory(names: int, max_holders: int) -> tuple[int, int]:
     """Bytes that `names` holders keep in one busy pool, rendered; and their series."""
     registry = CollectorRegistry()
     exporter = Exporter(registry, max_holders=max_holders)
-    engine = _engine()
+    engine = sqlite_engine()
     exporter.instrument(engine, name="holders")
     busy_statements(engine)
     exposition = Exposition(registry, [exporter.collector])
@@ -395,7 +395,7 @@ def _captions(plan: Plan, quick: bool) -> list[str]:
     cs = ", ".join(map(str, plan.concurrency))
     return [
         f"- **/metrics render** (`python -m benchmarks.growth --only render{flag}`): pools of benchmarks.scrape's "
-        "`_busy_engine` (commits, rollbacks, every statement kind: every series exists), idle between renders "
+        "`busy_engine` (commits, rollbacks, every statement kind: every series exists), idle between renders "
         "(unchanged values: the cached lines are reused); what the handler runs, Exposition.render() in the text "
         f"format, median of ≥ {plan.render_repeat} renders after a first one. Ir = instructions a render under "
         f"callgrind ({plan.render_ir} renders a size, after warm-up). Also: the median after one checkout on every "

@@ -10,51 +10,34 @@ called, so that the sidecar's internals can change under it.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 from sqlalchemy_pool_exporter.sidecar import Sidecar
 
-from .sidecar_child import _fork, _leave, _median_ms, _stay
+from .sidecar_child import BATCH, churn, files, median_ms, release, start_workers
 
-# Workers forked at a time while churning, as a process manager recycles them.
-BATCH = 16
-
-
-def _files(directory: str) -> int:
-    return len(list(Path(directory).glob("*.db")))
+__all__ = ["BATCH", "main"]
 
 
 def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
     result: dict[str, Any] = {"live": live, "gone": gone}
-    workers = [_fork(_stay) for _ in range(live)]
-    for _, ready, _ in workers:
-        os.read(ready, 1)
+    workers = start_workers(live)
     sidecar = Sidecar(directory)
     sidecar.merge()  # the first merge probes the pid namespace
-    result["live_files"] = _files(directory)
-    result["live_ms"] = _median_ms(sidecar.merge, repeat)
+    result["live_files"] = files(directory)
+    result["live_ms"] = median_ms(sidecar.merge, repeat)
     if gone:
-        for start in range(0, gone, BATCH):
-            batch = [_fork(_leave) for _ in range(min(BATCH, gone - start))]
-            for pid, ready, go in batch:
-                os.read(ready, 1)
-                os.close(ready)
-                os.close(go)
-                os.waitpid(pid, 0)
-        result["churned_files"] = _files(directory)
+        churn(gone)
+        result["churned_files"] = files(directory)
         t0 = perf_counter()
         sidecar.merge()  # reaps and compacts the gone workers' files
         result["reaping_ms"] = (perf_counter() - t0) * 1000
-        result["after_churn_files"] = _files(directory)
-        result["after_churn_ms"] = _median_ms(sidecar.merge, repeat)
+        result["after_churn_files"] = files(directory)
+        result["after_churn_ms"] = median_ms(sidecar.merge, repeat)
     sidecar.close()
-    for pid, _ready, go in workers:
-        os.write(go, b"1")
-        os.waitpid(pid, 0)
+    release(workers)
     return result
 
 

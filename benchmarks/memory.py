@@ -15,7 +15,8 @@ from sqlalchemy.pool import QueuePool
 from sqlalchemy_pool_exporter import Exporter
 
 
-def _engine() -> Engine:
+def sqlite_engine() -> Engine:
+    """A QueuePool over in-memory SQLite, as every benchmark pool."""
     return create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
 
 
@@ -31,7 +32,7 @@ def footprint(pools: int = 20) -> float:
     """Bytes per instrumented pool, its series all present, measured with tracemalloc."""
     registry = CollectorRegistry()
     exporter = Exporter(registry)
-    engines = [_engine() for _ in range(pools)]
+    engines = [sqlite_engine() for _ in range(pools)]
     for engine in engines:
         _exercise(engine)
     gc.collect()
@@ -62,7 +63,7 @@ def _sizes(handle: Any) -> dict[str, int]:
 
 def growth(checkouts: int) -> dict[str, Any]:
     """Allocated blocks and our internal dicts before and after `checkouts` pool cycles."""
-    engine = _engine()
+    engine = sqlite_engine()
     exporter = Exporter(CollectorRegistry())
     handle = exporter.instrument(engine, name="growth")
     pool = engine.pool

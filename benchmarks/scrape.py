@@ -16,19 +16,19 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import QueuePool
 
 from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.exposition import Exposition
 
+from .memory import sqlite_engine
 from .variants import dropping_exporter, encode_otlp, otlp_available
 
 
-def _busy_engine(exporter: Exporter, name: str) -> Engine:
+def busy_engine(exporter: Exporter, name: str) -> Engine:
     """An instrumented engine whose every series exists: commits, rollbacks, all statement kinds."""
-    engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
+    engine = sqlite_engine()
     exporter.instrument(engine, name=name)
     busy_statements(engine)
     return engine
@@ -57,11 +57,11 @@ def render(pools: int, repeat: int) -> dict[str, float]:
     """
     registry = CollectorRegistry()
     exporter = Exporter(registry)
-    engines = [_busy_engine(exporter, f"db{i}") for i in range(pools)]
+    engines = [busy_engine(exporter, f"db{i}") for i in range(pools)]
     exposition = Exposition(registry, [exporter.collector])
     semconv_registry = CollectorRegistry()
     semconv = Exporter(semconv_registry, names="semconv")
-    engines += [_busy_engine(semconv, f"db{i}") for i in range(pools)]
+    engines += [busy_engine(semconv, f"db{i}") for i in range(pools)]
     semconv_exposition = Exposition(semconv_registry, [semconv.collector])
     runs: dict[str, Callable[[], object]] = {
         "ms": lambda: exposition.render(generate_latest),

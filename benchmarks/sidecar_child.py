@@ -18,10 +18,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import create_engine, text
-from sqlalchemy.pool import QueuePool
+from sqlalchemy import text
 
 from sqlalchemy_pool_exporter import Exporter
+
+from .memory import sqlite_engine
 
 try:  # the sidecar's own merge, with reaping and compaction of dead workers' files
     from sqlalchemy_pool_exporter.sidecar import Sidecar
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - before the sidecar existed
 
 def _work() -> None:
     """A worker's life: one instrumented engine, a few transactions, numbers flushed to its files."""
-    engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=5, max_overflow=10)
+    engine = sqlite_engine()
     exporter = Exporter(CollectorRegistry(), multiprocess_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
     exporter.instrument(engine, name="app")
     for _ in range(5):
@@ -70,7 +71,42 @@ def _leave(ready: int, go: int) -> None:
     os.write(ready, b"1")
 
 
-def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
+Worker = tuple[int, int, int]  # pid, its "ready" pipe, its "go" pipe
+
+# Workers forked at a time while churning, as a process manager recycles them.
+BATCH = 16
+
+
+def start_workers(n: int) -> list[Worker]:
+    """`n` workers that have written their files and stay alive until release()."""
+    workers = [_fork(_stay) for _ in range(n)]
+    for _, ready, _ in workers:
+        os.read(ready, 1)
+    return workers
+
+
+def release(workers: list[Worker]) -> None:
+    for pid, _ready, go in workers:
+        os.write(go, b"1")
+        os.waitpid(pid, 0)
+
+
+def churn(gone: int) -> None:
+    """`gone` workers that write their files and vanish without cleanup, BATCH at a time."""
+    for start in range(0, gone, BATCH):
+        batch = [_fork(_leave) for _ in range(min(BATCH, gone - start))]
+        for pid, ready, go in batch:
+            os.read(ready, 1)
+            os.close(ready)
+            os.close(go)
+            os.waitpid(pid, 0)
+
+
+def files(directory: str) -> int:
+    return len(list(Path(directory).glob("*.db")))
+
+
+def median_ms(fn: Callable[[], Any], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         t0 = perf_counter()
@@ -86,34 +122,25 @@ def _raw_merge(directory: str) -> Callable[[], Any]:
 
 def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
     result: dict[str, Any] = {"live": live, "gone": gone}
-    workers = [_fork(_stay) for _ in range(live)]
-    for _, ready, _ in workers:
-        os.read(ready, 1)
+    workers = start_workers(live)
     if Sidecar is not None:
         result["merge"] = "sqlalchemy_pool_exporter.sidecar.Sidecar.merge()"
         sidecar = Sidecar(directory)
         sidecar.merge()  # first call: probes the pid namespace
-        result["live_ms"] = _median_ms(sidecar.merge, repeat)
+        result["live_ms"] = median_ms(sidecar.merge, repeat)
     else:
         result["merge"] = "prometheus_client MultiProcessCollector"
-        result["live_ms"] = _median_ms(_raw_merge(directory), repeat)
-    result["live_files"] = len(list(Path(directory).glob("*.db")))
+        result["live_ms"] = median_ms(_raw_merge(directory), repeat)
+    result["live_files"] = files(directory)
     # The directory as it was with live workers only, to compare with, interleaved, after the churn.
     before = directory + ".live"
     shutil.copytree(directory, before)
-    # Workers that came and went; a few at a time, as a process manager would recycle them.
-    for start in range(0, gone, 16):
-        batch = [_fork(_leave) for _ in range(min(16, gone - start))]
-        for pid, ready, go in batch:
-            os.read(ready, 1)
-            os.close(ready)
-            os.close(go)
-            os.waitpid(pid, 0)
-    result["churned_files"] = len(list(Path(directory).glob("*.db")))
+    churn(gone)  # workers that came and went
+    result["churned_files"] = files(directory)
     raw = directory + ".raw"
     shutil.copytree(directory, raw)
     # What merging costs when nothing compacts: every file of every worker that ever lived.
-    result["raw_after_churn_ms"] = _median_ms(_raw_merge(raw), max(3, repeat // 3))
+    result["raw_after_churn_ms"] = median_ms(_raw_merge(raw), max(3, repeat // 3))
     shutil.rmtree(raw)
     if Sidecar is not None:
         t0 = perf_counter()
@@ -126,17 +153,15 @@ def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
         live_ms: list[float] = []
         after_ms: list[float] = []
         for _ in range(repeat):
-            live_ms.append(_median_ms(reference.merge, 1))
-            after_ms.append(_median_ms(sidecar.merge, 1))
+            live_ms.append(median_ms(reference.merge, 1))
+            after_ms.append(median_ms(sidecar.merge, 1))
         result["live_interleaved_ms"] = statistics.median(live_ms)
         result["after_churn_ms"] = statistics.median(after_ms)
-        result["files_after_churn"] = len(list(Path(directory).glob("*.db")))
+        result["files_after_churn"] = files(directory)
         sidecar.close()
         reference.close()
     shutil.rmtree(before)
-    for pid, _ready, go in workers:
-        os.write(go, b"1")
-        os.waitpid(pid, 0)
+    release(workers)
     return result
 
 

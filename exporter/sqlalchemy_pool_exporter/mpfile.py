@@ -217,14 +217,16 @@ class Layout:
         self.plan: Plan | None = None  # how Merge folds this file, worked out at its first fold
         self._struct: struct.Struct | None = None
 
-    def unpack(self, data: bytearray) -> tuple[float, ...] | None:
-        """The values and timestamps, interleaved, of `data` if it has this layout; else None."""
+    def reread(self, data: bytearray) -> Parsed | None:
+        """The entries of `data` if it still has this layout (same size, same framing and key bytes); else None."""
+        if len(data) != self.used:
+            return None
         if self._struct is None:
             self._struct = struct.Struct("=8x" + "".join(f"{len(c)}sdd" for c in self.chunks))
         flat = self._struct.unpack(data)
         if flat[0::3] != self.chunks:
             return None
-        return flat
+        return Parsed(self, flat[1::3], flat[2::3])
 
 
 class Parsed(NamedTuple):
@@ -265,11 +267,7 @@ class Reader:
         data = read_db(path, seen, layout.used if layout is not None else 0)
         if data is None:
             return None
-        parsed = None
-        if layout is not None and layout.used == len(data) and len(layout.keys) <= room:
-            flat = layout.unpack(data)
-            if flat is not None:
-                parsed = Parsed(layout, flat[1::3], flat[2::3])
+        parsed = layout.reread(data) if layout is not None and len(layout.keys) <= room else None
         if parsed is None:
             parsed = self.entries(data, room)
         if layouts is not None and self._kept_entries + len(parsed.values) <= MAX_KEPT:

@@ -7,13 +7,16 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
@@ -126,3 +129,17 @@ def sync_engines() -> Iterator[list[Engine]]:
     for engine in made:
         pool_exporter.uninstrument(engine)
         engine.dispose()
+
+
+def orders_sqlite(exporter: Exporter, engines: list[Engine], path: Path) -> Engine:
+    """A SQLite QueuePool named `orders` (size 2, overflow 1, 10 ms timeout): a table, seven committed inserts."""
+    engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=2, max_overflow=1, pool_timeout=0.01)
+    engines.append(engine)
+    exporter.instrument(engine, name="orders")
+    with engine.connect() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.commit()
+    for i in range(7):
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": i})
+    return engine

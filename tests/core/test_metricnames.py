@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.pool import QueuePool
 
 from sqlalchemy_pool_exporter import Exporter, catalog, metricnames, validation
 from sqlalchemy_pool_exporter.exposition import Exposition
 from sqlalchemy_pool_exporter.metricnames import db_system, otel_name, prometheus_label, prometheus_name, view
 
-from .conftest import PgEngineFactory
+from .conftest import PgEngineFactory, orders_sqlite
 
 # The pool metrics of semantic conventions 1.44.0 (model/db/metrics.yaml): name -> (instrument, unit),
 # and the Prometheus name the translation gives each.
@@ -131,23 +130,10 @@ def test_one_semconv_exporter_per_registry() -> None:
     Exporter(registry, namespace="other")
 
 
-def _busy(exporter: Exporter, engines: list[Engine], path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=2, max_overflow=1, pool_timeout=0.01)
-    engines.append(engine)
-    exporter.instrument(engine, name="orders")
-    return engine
-
-
 def test_sqlite_pool_under_semconv_names(sync_engines: list[Engine], tmp_path: Path) -> None:
     registry = CollectorRegistry()
     exporter = Exporter(registry, names="semconv")
-    engine = _busy(exporter, sync_engines, tmp_path / "a.db")
-    with engine.connect() as conn:
-        conn.execute(text("CREATE TABLE t (x INTEGER)"))
-        conn.commit()
-    for i in range(7):
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": i})
+    engine = orders_sqlite(exporter, sync_engines, tmp_path / "a.db")
     held = [engine.connect(), engine.connect(), engine.connect()]
     with pytest.raises(PoolTimeout):
         engine.connect()

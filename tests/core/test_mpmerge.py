@@ -170,3 +170,18 @@ def test_a_family_named_by_two_kinds_of_file_follows_the_first_kind(tmp_path: Pa
             ]
     finally:
         sidecar.close()
+
+
+def test_layouts_past_the_bound_are_not_kept_and_the_merge_stays_exact(
+    setup: tuple[Path, Writers, Sidecar], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory of more entries than MAX_KEPT: the files past it are parsed at every merge instead."""
+    directory, writers, sidecar = setup
+    writers.write("a", 0)
+    monkeypatch.setattr(mpfile, "MAX_KEPT", 10)
+    for step in (1, 2):
+        writers.write("a", step)
+        assert ours(sidecar) == theirs(directory)
+        kept = sum(len(layout.keys) for layout in sidecar._layouts.values())
+        assert 0 < kept <= 10
+        assert len(sidecar._layouts) < sidecar.files == 26

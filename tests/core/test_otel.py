@@ -26,7 +26,7 @@ from sqlalchemy.pool import QueuePool
 
 from sqlalchemy_pool_exporter import Exporter, __version__, catalog, metricnames
 
-from .conftest import PgEngineFactory
+from .conftest import PgEngineFactory, orders_sqlite
 
 HAVE_SDK = importlib.util.find_spec("opentelemetry.sdk") is not None
 needs_sdk = pytest.mark.skipif(not HAVE_SDK, reason="the otel extra is not installed")
@@ -91,19 +91,6 @@ def reader_and_provider() -> Iterator[tuple[Any, Any, Exporter]]:
     exporter.close()
 
 
-def busy_sqlite(exporter: Exporter, engines: list[Engine], path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=2, max_overflow=1, pool_timeout=0.01)
-    engines.append(engine)
-    exporter.instrument(engine, name="orders")
-    with engine.connect() as conn:
-        conn.execute(text("CREATE TABLE t (x INTEGER)"))
-        conn.commit()
-    for i in range(7):
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO t VALUES (:x)"), {"x": i})
-    return engine
-
-
 # -- the in-memory reader ---------------------------------------------------------------------------
 
 
@@ -112,7 +99,7 @@ def test_in_memory_reader_gets_exact_numbers_of_a_sqlite_pool(
     reader_and_provider: tuple[Any, Any, Exporter], sync_engines: list[Engine], tmp_path: Path
 ) -> None:
     reader, _, exporter = reader_and_provider
-    engine = busy_sqlite(exporter, sync_engines, tmp_path / "a.db")
+    engine = orders_sqlite(exporter, sync_engines, tmp_path / "a.db")
     held = [engine.connect(), engine.connect(), engine.connect()]
     with pytest.raises(PoolTimeout):
         engine.connect()
@@ -185,7 +172,7 @@ def test_our_metrics_join_the_sdks_own_batch(
 ) -> None:
     """With metrics of the app's own, one resource carries both scopes: the app's and ours."""
     reader, provider, exporter = reader_and_provider
-    busy_sqlite(exporter, sync_engines, tmp_path / "a.db")
+    orders_sqlite(exporter, sync_engines, tmp_path / "a.db")
     provider.get_meter("orders.app").create_counter("orders.placed").add(5)
     data = reader.get_metrics_data()
     (resource_metrics,) = data.resource_metrics
@@ -209,7 +196,7 @@ def test_attach_once_detach_and_no_pools(sync_engines: list[Engine], tmp_path: P
         with pytest.raises(ValueError, match="already has a PoolMetricProducer"):
             otel.attach(reader, producer)
         assert reader.get_metrics_data() is not None  # no pool yet: an empty batch, no error
-        busy_sqlite(exporter, sync_engines, tmp_path / "a.db")
+        orders_sqlite(exporter, sync_engines, tmp_path / "a.db")
         assert "db.client.connection.count" in by_name(reader.get_metrics_data())
         otel.detach(reader)
         otel.detach(reader)  # idempotent
@@ -230,7 +217,7 @@ def test_a_pool_that_fails_to_read_is_counted_and_the_others_still_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     reader, _, exporter = reader_and_provider
-    busy_sqlite(exporter, sync_engines, tmp_path / "a.db")
+    orders_sqlite(exporter, sync_engines, tmp_path / "a.db")
     broken = create_engine(f"sqlite:///{tmp_path}/b.db", poolclass=QueuePool)
     sync_engines.append(broken)
     handle = exporter.instrument(broken, name="broken")
@@ -359,7 +346,7 @@ async def test_otlp_http_exporter_to_a_local_receiver(
 
     url, got = receiver
     exporter = Exporter(CollectorRegistry(), names="semconv")
-    engine = busy_sqlite(exporter, sync_engines, tmp_path / "a.db")
+    engine = orders_sqlite(exporter, sync_engines, tmp_path / "a.db")
     resource = Resource.create({"service.name": "orders-api"})
     # No timer: the test decides when the reader collects (force_flush), so nothing depends on timing.
     reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=url), export_interval_millis=math.inf)
