@@ -195,7 +195,7 @@ def _child_render(pools: list[int], renders: int) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from sqlalchemy_pool_exporter import Exporter
-    from sqlalchemy_pool_exporter.exposition import Exposition
+    from sqlalchemy_pool_exporter.exposition.render import Exposition
 
     from .scrape import busy_engine
 

@@ -35,8 +35,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sqlalchemy_pool_exporter import Exporter, holder, holders
-from sqlalchemy_pool_exporter.exposition import Exposition
+from sqlalchemy_pool_exporter import Exporter, holder
+from sqlalchemy_pool_exporter.exposition.render import Exposition
+from sqlalchemy_pool_exporter.instrumentation import holders
 
 from . import callgrind, e2e
 from .growth_merge import BATCH

@@ -14,7 +14,7 @@ import sys
 from time import perf_counter
 from typing import Any
 
-from sqlalchemy_pool_exporter.sidecar import Sidecar
+from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
 
 from .sidecar_child import BATCH, churn, files, median_ms, release, start_workers
 

@@ -357,7 +357,7 @@ def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
         "## 3. Scrape",
         "",
         f"Medians of {plan.scrape_repeat} renders. Each pool has run commits, rollbacks and every statement kind, "
-        "so every series exists. The /metrics render is what the handler runs (sqlalchemy_pool_exporter.exposition: "
+        "so every series exists. The /metrics render is what the handler runs (exposition/render.py: "
         "prometheus_client for the rest of the registry, our pools on the fast path); "
         "generate_latest() alone is the old path, interleaved with it. Workers are forked processes writing real "
         "multiprocess files.",

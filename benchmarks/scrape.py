@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.exposition import Exposition
+from sqlalchemy_pool_exporter.exposition.render import Exposition
 
 from .memory import sqlite_engine
 from .variants import dropping_exporter, encode_otlp, otlp_available

@@ -25,7 +25,7 @@ from sqlalchemy_pool_exporter import Exporter
 from .memory import sqlite_engine
 
 try:  # the sidecar's own merge, with reaping and compaction of dead workers' files
-    from sqlalchemy_pool_exporter.sidecar import Sidecar
+    from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
 except ImportError:  # pragma: no cover - before the sidecar existed
     Sidecar = None  # type: ignore[assignment,misc]
 
@@ -124,7 +124,7 @@ def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
     result: dict[str, Any] = {"live": live, "gone": gone}
     workers = start_workers(live)
     if Sidecar is not None:
-        result["merge"] = "sqlalchemy_pool_exporter.sidecar.Sidecar.merge()"
+        result["merge"] = "sqlalchemy_pool_exporter.sidecar.merge.Sidecar.merge()"
         sidecar = Sidecar(directory)
         sidecar.merge()  # first call: probes the pid namespace
         result["live_ms"] = median_ms(sidecar.merge, repeat)

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from sqlalchemy_pool_exporter import Exporter, holder, holders
+from sqlalchemy_pool_exporter import Exporter, holder
+from sqlalchemy_pool_exporter.instrumentation import holders
 
 _names = itertools.count(1)
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sqlalchemy_pool_exporter import holders
+from sqlalchemy_pool_exporter.instrumentation import holders
 
 
 @pytest.fixture(autouse=True)

@@ -2,20 +2,13 @@
 
 from ._version import __version__
 from .catalog import CATALOG, DEFAULT_NAMESPACE, LEAN_BUCKETS
-from .core import (
-    AlreadyInstrumented,
-    Exporter,
-    default_exporter,
-    handle_for,
-    handles,
-    instrument,
-    uninstrument,
-)
-from .handle import PoolHandle
-from .holders import holder
+from .core import Exporter, default_exporter, handle_for, handles, instrument, uninstrument
+from .errors import AlreadyInstrumented
+from .instrumentation.handle import PoolHandle
+from .instrumentation.holders import holder
+from .instrumentation.reading import PoolReading
+from .labels import pool_name, safe_url
 from .middleware import HolderMiddleware, holder_middleware
-from .naming import pool_name, safe_url
-from .reading import PoolReading
 from .session import session_dependency, session_scope
 
 __all__ = [

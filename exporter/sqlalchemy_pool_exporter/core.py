@@ -20,18 +20,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import catalog, validation
-from .collector import PoolCollector
-from .handle import PoolHandle, handle_of
-from .holders import DEFAULT_MAX_HOLDERS
+from .errors import AlreadyInstrumented
+from .exposition.collector import PoolCollector
+from .exposition.writer import MultiprocessWriter, environment_dir
+from .instrumentation.handle import PoolHandle, handle_of
+from .instrumentation.holders import DEFAULT_MAX_HOLDERS
+from .labels import pool_name
 from .metricnames import Names, view
-from .multiprocess import MultiprocessWriter, environment_dir
-from .naming import pool_name
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
-
-
-class AlreadyInstrumented(ValueError):
-    """The engine is instrumented already, with other options or by another Exporter."""
 
 
 def sync_engine(engine: Engine | AsyncEngine) -> Engine:

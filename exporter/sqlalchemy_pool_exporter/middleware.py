@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .holders import holder, lazy_holder
+from .instrumentation.holders import holder, lazy_holder
 
 UNMATCHED = "(unmatched)"
 

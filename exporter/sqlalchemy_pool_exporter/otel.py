@@ -49,13 +49,14 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
         f"sqlalchemy_pool_exporter.otel needs OpenTelemetry's SDK ({exc}): pip install 'sqlalchemy-pool-exporter[otel]'"
     ) from exc
 
-from . import catalog, compat, core, samples
+from . import catalog, compat, core
 from ._version import __version__
+from .instrumentation import samples
 from .logs import Throttle
 from .metricnames import Family, View, view
 
 if TYPE_CHECKING:
-    from .reading import PoolSource
+    from .instrumentation.reading import PoolSource
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 

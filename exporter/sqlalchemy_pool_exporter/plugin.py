@@ -15,7 +15,7 @@ from sqlalchemy.engine import URL, CreateEnginePlugin, Engine
 
 from . import catalog, validation
 from .core import default_exporter
-from .naming import safe_url
+from .labels import safe_url
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 

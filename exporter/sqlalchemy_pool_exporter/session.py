@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import holders
 from .core import handle_for
-from .stats import bump
+from .instrumentation import holders
+from .instrumentation.stats import bump
 
 log = logging.getLogger("sqlalchemy_pool_exporter.session")
 

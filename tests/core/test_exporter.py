@@ -18,9 +18,9 @@ from sqlalchemy.pool import Pool, QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import AlreadyInstrumented, Exporter
-from sqlalchemy_pool_exporter.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
-from sqlalchemy_pool_exporter.handle import MARKER
-from sqlalchemy_pool_exporter.web import Server, make_app
+from sqlalchemy_pool_exporter.instrumentation.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
+from sqlalchemy_pool_exporter.instrumentation.handle import MARKER
+from sqlalchemy_pool_exporter.web.app import Server, make_app
 
 from .conftest import sample
 
@@ -74,7 +74,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter import multiprocess
+from sqlalchemy_pool_exporter.exposition import writer
 
 directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 mark = directory / f"pool_exporter_{os.getpid()}.alive"
@@ -84,9 +84,9 @@ engine = create_engine("sqlite://")
 exporter.instrument(engine, name="closing")
 with engine.connect() as conn:
     conn.execute(text("SELECT 1"))
-print("open", threads(), len(multiprocess._FORK_WRITERS), mark.exists())
+print("open", threads(), len(writer._FORK_WRITERS), mark.exists())
 exporter.close()
-print("closed", threads(), len(multiprocess._FORK_WRITERS), mark.exists())
+print("closed", threads(), len(writer._FORK_WRITERS), mark.exists())
 # Our exit hook would remove this mark at exit: it must not run any more.
 mark.touch()
 print(os.getpid())

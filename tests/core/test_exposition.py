@@ -29,10 +29,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import NullPool, QueuePool
 
 from sqlalchemy_pool_exporter import Exporter, compat
-from sqlalchemy_pool_exporter import exposition as exposition_module
-from sqlalchemy_pool_exporter.exposition import Exposition, format_of
+from sqlalchemy_pool_exporter.exposition import render as exposition_module
+from sqlalchemy_pool_exporter.exposition.render import Exposition, format_of
 from sqlalchemy_pool_exporter.metricnames import NAMES
-from sqlalchemy_pool_exporter.web import Server, make_app
+from sqlalchemy_pool_exporter.web.app import Server, make_app
 
 from .conftest import PG_URL, PgEngineFactory, sample
 

@@ -14,7 +14,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
-from sqlalchemy_pool_exporter import Exporter, holder, holders, session_scope
+from sqlalchemy_pool_exporter import Exporter, holder, session_scope
+from sqlalchemy_pool_exporter.instrumentation import holders
 
 from .conftest import poll_sync, sample, series
 

@@ -16,7 +16,7 @@ from sqlalchemy.pool import Pool
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
+from sqlalchemy_pool_exporter.instrumentation.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
 
 from .conftest import PG_NAME, PgEngineFactory, sample, series
 

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from sqlalchemy_pool_exporter import Exporter, catalog, metricnames, validation
-from sqlalchemy_pool_exporter.exposition import Exposition
+from sqlalchemy_pool_exporter.exposition.render import Exposition
 from sqlalchemy_pool_exporter.metricnames import db_system, otel_name, prometheus_label, prometheus_name, view
 
 from .conftest import PgEngineFactory, orders_sqlite

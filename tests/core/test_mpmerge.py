@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from sqlalchemy_pool_exporter import mpfile
-from sqlalchemy_pool_exporter.sidecar import Sidecar
+from sqlalchemy_pool_exporter.sidecar import mpfile
+from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
 
 WRITER = """
 import sys

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from sqlalchemy_pool_exporter import views
+from sqlalchemy_pool_exporter.instrumentation import views
 
 # Runs in a fresh interpreter: PROMETHEUS_MULTIPROC_DIR is in its environment before anything
 # imports prometheus_client.

@@ -16,7 +16,7 @@ import yaml
 
 from dashboards import kubernetes, kubernetes_schema
 from sqlalchemy_pool_exporter import __version__
-from sqlalchemy_pool_exporter.settings import DEFAULT_PORT
+from sqlalchemy_pool_exporter.service.settings import DEFAULT_PORT
 
 from .conftest import REPO
 from .test_deploy_lint import pinned

@@ -376,8 +376,8 @@ class Scrapes:
 
 @contextlib.asynccontextmanager
 async def serving(exporter: Exporter, **kwargs: Any) -> AsyncIterator[str]:
-    """The exporter's own aiohttp app (sqlalchemy_pool_exporter.web) on 127.0.0.1, a free port; yields its URL."""
-    from sqlalchemy_pool_exporter import web
+    """The exporter's own aiohttp app (sqlalchemy_pool_exporter.web.app) on 127.0.0.1, a free port; yields its URL."""
+    from sqlalchemy_pool_exporter.web import app as web
 
     server = web.Server(web.make_app(exporter, **kwargs), "127.0.0.1", 0)
     await server.start()

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sqlalchemy_pool_exporter import Exporter, holder_middleware
-from sqlalchemy_pool_exporter.web import Server
+from sqlalchemy_pool_exporter.web.app import Server
 
 pytestmark = pytest.mark.reliability
 

@@ -19,7 +19,7 @@ from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.sidecar import Sidecar
+from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
 
 pytestmark = pytest.mark.reliability
 

@@ -12,7 +12,7 @@ from sqlalchemy import create_engine
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.auth import Auth
+from sqlalchemy_pool_exporter.web.auth import Auth
 
 pytestmark = pytest.mark.reliability
 

@@ -201,7 +201,7 @@ HOG = textwrap.dedent(
     """
     import asyncio, logging, os, resource, sys
     from prometheus_client import CollectorRegistry
-    from sqlalchemy_pool_exporter.web import Server, make_app
+    from sqlalchemy_pool_exporter.web.app import Server, make_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.sidecar import Sidecar
+from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
 
 pytestmark = pytest.mark.reliability
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sqlalchemy_pool_exporter import cli
-from sqlalchemy_pool_exporter.settings import ENV_PREFIX, SettingError, load
+from sqlalchemy_pool_exporter.service import cli
+from sqlalchemy_pool_exporter.service.settings import ENV_PREFIX, SettingError, load
 
 pytestmark = pytest.mark.reliability
 

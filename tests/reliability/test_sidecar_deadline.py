@@ -133,7 +133,7 @@ async def test_sigterm_stops_serve_within_5_s_while_a_merge_waits(
 
 STUCK = """
 import sys, time
-from sqlalchemy_pool_exporter.sidecar import Sidecar
+from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
 
 sidecar = Sidecar(sys.argv[1])
 # A merge stuck in the kernel, as on a hung network filesystem: open() of a FIFO no one writes.

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.readiness import Readiness
-from sqlalchemy_pool_exporter.web import pool_checks
+from sqlalchemy_pool_exporter.web.app import pool_checks
+from sqlalchemy_pool_exporter.web.readyz import Readiness
 
 pytestmark = pytest.mark.reliability
 

@@ -21,8 +21,8 @@ from sqlalchemy.exc import ArgumentError
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.naming import pool_name, safe_url
-from sqlalchemy_pool_exporter.settings import ENV_PREFIX, SettingError, load
+from sqlalchemy_pool_exporter.labels import pool_name, safe_url
+from sqlalchemy_pool_exporter.service.settings import ENV_PREFIX, SettingError, load
 
 from .cli_process import assert_exit_2_one_line, cli_env, run_cli, serving
 

@@ -21,7 +21,7 @@ from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.web import Server
+from sqlalchemy_pool_exporter.web.app import Server
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,9 @@ import pytest
 import trustme
 from prometheus_client import CollectorRegistry
 
-from sqlalchemy_pool_exporter.auth import Auth
-from sqlalchemy_pool_exporter.settings import load
-from sqlalchemy_pool_exporter.web import make_app
+from sqlalchemy_pool_exporter.service.settings import load
+from sqlalchemy_pool_exporter.web.app import make_app
+from sqlalchemy_pool_exporter.web.auth import Auth
 
 from .conftest import serving
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sqlalchemy_pool_exporter.cli import main
+from sqlalchemy_pool_exporter.service.cli import main
 
 from .conftest import PG_URL, PYTHON, cli_env, sample, scrape, wait_for_line
 

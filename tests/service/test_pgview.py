@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
-from sqlalchemy_pool_exporter.pgview import ServerView
-from sqlalchemy_pool_exporter.web import make_app
+from sqlalchemy_pool_exporter.service.pgview import ServerView
+from sqlalchemy_pool_exporter.web.app import make_app
 
 from .conftest import PG_URL, sample, scrape, serving
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sqlalchemy_pool_exporter.sidecar import JOURNAL, Sidecar
-from sqlalchemy_pool_exporter.web import make_app
+from sqlalchemy_pool_exporter.sidecar.merge import JOURNAL, Sidecar
+from sqlalchemy_pool_exporter.web.app import make_app
 
 from .conftest import PYTHON, cli_env, sample, scrape, serving
 

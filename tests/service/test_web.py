@@ -12,8 +12,8 @@ from sqlalchemy import Engine
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.readiness import Readiness, check_pool
-from sqlalchemy_pool_exporter.web import add_routes, make_app
+from sqlalchemy_pool_exporter.web.app import add_routes, make_app
+from sqlalchemy_pool_exporter.web.readyz import Readiness, check_pool
 
 from .conftest import parse, sample, serving
 

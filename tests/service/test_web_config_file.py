@@ -10,9 +10,16 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from sqlalchemy_pool_exporter.cli import listen_address, main
-from sqlalchemy_pool_exporter.settings import SettingError
-from sqlalchemy_pool_exporter.webconfig import Inline, RateLimit, TLSServerConfig, WebConfig, WebConfigError, parse
+from sqlalchemy_pool_exporter.service.cli import listen_address, main
+from sqlalchemy_pool_exporter.service.settings import SettingError
+from sqlalchemy_pool_exporter.web.config.file import (
+    Inline,
+    RateLimit,
+    TLSServerConfig,
+    WebConfig,
+    WebConfigError,
+    parse,
+)
 
 HASH = "$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
 BASE = Path("/etc/pool-exporter")

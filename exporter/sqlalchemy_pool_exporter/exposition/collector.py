@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import samples
-from ._version import __version__
-from .metricnames import Family, View
+from .._version import __version__
+from ..instrumentation import samples
+from ..metricnames import Family, View
 
 if TYPE_CHECKING:
-    from .reading import PoolReading, PoolSource
+    from ..instrumentation.reading import PoolReading, PoolSource
 
 
 class PoolCollector(Collector):

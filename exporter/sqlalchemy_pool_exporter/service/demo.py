@@ -22,8 +22,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .middleware import holder_middleware
-from .session import session_scope
+from ..middleware import holder_middleware
+from ..session import session_scope
 
 log = logging.getLogger("sqlalchemy_pool_exporter.demo")
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from . import compat
+from .. import compat
+from ..labels import error_class
 from .hooks import Hooks
-from .naming import error_class
 from .stats import Histogram, PoolStats, bump
 
 perf_counter = time.perf_counter

@@ -21,12 +21,14 @@ from aiohttp.web import ContentCoding
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest, gzip_accepted
 
-from . import _version, validation, views
+from .. import _version, validation
+from ..core import Exporter, default_exporter
+from ..errors import Unavailable
+from ..exposition.render import Exposition
+from ..instrumentation import views
 from .auth import Auth
 from .connections import TLS, AcceptErrors, Guard, request_error_logger, within_fd_limit
-from .core import Exporter, default_exporter
-from .exposition import Exposition
-from .readiness import Check, Readiness, Unavailable, check_pool
+from .readyz import Check, Readiness, check_pool
 
 if TYPE_CHECKING:
     import ssl

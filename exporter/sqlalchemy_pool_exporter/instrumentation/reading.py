@@ -7,7 +7,8 @@ from typing import NamedTuple, Protocol
 
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
-from . import compat, holders
+from .. import compat
+from . import holders
 from .stats import PoolStats
 
 perf_counter = time.perf_counter

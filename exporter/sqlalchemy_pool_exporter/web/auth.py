@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from . import validation
-from .logs import Throttle
+from .. import validation
+from ..logs import Throttle
 
 log = logging.getLogger("sqlalchemy_pool_exporter.auth")
 

@@ -34,8 +34,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_log import AccessLogger
 
-from . import compat
-from .logs import Throttle
+from .. import compat
+from ..logs import Throttle
 
 log = logging.getLogger("sqlalchemy_pool_exporter.web")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from . import catalog, holders
+from .. import catalog
+from . import holders
 
 if TYPE_CHECKING:
     from .reading import PoolReading

@@ -14,16 +14,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import compat, dialect
+from .. import compat
+from ..errors import Unavailable as Unavailable
+from ..instrumentation import dialect
 
 if TYPE_CHECKING:
-    from .handle import PoolHandle
+    from ..instrumentation.handle import PoolHandle
 
 Check = Callable[[], Awaitable[None]]
-
-
-class Unavailable(Exception):
-    """What a data source raises when it cannot answer now: the request gets 503 and this one-line reason."""
 
 
 @dataclass

@@ -36,10 +36,12 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import catalog, mpfile, views
+from .. import catalog
+from ..exposition.writer import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
+from ..instrumentation import views
+from . import mpfile
 from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
 from .daemon import DaemonExecutor
-from .multiprocess import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 from .quarantine import Quarantine
 
 __all__ = ["JOURNAL", "MergeFailed", "Sidecar"]

@@ -14,12 +14,13 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from . import dialect, holders, metricnames, validation, views
+from .. import metricnames, validation
+from ..labels import safe_url
+from . import dialect, holders, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
-from .naming import safe_url
-from .probes import PoolProbe
+from .pool import PoolProbe
 from .reading import PoolReading, read_pool
 from .stats import PoolStats
 

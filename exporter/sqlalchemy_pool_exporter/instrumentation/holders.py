@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from . import validation
+from .. import validation
 
 F = TypeVar("F", bound=Callable[..., Any])
 

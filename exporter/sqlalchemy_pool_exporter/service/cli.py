@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import logs, validation
-from ._version import __version__
+from .. import logs, validation
+from .._version import __version__
 from .settings import DEFAULT_PORT, SettingError, Settings, load
 
 PROG = "pool-exporter"
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from .service import StartupError, run_serve
+    from .commands import StartupError, run_serve
 
     try:
         return asyncio.run(run_serve(settings))
@@ -161,7 +161,7 @@ def _serve(settings: Settings) -> int:
 
 
 def _demo(settings: Settings, duration: float | None, workers: int, args: argparse.Namespace) -> int:
-    from .service import StartupError, run_demo, run_demo_worker
+    from .commands import StartupError, run_demo, run_demo_worker
 
     try:
         if args.worker_process:

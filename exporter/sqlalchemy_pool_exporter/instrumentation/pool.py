@@ -19,10 +19,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from . import compat, dialect, holders
+from .. import compat
+from ..labels import error_class
+from . import dialect, holders
 from .hooks import Hooks
 from .leaks import LeakTracker, capture_stack
-from .naming import error_class
 from .stats import Checkout, PoolStats, bump
 
 log = logging.getLogger("sqlalchemy_pool_exporter")

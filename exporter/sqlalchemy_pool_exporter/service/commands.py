@@ -22,17 +22,18 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import demo, web
-from .auth import Auth
-from .connections import TLS
-from .core import Exporter
+from .. import web
+from ..core import Exporter
+from ..labels import safe_url
+from ..web.auth import Auth
+from ..web.connections import TLS
+from ..web.readyz import Readiness
+from . import demo
 from .loadgen import LoadGenerator, LoadPlan
-from .naming import safe_url
-from .readiness import Readiness
 from .settings import SettingError, Settings
 
 if TYPE_CHECKING:
-    from .sidecar import Sidecar
+    from ..sidecar.merge import Sidecar
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 
@@ -63,9 +64,9 @@ def auth_headers(auth: Auth) -> dict[str, str]:
 
 def apply_web_config(app: Application, settings: Settings, auth: Auth) -> Callable[[], TLS] | None:
     """The web config file's rate limit, users and headers on `app`; its TLS for listen(), if it has some."""
-    from .webconfig import WebConfigError, WebConfigFile
-    from .webpolicy import WebPolicy
-    from .webtls import TLSReloader
+    from ..web.config.file import WebConfigError, WebConfigFile
+    from ..web.config.policy import WebPolicy
+    from ..web.config.tls import TLSReloader
 
     if settings.web_config_file is None:
         return None
@@ -242,7 +243,7 @@ async def _run_demo_single(settings: Settings, url: URL, duration: float | None,
 async def _run_demo_workers(
     settings: Settings, url: URL, workdir: Path, duration: float | None, workers: int, out: TextIO
 ) -> int:
-    from .sidecar import Sidecar
+    from ..sidecar.merge import Sidecar
 
     own_dir = settings.multiproc_dir is None
     directory = settings.multiproc_dir or workdir / "multiproc"
@@ -357,8 +358,8 @@ def _readiness(sidecar: Sidecar) -> Readiness:
 
 async def run_serve(settings: Settings) -> int:
     """The sidecar: merged multiprocess metrics and/or PostgreSQL's view, until SIGTERM/SIGINT."""
+    from ..sidecar.merge import Sidecar
     from .pgview import ServerView
-    from .sidecar import Sidecar
 
     url = settings.url()
     if settings.multiproc_dir is None and url is None:

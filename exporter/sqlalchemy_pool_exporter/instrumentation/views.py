@@ -11,8 +11,9 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import catalog, holders, samples
-from .metricnames import NAMES, Family, view
+from .. import catalog
+from ..metricnames import NAMES, Family, view
+from . import holders, samples
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import Unavailable
 from . import mpfile
 from .quarantine import Quarantine
-from .readiness import Unavailable
 
 log = logging.getLogger("sqlalchemy_pool_exporter.sidecar")
 

@@ -15,9 +15,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import catalog, naming, validation, webconfig, webtls
-from .holders import DEFAULT_MAX_HOLDERS
-from .metricnames import Names
+from .. import catalog, labels, validation
+from ..instrumentation.holders import DEFAULT_MAX_HOLDERS
+from ..metricnames import Names
+from ..web.config import file as webconfig
+from ..web.config import tls as webtls
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # In the full 9100-9999 exporter range, where every port is taken: chosen knowingly, see the README.
@@ -223,7 +225,7 @@ class Settings(BaseSettings):
             raise ValueError("not a database URL (expected e.g. postgresql+asyncpg://user:pass@host/db)") from None
         if url.get_backend_name() not in ("postgresql", "sqlite"):
             raise ValueError(f"unsupported backend {url.get_backend_name()!r} (postgresql or sqlite)")
-        credentials = naming.CREDENTIALS.match(value.get_secret_value())
+        credentials = labels.CREDENTIALS.match(value.get_secret_value())
         if credentials is not None and "@" in value.get_secret_value()[credentials.end() :]:
             # An unencoded '@' in the password: the host would be the password's tail, looked up,
             # logged and shown (SQLAlchemy ends the password at the first '@').

@@ -21,8 +21,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from . import catalog
-from .naming import safe_url
+from .. import catalog
+from ..labels import safe_url
 
 log = logging.getLogger("sqlalchemy_pool_exporter.pgview")
 

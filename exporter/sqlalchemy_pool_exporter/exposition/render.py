@@ -23,15 +23,16 @@ from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as om_format
 from prometheus_client.utils import floatToGoString
 
-from . import catalog, compat, samples
-from ._version import __version__
+from .. import catalog, compat
+from .._version import __version__
+from ..instrumentation import samples
+from ..instrumentation.reading import PoolReading
+from ..instrumentation.stats import PoolStats
+from ..metricnames import View
 from .collector import PoolCollector
-from .metricnames import View
-from .reading import PoolReading
-from .stats import PoolStats
 
 if TYPE_CHECKING:
-    from .reading import PoolSource
+    from ..instrumentation.reading import PoolSource
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import validation
-from .connections import TLS
-from .webconfig import CIPHER_SUITES, Inline, Pem, TLSServerConfig, WebConfigError, WebConfigFile
+from ... import validation
+from ..connections import TLS
+from .file import CIPHER_SUITES, Inline, Pem, TLSServerConfig, WebConfigError, WebConfigFile
 
 _VERIFY = {
     "NoClientCert": ssl.CERT_NONE,

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from . import catalog, compat, samples
-from ._version import __version__
+from .. import catalog, compat
+from .._version import __version__
+from ..instrumentation import samples
 
 if TYPE_CHECKING:
-    from .metricnames import Family, View
-    from .reading import PoolSource
+    from ..instrumentation.reading import PoolSource
+    from ..metricnames import Family, View
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Collection
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .auth import EXEMPT
-from .bcryptusers import BcryptUsers
-from .logs import Throttle
-from .webconfig import RateLimit, WebConfig, WebConfigError, WebConfigFile
+from ...logs import Throttle
+from ..auth import EXEMPT
+from .bcrypt import BcryptUsers
+from .file import RateLimit, WebConfig, WebConfigError, WebConfigFile
 
 log = logging.getLogger("sqlalchemy_pool_exporter.webconfig")
 

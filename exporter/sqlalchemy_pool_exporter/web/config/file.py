@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from . import validation
-from .webyaml import WebConfigError as WebConfigError  # this module's error too
-from .webyaml import bool_, duration, list_, load_yaml, mapping, string
+from ... import validation
+from .yaml import WebConfigError as WebConfigError
+from .yaml import bool_, duration, list_, load_yaml, mapping, string
 
 ClientAuth = Literal["NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert"]
 
