@@ -1,4 +1,4 @@
-"""What a compiled hot path would buy: probes.py's checkout and return bookkeeping, for mypyc.
+"""What a compiled hot path would buy: instrumentation/pool.py's checkout and return bookkeeping, for mypyc.
 
 Not used by the exporter. `python -m benchmarks.compiled` compiles this module with mypyc and counts
 the instructions of a pool cycle through it, beside the same source run as plain Python and beside

@@ -312,7 +312,7 @@ def _section_scrape(plan: Plan, out: list[str], goals: list[list[str]]) -> None:
         ],
         [f"/metrics render (OpenMetrics), {RENDER_POOLS} pools", f"{fmt(r['openmetrics_ms'])} ms", "same series"],
         [
-            f"generate_latest() alone, {RENDER_POOLS} pools (reference: the render before exposition.py)",
+            f"generate_latest() alone, {RENDER_POOLS} pools (reference: the render before exposition/render.py)",
             f"{fmt(r['generate_latest_ms'])} ms",
             f"{fmt(r['generate_latest_ms'] * 1000 / r['lines'])} µs per line",
         ],

@@ -124,7 +124,7 @@ def main(directory: str, live: int, gone: int, repeat: int) -> dict[str, Any]:
     result: dict[str, Any] = {"live": live, "gone": gone}
     workers = start_workers(live)
     if Sidecar is not None:
-        result["merge"] = "sqlalchemy_pool_exporter.sidecar.merge.Sidecar.merge()"
+        result["merge"] = "sqlalchemy_pool_exporter.sidecar.Sidecar.merge()"
         sidecar = Sidecar(directory)
         sidecar.merge()  # first call: probes the pid namespace
         result["live_ms"] = median_ms(sidecar.merge, repeat)

@@ -32,7 +32,7 @@ TARGET = 'job=~"$job", instance=~"$instance"'
 RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.95, 0.99)
 
-# The sidecar's PostgreSQL probe (sqlalchemy_pool_exporter/pgview.py): the server's own view of connections.
+# The sidecar's PostgreSQL probe (sqlalchemy_pool_exporter/service/pgview.py): the server's own view of connections.
 PG_CONNECTIONS = "sqlalchemy_server_connections"
 PG_MAX_CONNECTIONS = "sqlalchemy_server_max_connections"
 PG_OLDEST_XACT = "sqlalchemy_server_oldest_transaction_seconds"
@@ -218,7 +218,7 @@ def per_holder(counter: str, checkouts: str = "sqlalchemy_pool_holder_checkouts_
     )
 
 
-# Who holds the pool (holders.py): series exist once the application named a holder (holder(),
+# Who holds the pool (instrumentation/holders.py): series exist once the application named a holder (holder(),
 # holder_middleware, HolderMiddleware, session_scope(holder=)); checkouts with no name are `none`.
 HOLDERS = Row(
     "Who holds the pool",

@@ -105,7 +105,7 @@ class MetricSpec:
         return (("pool",) if self.pool_label else ()) + self.labels
 
 
-def _g(
+def _gauge(
     key: str,
     suffix: str,
     help: str,
@@ -120,7 +120,7 @@ def _g(
                       semconv=semconv)  # fmt: skip
 
 
-def _c(
+def _counter(
     key: str,
     suffix: str,
     help: str,
@@ -133,12 +133,14 @@ def _c(
     return MetricSpec(key, suffix, "counter", help, labels, field=field, column=column, unit=unit, semconv=semconv)
 
 
-def _h(key: str, suffix: str, help: str, buckets: BucketSet, labels: tuple[str, ...] = (),
-       semconv: Semconv | None = None) -> MetricSpec:  # fmt: skip
+def _histogram(
+    key: str, suffix: str, help: str, buckets: BucketSet, labels: tuple[str, ...] = (), semconv: Semconv | None = None
+) -> MetricSpec:
     return MetricSpec(key, suffix, "histogram", help, labels, buckets=buckets, unit="s", semconv=semconv)
 
 
-def _sc(name: str, instrument: Instrument, unit: str = "{connection}", system: bool = False) -> Semconv:
+def _db_client(name: str, instrument: Instrument, unit: str = "{connection}", system: bool = False) -> Semconv:
+    """The semantic conventions' `db.client.<name>` metric."""
     return Semconv(f"db.client.{name}", instrument, unit, system)
 
 
@@ -153,32 +155,32 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="connections",
         flat=True,
         unit="{connection}",
-        semconv=_sc("connection.count", "updowncounter"),
+        semconv=_db_client("connection.count", "updowncounter"),
     ),
-    _g(
+    _gauge(
         "max_connections",
         "pool_max_connections",
         "Most connections the pool may open (pool_size + max_overflow).",
         field="max",
         column="max",
-        semconv=_sc("connection.max", "updowncounter"),
+        semconv=_db_client("connection.max", "updowncounter"),
     ),
-    _g(
+    _gauge(
         "size",
         "pool_size",
         "Configured pool_size: connections kept open when idle.",
         field="size",
         column="size",
-        semconv=_sc("connection.idle.max", "updowncounter"),
+        semconv=_db_client("connection.idle.max", "updowncounter"),
     ),
-    _g(
+    _gauge(
         "overflow",
         "pool_overflow_connections",
         "Connections open beyond pool_size right now.",
         field="overflow",
         column="overflow",
     ),
-    _g(
+    _gauge(
         "timeout",
         "pool_timeout_seconds",
         "Configured time a caller waits for a connection before failing.",
@@ -186,16 +188,16 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="timeout",
         unit="s",
     ),
-    _g(
+    _gauge(
         "pending",
         "pool_pending_requests",
         "Callers waiting for a connection right now.",
         field="pending",
         column="pending",
         unit="{request}",
-        semconv=_sc("connection.pending_requests", "updowncounter", "{request}"),
+        semconv=_db_client("connection.pending_requests", "updowncounter", "{request}"),
     ),
-    _g(
+    _gauge(
         "oldest_pending",
         "pool_oldest_pending_seconds",
         "Age of the longest-waiting caller (0 when none).",
@@ -203,7 +205,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="oldest_pending",
         unit="s",
     ),
-    _g(
+    _gauge(
         "oldest_checkout",
         "pool_oldest_checkout_seconds",
         "Age of the longest-held connection (0 when none).",
@@ -213,7 +215,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         unit="s",
     ),
     # Events.
-    _c(
+    _counter(
         "checkouts",
         "pool_checkouts_total",
         "Connections handed out by the pool.",
@@ -221,23 +223,23 @@ CATALOG: tuple[MetricSpec, ...] = (
         column="checkouts",
         unit="{checkout}",
     ),
-    _c(
+    _counter(
         "timeouts",
         "pool_timeouts_total",
         "Callers that gave up waiting for a connection (pool limit reached).",
         field="timeouts",
         column="timeouts",
         unit="{timeout}",
-        semconv=_sc("connection.timeouts", "counter", "{timeout}"),
+        semconv=_db_client("connection.timeouts", "counter", "{timeout}"),
     ),
-    _c("created", "pool_connections_created_total", "DBAPI connections opened.", field="connections_created"),
-    _c(
+    _counter("created", "pool_connections_created_total", "DBAPI connections opened.", field="connections_created"),
+    _counter(
         "closed",
         "pool_connections_closed_total",
         "DBAPI connections closed (including detached ones).",
         field="connections_closed",
     ),
-    _c(
+    _counter(
         "connect_errors",
         "pool_connect_errors_total",
         "Failures to get a connection, by exception class.",
@@ -245,48 +247,48 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="connect_errors",
         unit="{error}",
     ),
-    _c(
+    _counter(
         "invalidations",
         "pool_invalidations_total",
         "Connections invalidated, by kind (hard or soft).",
         ("kind",),
         field="invalidations",
     ),
-    _c(
+    _counter(
         "disconnects",
         "pool_disconnects_total",
         "Connections the database dropped (pre-ping included).",
         field="disconnects",
     ),
-    _c(
+    _counter(
         "leaked",
         "pool_connections_leaked_total",
         "Connections reclaimed by the garbage collector, never returned.",
         field="leaked",
         column="leaked",
     ),
-    _h(
+    _histogram(
         "wait",
         "pool_wait_seconds",
         "Time from asking for a connection to having one, creation included.",
         "wait",
-        semconv=_sc("connection.wait_time", "histogram", "s"),
+        semconv=_db_client("connection.wait_time", "histogram", "s"),
     ),
-    _h(
+    _histogram(
         "use",
         "pool_use_seconds",
         "Time a connection was held: checkout to return.",
         "use",
-        semconv=_sc("connection.use_time", "histogram", "s"),
+        semconv=_db_client("connection.use_time", "histogram", "s"),
     ),
-    _h(
+    _histogram(
         "create",
         "pool_create_seconds",
         "Time to open a new DBAPI connection.",
         "create",
-        semconv=_sc("connection.create_time", "histogram", "s"),
+        semconv=_db_client("connection.create_time", "histogram", "s"),
     ),
-    _c(
+    _counter(
         "transactions",
         "transactions_total",
         "Transactions ended, by outcome (commit or rollback).",
@@ -294,14 +296,14 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="transactions",
         unit="{transaction}",
     ),
-    _h(
+    _histogram(
         "transaction_seconds",
         "transaction_seconds",
         "Transaction time from BEGIN to COMMIT/ROLLBACK.",
         "use",
         ("outcome",),
     ),
-    _c(
+    _counter(
         "savepoints",
         "savepoints_total",
         "Savepoints ended, by outcome (release or rollback).",
@@ -309,15 +311,15 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="savepoints",
         unit="{savepoint}",
     ),
-    _h(
+    _histogram(
         "statement_seconds",
         "statement_seconds",
         "Statement execution time, by operation.",
         "statement",
         ("operation",),
-        semconv=_sc("operation.duration", "histogram", "s", system=True),
+        semconv=_db_client("operation.duration", "histogram", "s", system=True),
     ),
-    _c(
+    _counter(
         "statement_errors",
         "statement_errors_total",
         "Statements that raised, by exception class.",
@@ -325,7 +327,7 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="statement_errors",
         unit="{statement}",
     ),
-    _c(
+    _counter(
         "sessions",
         "session_scopes_total",
         "session_scope/session_dependency exits, by outcome.",
@@ -333,59 +335,59 @@ CATALOG: tuple[MetricSpec, ...] = (
         field="sessions",
         unit="{scope}",
     ),
-    _c(
+    _counter(
         "errors",
         "exporter_errors_total",
         "Failures inside the exporter's own listeners (never raised to the app).",
         field="exporter_errors",
         unit="{error}",
     ),
-    # Who holds the pool (holders.py): exported once a holder was ever set in the process. Six series
+    # Who holds the pool (instrumentation/holders.py): exported once a holder was ever set in the process. Six series
     # per holder and pool, for at most max_holders names plus `none` and `other`. Counters, not
     # histograms: mean hold time is rate(hold_seconds_total) / rate(checkouts_total).
-    _g(
+    _gauge(
         "holder_connections",
         "pool_holder_connections",
         "Connections held now, by holder.",
         ("holder",),
         field="holder_connections",
     ),
-    _c(
+    _counter(
         "holder_checkouts",
         "pool_holder_checkouts_total",
         "Connections handed out, by holder.",
         ("holder",),
         field="holder_checkouts",
     ),
-    _c(
+    _counter(
         "holder_hold",
         "pool_holder_hold_seconds_total",
         "Time connections were held (checkout to return), by holder.",
         ("holder",),
         field="holder_hold_seconds",
     ),
-    _c(
+    _counter(
         "holder_wait",
         "pool_holder_wait_seconds_total",
         "Time spent waiting for a connection, by holder.",
         ("holder",),
         field="holder_wait_seconds",
     ),
-    _c(
+    _counter(
         "holder_timeouts",
         "pool_holder_timeouts_total",
         "Callers that gave up waiting for a connection, by holder.",
         ("holder",),
         field="holder_timeouts",
     ),
-    _c(
+    _counter(
         "holder_held_too_long",
         "pool_holder_held_too_long_total",
         "Checkouts held longer than the leak threshold (each counted once), by holder.",
         ("holder",),
         field="holder_held_too_long",
     ),
-    _c(
+    _counter(
         "holder_folded",
         "pool_holder_folded_checkouts_total",
         'Checkouts counted under holder="other" because the pool already had max_holders names.',

@@ -28,7 +28,7 @@ fairy_record: Callable[[Any], Any] = operator.attrgetter("_connection_record")
 record_fairy_ref: Callable[[Any], Any] = operator.attrgetter("fairy_ref")
 
 # Pool._return_conn(record): where every checkin of a record ends (ConnectionRecord.checkin calls it
-# right after the `checkin` event), on every pool class. probes.py wraps it per pool instance,
+# right after the `checkin` event), on every pool class. instrumentation/pool.py wraps it per pool instance,
 # instead of listening to `checkin`, whose dispatch costs more than our whole return path.
 RETURN_CONN = "_return_conn"
 
@@ -75,7 +75,7 @@ def pool_creator(pool: Pool) -> Callable[[], Any] | None:
 
 # The fast /metrics renderer spells names and labels exactly as prometheus_client's encoders do, with
 # their own escaping helpers. If any is missing, FAST_RENDER is None and /metrics uses
-# prometheus_client's encoder for everything (exposition.py logs that once and counts it).
+# prometheus_client's encoder for everything (exposition/render.py logs that once and counts it).
 try:
     from prometheus_client.openmetrics import exposition as _om
     from prometheus_client.utils import floatToGoString as _float_to_go
@@ -127,7 +127,7 @@ def multiprocess_values() -> bool:
 #   per request, as soon as the request head is parsed. Wrapping it tells us "head complete".
 # - RequestHandler calls its access logger's `log()` after a response is fully written
 #   (`finish_response`, also when the client went away), whether or not the logger is enabled on
-#   3.9 and when `enabled` is True on later versions. That tells us "request done" (connections.py
+#   3.9 and when `enabled` is True on later versions. That tells us "request done" (web/connections.py
 #   passes its logger through the public `AppRunner(access_log_class=...)`).
 # - `BaseRequest.protocol` is the RequestHandler serving the request.
 # Without the first hook the cap still holds, but every connection counts as busy (new ones beyond

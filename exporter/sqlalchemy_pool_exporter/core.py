@@ -175,13 +175,13 @@ class Exporter:
         wanted = explicit if explicit is not None else default
         name, n = wanted, 1
         while True:
-            holder = self._by_name.get(name)
-            if holder is None or not holder.active or holder.engine is None:
+            handle = self._by_name.get(name)
+            if handle is None or not handle.active or handle.engine is None:
                 break
-            if holder.probe.disposed_idle:
+            if handle.tap.disposed_idle:
                 # dispose() ran and the engine was not used since: its name is free again.
                 log.info("pool %s: name taken over by a new engine; the disposed one is no longer exported", name)
-                holder.uninstrument()
+                handle.uninstrument()
                 break
             n += 1
             name = f"{wanted}#{n}"

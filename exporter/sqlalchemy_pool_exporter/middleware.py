@@ -1,6 +1,6 @@
 """Name the holder after the request's route template and method: `GET /orders/{order_id}`, never the raw path.
 
-Two thin adapters over holders.py: an aiohttp middleware (aiohttp routes before middlewares run,
+Two thin adapters over instrumentation/holders.py: an aiohttp middleware (aiohttp routes before middlewares run,
 so the template is known at once) and an ASGI middleware for Starlette and FastAPI (they route
 inside the app, after the middleware: the name is resolved at the request's first checkout, from
 `scope["route"]`, which Starlette sets when it matches; checked on Starlette 1.10 / FastAPI 0.165).

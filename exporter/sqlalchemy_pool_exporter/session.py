@@ -23,7 +23,7 @@ async def session_scope(
 ) -> AsyncIterator[AsyncSession]:
     """Yield a session; commit if the block succeeds, roll back on any exception, always close.
 
-    `holder` names whoever holds its connection (holders.py), for the block's duration.
+    `holder` names whoever holds its connection (instrumentation/holders.py), for the block's duration.
     """
     if holder is None:
         async with _scope(sessionmaker) as session:

@@ -1,6 +1,6 @@
 """PoolHandle: what instrument() attached to one engine, and the read side the exposition depends on.
 
-The handle only assembles its parts: Hooks (the undo list), PoolProbe (the pool hot path), the
+The handle only assembles its parts: Hooks (the undo list), PoolTap (the pool hot path), the
 dialect wrappers (transactions, statements), LeakTracker and Failures. Collectors, the exposition,
 the multiprocess writer and the views read it through the PoolSource protocol (reading.py).
 """
@@ -20,7 +20,7 @@ from . import dialect, holders, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
-from .pool import PoolProbe
+from .pool import PoolTap
 from .reading import PoolReading, read_pool
 from .stats import PoolStats
 
@@ -58,7 +58,7 @@ class PoolHandle:
         self.fail = Failures(name, self.stats)
         self.leaks = LeakTracker(name, self.stats, leak_threshold, self.fail)
         self.hooks = Hooks()
-        self.probe = PoolProbe(self.stats, self.hooks, self.fail, self.leaks, self._on_timeout)
+        self.tap = PoolTap(self.stats, self.hooks, self.fail, self.leaks, self._on_timeout)
         self._engine = weakref.ref(engine)
         self._detach = detach
         self._statements_pending = False
@@ -73,7 +73,7 @@ class PoolHandle:
 
     def _wire(self, engine: Engine, *, statements: bool, transactions: bool) -> None:
         hooks = self.hooks
-        self.probe.install(engine)
+        self.tap.install(engine)
         # Not through ConnectionEvents or DialectEvents: registering any of those costs every
         # transaction 1% (dialect) to 15% (connection) before a listener runs (dialect.py).
         dialect.wrap_connections(engine.dialect, self.stats, self.fail, hooks)

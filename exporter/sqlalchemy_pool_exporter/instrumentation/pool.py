@@ -32,7 +32,7 @@ perf_counter = time.perf_counter
 Fail = Callable[[str, BaseException], None]
 
 
-class PoolProbe:
+class PoolTap:
     """Wraps every pool the engine uses (dispose() makes new ones) and listens to its pool events."""
 
     def __init__(

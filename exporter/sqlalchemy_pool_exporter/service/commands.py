@@ -22,9 +22,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .. import web
 from ..core import Exporter
 from ..labels import safe_url
+from ..web import app as web
 from ..web.auth import Auth
 from ..web.connections import TLS
 from ..web.readyz import Readiness
