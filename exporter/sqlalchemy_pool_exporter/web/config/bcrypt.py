@@ -20,8 +20,6 @@ The cached keys include the stored hash: a changed or removed user takes effect 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -31,29 +29,13 @@ from collections.abc import Mapping
 
 import bcrypt
 
+from ..auth import basic_credentials
+
 CACHE_SIZE = 100
 MAX_PENDING = 4
 # bcrypt uses the first 72 bytes of a password (Go's bcrypt compares those; bcrypt 5 raises beyond).
 BCRYPT_BYTES = 72
 _COST = re.compile(rb"\$2[aby]?\$(\d\d)\$")
-
-
-def basic_credentials(authorization: str) -> tuple[bytes, bytes] | None:
-    """User and password of an `Authorization: Basic ...` header value; None if it is anything else."""
-    # aiohttp hands over header bytes that are not UTF-8 as lone surrogates: these are the bytes sent.
-    try:
-        raw = authorization.encode("utf-8", "surrogateescape")
-    except UnicodeError:
-        return None
-    scheme, _, encoded = raw.partition(b" ")
-    if scheme.lower() != b"basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    user, sep, password = decoded.partition(b":")
-    return (user, password) if sep else None
 
 
 class BcryptUsers:
