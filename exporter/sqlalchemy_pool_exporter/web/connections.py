@@ -311,24 +311,6 @@ class _Connection(asyncio.Protocol):
 REQUEST_ERRORS = "sqlalchemy_pool_exporter.web.errors"
 
 
-class _EveryMinute(logging.Filter):
-    """Let one WARNING-or-worse record through a minute, noting how many were held back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.throttle = Throttle()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        held = self.throttle.ready()
-        if held is None:
-            return False
-        if held:
-            record.msg, record.args = record.getMessage() + self.throttle.note(held), None
-        return True
-
-
 def request_error_logger() -> logging.Logger:
     """The logger for aiohttp's request errors (malformed requests, handler exceptions): ours, throttled.
 
@@ -337,8 +319,8 @@ def request_error_logger() -> logging.Logger:
     keeps the first of each minute, traceback included, and counts the others.
     """
     logger = logging.getLogger(REQUEST_ERRORS)
-    if not any(isinstance(f, _EveryMinute) for f in logger.filters):
-        logger.addFilter(_EveryMinute())
+    if not any(isinstance(f, Throttle) for f in logger.filters):
+        logger.addFilter(Throttle())
     return logger
 
 
