@@ -28,7 +28,7 @@ fairy_record: Callable[[Any], Any] = operator.attrgetter("_connection_record")
 record_fairy_ref: Callable[[Any], Any] = operator.attrgetter("fairy_ref")
 
 # Pool._return_conn(record): where every checkin of a record ends (ConnectionRecord.checkin calls it
-# right after the `checkin` event), on every pool class. probes.py wraps it per pool instance,
+# right after the `checkin` event), on every pool class. instrumentation/pool.py wraps it per pool instance,
 # instead of listening to `checkin`, whose dispatch costs more than our whole return path.
 RETURN_CONN = "_return_conn"
 
@@ -75,7 +75,7 @@ def pool_creator(pool: Pool) -> Callable[[], Any] | None:
 
 # The fast /metrics renderer spells names and labels exactly as prometheus_client's encoders do, with
 # their own escaping helpers. If any is missing, FAST_RENDER is None and /metrics uses
-# prometheus_client's encoder for everything (exposition.py logs that once and counts it).
+# prometheus_client's encoder for everything (exposition/render.py logs that once and counts it).
 try:
     from prometheus_client.openmetrics import exposition as _om
     from prometheus_client.utils import floatToGoString as _float_to_go

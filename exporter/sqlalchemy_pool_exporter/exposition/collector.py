@@ -32,7 +32,7 @@ class PoolCollector(Collector):
 
     @contextmanager
     def muted(self) -> Iterator[None]:
-        """In this thread, collect() yields nothing: exposition.py renders our families itself."""
+        """In this thread, collect() yields nothing: render.py renders our families itself."""
         self._muted.on = True
         try:
             yield

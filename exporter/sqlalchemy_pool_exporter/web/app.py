@@ -2,7 +2,7 @@
 
 /metrics reuses prometheus_client's exposition: `choose_encoder` for text/OpenMetrics negotiation,
 aiohttp's own compression for gzip (as prometheus_client.aiohttp does); our pool collectors render
-through exposition.py, in the same format, at a fraction of the cost.
+through exposition/render.py, in the same format, at a fraction of the cost.
 """
 
 from __future__ import annotations
