@@ -20,7 +20,8 @@ class Throttle:
 
     For what a client can trigger at will (bad credentials, stalled connections, accept() failing
     when descriptors run out): one line a minute says it happens and how often, a line per event
-    would let anyone fill the disk.
+    would let anyone fill the disk. The one throttle: for a logger as its filter (`filter()`), and per
+    place in instrumentation/failures.py.
     """
 
     def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -42,6 +43,17 @@ class Throttle:
     def note(self, held: int) -> str:
         """What to append to the line `ready()` let through."""
         return f" ({held} more since the last such line; at most one every {self.interval:g} s)" if held else ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """As a logger's filter: records below WARNING pass; of the rest, one per interval, with the note."""
+        if record.levelno < logging.WARNING:
+            return True
+        held = self.ready()
+        if held is None:
+            return False
+        if held:
+            record.msg, record.args = record.getMessage() + self.note(held), None
+        return True
 
 
 class RedactFilter(logging.Filter):

@@ -126,7 +126,7 @@ async def test_rejections_are_counted_between_log_lines(
     """
     now = [1000.0]
     auth = Auth(token=TOKEN, rejected=Throttle(60.0, clock=lambda: now[0]))
-    caplog.set_level(logging.WARNING, logger="sqlalchemy_pool_exporter.web.auth")
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_pool_exporter.auth")
     async with serve(exporter, auth=auth) as base, aiohttp.ClientSession() as http:
 
         async def get(headers: dict[str, str]) -> int:
@@ -138,7 +138,7 @@ async def test_rejections_are_counted_between_log_lines(
         now[0] += 60.0
         assert await get({}) == 401
         assert await get({"Authorization": f"Bearer {TOKEN}"}) == 200
-    lines = [r.getMessage() for r in caplog.records if r.name == "sqlalchemy_pool_exporter.web.auth"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "sqlalchemy_pool_exporter.auth"]
     assert lines == [
         "401 for '/metrics' from 127.0.0.1: wrong or malformed credentials",
         "401 for '/metrics' from 127.0.0.1: no credentials (5 more since the last such line; at most one every 60 s)",

@@ -194,7 +194,7 @@ async def test_client_allowed_sans(registry: CollectorRegistry, pki: PKI, caplog
     try:
         for sans in (("prometheus",), ("other", "0:0:0:0:0:0:0:1"), ("prom@example.org",)):
             ok(await asyncio.to_thread(https_get, server.port, pki.client(*sans)))
-        with caplog.at_level(logging.WARNING, "sqlalchemy_pool_exporter.web.app"):
+        with caplog.at_level(logging.WARNING, "sqlalchemy_pool_exporter.web"):
             for _ in range(3):
                 refused = await asyncio.to_thread(https_get, server.port, pki.client("grafana", "127.0.0.1"))
                 assert refused == NO_RESPONSE
@@ -246,7 +246,7 @@ async def test_a_broken_tls_file_refuses_connections_until_fixed(
     try:
         good_key = (pki.directory / "server.key").read_bytes()
         pki.server_ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(pki.directory / "server.key"))
-        with caplog.at_level(logging.WARNING, "sqlalchemy_pool_exporter.web.app"):
+        with caplog.at_level(logging.WARNING, "sqlalchemy_pool_exporter.web"):
             # No context to shake hands with: the connection is closed before any TLS.
             assert await asyncio.to_thread(https_get, server.port, pki.client()) == IN_HANDSHAKE
         (pki.directory / "server.key").write_bytes(good_key)
@@ -388,7 +388,7 @@ async def test_a_broken_file_fails_closed_until_fixed(
     async with serving(plain_app(registry, config, BcryptUsers())) as server, aiohttp.ClientSession() as c:
         url, auth = f"{server.url}/metrics", basic("prom", "s3cret")
         assert await status(c, url, auth) == 200
-        with caplog.at_level(logging.ERROR, "sqlalchemy_pool_exporter.web.config.file"):
+        with caplog.at_level(logging.ERROR, "sqlalchemy_pool_exporter.webconfig"):
             write(config, "basic_auth_users: [\n")
             assert [await status(c, url, auth) for _ in range(3)] == [500] * 3
             assert await status(c, f"{server.url}/healthz") == 200

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
+
+from ..logs import Throttle
 
 if TYPE_CHECKING:
     from .stats import PoolStats
@@ -20,7 +21,7 @@ class Failures:
     def __init__(self, pool: str, stats: PoolStats) -> None:
         self.pool = pool
         self.stats = stats
-        self._logged: dict[str, float] = {}
+        self._throttles: dict[str, Throttle] = {}
 
     def __call__(self, where: str, exc: BaseException) -> None:
         """Count and log a bug of ours in `where`."""
@@ -36,8 +37,7 @@ class Failures:
 
     def due(self, where: str) -> bool:
         """Whether a message about `where` may be logged now; marks it logged if so."""
-        now = time.monotonic()
-        if now - self._logged.get(where, -LOG_EVERY) < LOG_EVERY:
-            return False
-        self._logged[where] = now
-        return True
+        throttle = self._throttles.get(where)
+        if throttle is None:
+            throttle = self._throttles[where] = Throttle(LOG_EVERY)
+        return throttle.ready() is not None

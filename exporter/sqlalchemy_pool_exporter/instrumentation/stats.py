@@ -34,7 +34,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        # instrument.py inlines this on the checkout/checkin path: keep the two in step.
+        # pool.py (checkout/checkin) and dialect.py (transactions, statements) inline this: keep them in step.
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
@@ -91,9 +91,10 @@ class PoolStats:
         self.transactions = True
         # Pool record -> start of the transaction open on it (dialect.py).
         self.open_transactions: dict[Any, float] = {}
-        # Live state: waiters (token -> start) and checked-out connection records. The checkout
-        # path stores plain (started, fairy weakref, stack, holder slot) tuples: building a NamedTuple
-        # there costs ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names them.
+        # Live state: the start times of the callers waiting now (a list: pool.py says why not a dict
+        # by token) and the checked-out connections by connection record. The checkout path stores
+        # plain (started, fairy weakref, stack, holder slot) tuples: building a NamedTuple there costs
+        # ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names them.
         self.waiting: list[float] = []
         self.checked_out: dict[Any, tuple[float, Any, traceback.StackSummary | None, Slot | None]] = {}
 

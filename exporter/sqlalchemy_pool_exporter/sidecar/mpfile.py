@@ -12,12 +12,13 @@ summing them: one bad file fails every scrape. Here:
   as a whole, before any of its samples counts;
 - samples are summed as files are read, so memory grows with distinct series, capped at MAX_SERIES.
 
-The file format and the merge rules are prometheus_client's (checked on 0.26.0; the format, with its
-timestamps, is the same from our floor 0.20): the file starts with a 4-byte native int, the bytes in
+The file format and the merge rules are prometheus_client's (checked on 0.26.0 and on our floor 0.23.1:
+the same format, with its timestamps, in both): the file starts with a 4-byte native int, the bytes in
 use, and 4 bytes of padding; then entries of a 4-byte key length, the UTF-8 key (the JSON
 `[metric, sample, labels, help]`), spaces up to an 8-byte boundary (at least one), and two doubles,
 value and timestamp. The sums follow `MultiProcessCollector._accumulate_metrics`. No private name of
-prometheus_client is used; the gauge modes are `Gauge._MULTIPROC_MODES` of 0.26.0, spelled out.
+prometheus_client is used; the gauge modes are `Gauge._MULTIPROC_MODES` (the same in 0.23.1 and 0.26.0),
+spelled out.
 """
 
 from __future__ import annotations

@@ -39,8 +39,6 @@ PoolsSource = Callable[[], Awaitable[list[dict[str, Any]]]]
 Refresh = Callable[[], Awaitable[object]]
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
-REGISTRY_KEY = web.AppKey("pool_exporter_registry", CollectorRegistry)
-
 
 # -- what an exporter's routes serve ----------------------------------------------------------------
 
@@ -249,7 +247,6 @@ def add_routes(
         readiness = Readiness(pool_checks(exporter) if exporter is not None else dict)
     exporters = [exporter] if exporter is not None else []
     guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
-    app[REGISTRY_KEY] = registry
     metrics = metrics_handler(registry, executor, offload, exporters, refresh)
     app.router.add_get(metrics_path, guard(unavailable_as_503(metrics)))
     app.router.add_get("/healthz", healthz)

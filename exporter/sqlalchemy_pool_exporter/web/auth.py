@@ -27,6 +27,32 @@ def _bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def _split(authorization: str) -> tuple[bytes, bytes]:
+    """The scheme (lowercased) and credentials of an Authorization header value, as sent; empty if unreadable."""
+    try:
+        scheme, _, credentials = _bytes(authorization).partition(b" ")
+    except UnicodeError:
+        return b"", b""
+    return scheme.lower(), credentials.strip()
+
+
+def basic_credentials(authorization: str) -> tuple[bytes, bytes] | None:
+    """User and password of an `Authorization: Basic ...` header value; None if it is anything else.
+
+    The one parser for both our basic_auth_user and the web config file's basic_auth_users: strict
+    base64, split at the first colon, and anything malformed is None (a 401), never an exception.
+    """
+    scheme, credentials = _split(authorization)
+    if scheme != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, password = decoded.partition(b":")
+    return (user, password) if sep else None
+
+
 @dataclass(frozen=True, slots=True)
 class Auth:
     """Accept a request carrying the token or the user/password; either, when both are set.
@@ -51,25 +77,18 @@ class Auth:
 
     def allows(self, request: web.Request) -> bool:
         """Whether the request's credentials match; anything malformed is simply no match."""
-        try:
-            header = _bytes(request.headers.get("Authorization", ""))
-        except UnicodeError:
-            return False
-        scheme, _, credentials = header.partition(b" ")
-        scheme = scheme.lower()
-        credentials = credentials.strip()
+        header = request.headers.get("Authorization", "")
+        scheme, credentials = _split(header)
         if self.token is not None and scheme == b"bearer":
             return hmac.compare_digest(credentials, _bytes(self.token))
         if self.user is not None and self.password is not None and scheme == b"basic":
-            try:
-                decoded = base64.b64decode(credentials, validate=True)
-            except (binascii.Error, ValueError):
+            pair = basic_credentials(header)
+            if pair is None:
                 return False
-            user, sep, password = decoded.partition(b":")
             # Both comparisons always run, so timing does not tell which part was wrong.
-            ok_user = hmac.compare_digest(user, _bytes(self.user))
-            ok_password = hmac.compare_digest(password, _bytes(self.password))
-            return bool(sep) and ok_user and ok_password
+            ok_user = hmac.compare_digest(pair[0], _bytes(self.user))
+            ok_password = hmac.compare_digest(pair[1], _bytes(self.password))
+            return ok_user and ok_password
         return False
 
     def challenge(self, request: web.Request | None = None) -> web.HTTPUnauthorized:

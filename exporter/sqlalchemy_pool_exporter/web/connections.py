@@ -1,23 +1,19 @@
 """Client connections of our HTTP server: a deadline for each request head, a cap on open ones,
 and accept() failures logged at a bounded rate.
 
-aiohttp's server has no deadline for a request head: a client that sends half a request (or
-nothing) keeps its connection, and its file descriptor, for as long as it likes. Enough of them
-and the process runs out of descriptors; a real scrape then waits in the listen backlog while
-asyncio logs a traceback per failed accept() (it retries up to `backlog` times per loop tick).
+Why: aiohttp sets no deadline for a request head, so a client that sends half a request (or nothing)
+holds its descriptor for as long as it likes; once descriptors run out, scrapes wait in the listen
+backlog while asyncio logs a traceback per failed accept() (up to `backlog` per loop tick).
 
-So every connection goes through `Guard`, the protocol factory the listening socket uses:
+Decided, in `Guard` (the listening socket's protocol factory):
 
-- from the moment it opens, and from the first byte of each later request, a connection has
-  `head_timeout` seconds to get a complete request head to the app, or it is aborted;
-- at `max_connections` open connections, a new one first closes the oldest idle one (waiting for
-  a request head, or kept alive between requests); only when every one is busy with a request is
-  the new one answered 503 and closed. An idle Prometheus connection that is closed just reconnects.
-
-With TLS, the listening socket is plain and each connection is upgraded with `loop.start_tls()`,
-with the TLS that `Guard.tls` gives for it at that moment: the web config file's certificates
-reload without a restart that way (webtls.py says why not `create_server(ssl=)`). As before, the
-handshake has its own deadline, and a connection counts towards the cap once its handshake is done.
+- from opening, and from the first byte of each later request, a connection has `head_timeout`
+  seconds to get a complete request head to the app, or it is aborted;
+- at `max_connections`, a new connection first closes the oldest idle one (an idle Prometheus
+  connection just reconnects); only when every one is busy with a request is it answered 503;
+- with TLS, each connection is upgraded by `loop.start_tls()` with the TLS `Guard.tls` gives at that
+  moment, so certificates reload without a restart (web/config/tls.py says why not
+  `create_server(ssl=)`); the handshake has the same deadline, and counts towards the cap once done.
 """
 
 from __future__ import annotations
@@ -311,24 +307,6 @@ class _Connection(asyncio.Protocol):
 REQUEST_ERRORS = "sqlalchemy_pool_exporter.web.errors"
 
 
-class _EveryMinute(logging.Filter):
-    """Let one WARNING-or-worse record through a minute, noting how many were held back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.throttle = Throttle()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        held = self.throttle.ready()
-        if held is None:
-            return False
-        if held:
-            record.msg, record.args = record.getMessage() + self.throttle.note(held), None
-        return True
-
-
 def request_error_logger() -> logging.Logger:
     """The logger for aiohttp's request errors (malformed requests, handler exceptions): ours, throttled.
 
@@ -337,8 +315,8 @@ def request_error_logger() -> logging.Logger:
     keeps the first of each minute, traceback included, and counts the others.
     """
     logger = logging.getLogger(REQUEST_ERRORS)
-    if not any(isinstance(f, _EveryMinute) for f in logger.filters):
-        logger.addFilter(_EveryMinute())
+    if not any(isinstance(f, Throttle) for f in logger.filters):
+        logger.addFilter(Throttle())
     return logger
 
 

@@ -1,6 +1,6 @@
 """What the web config file asks of each request: its rate limit, its bcrypt users, its response headers.
 
-The file is re-read for every request, as the toolkit does (webconfig.WebConfigFile parses it again
+The file is re-read for every request, as the toolkit does (file.WebConfigFile parses it again
 only when its bytes changed), so users, headers and the rate limit change without a restart. A file
 that is broken now fails closed: every request but /healthz gets a 500 and one ERROR line a minute
 says why, until it is fixed (the toolkit answers 500 as well). /healthz, as with our other auth, is
