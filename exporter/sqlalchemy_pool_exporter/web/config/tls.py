@@ -28,7 +28,7 @@ from typing import Any
 
 from ... import validation
 from ..connections import TLS
-from .file import CIPHER_SUITES, Inline, Pem, TLSServerConfig, WebConfigError, WebConfigFile
+from .file import CIPHER_SUITES, Inline, Pem, TLSServerConfig, WebConfig, WebConfigError, WebConfigFile
 
 _VERIFY = {
     "NoClientCert": ssl.CERT_NONE,
@@ -122,26 +122,30 @@ def _name(pem: Pem | None, field: str) -> str:
     return field if isinstance(pem, Inline) else f"{field}_file {pem}"
 
 
-class _PassPhraseNeeded(Exception):
-    pass
+class EncryptedKey(Exception):
+    """The key needs a pass phrase: never asked for, a service has no one at the terminal."""
 
 
 def _no_pass_phrase() -> bytes:
-    # Never OpenSSL's pass phrase prompt: a service has no one at the terminal.
-    raise _PassPhraseNeeded
+    raise EncryptedKey
+
+
+def load_key_pair(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Load a PEM certificate (chain) and its key from their bytes; ssl.SSLError, or EncryptedKey."""
+    with _pem_path(cert) as cert_path, _pem_path(key) as key_path:
+        context.load_cert_chain(cert_path, key_path, password=_no_pass_phrase)
 
 
 def _load_key_pair(context: ssl.SSLContext, config: TLSServerConfig, cert: bytes, key: bytes) -> None:
-    with _pem_path(cert) as cert_path, _pem_path(key) as key_path:
-        try:
-            context.load_cert_chain(cert_path, key_path, password=_no_pass_phrase)
-        except _PassPhraseNeeded:
-            raise WebConfigError(
-                f"tls_server_config.{_name(config.key, 'key')} is encrypted: give an unencrypted key"
-            ) from None
-        except ssl.SSLError as exc:
-            what = f"{_name(config.cert, 'cert')} with {_name(config.key, 'key')}"
-            raise WebConfigError(f"tls_server_config: cannot load {what}: {exc.reason}") from None
+    try:
+        load_key_pair(context, cert, key)
+    except EncryptedKey:
+        raise WebConfigError(
+            f"tls_server_config.{_name(config.key, 'key')} is encrypted: give an unencrypted key"
+        ) from None
+    except ssl.SSLError as exc:
+        what = f"{_name(config.cert, 'cert')} with {_name(config.key, 'key')}"
+        raise WebConfigError(f"tls_server_config: cannot load {what}: {exc.reason}") from None
 
 
 @contextlib.contextmanager
@@ -175,7 +179,11 @@ class TLSReloader:
         self._result: TLS | WebConfigError | None = None
 
     def __call__(self) -> TLS:
-        config = self.source.current().tls
+        return self.tls_for(self.source.current())
+
+    def tls_for(self, web_config: WebConfig) -> TLS:
+        """The TLS of `web_config` (a version of the file just read), built again only if it or a PEM changed."""
+        config = web_config.tls
         if config is None:
             raise WebConfigError(
                 "tls_server_config is gone, but the server was started with TLS: restart to serve HTTP"
