@@ -24,24 +24,37 @@ import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ... import validation
 from ..connections import TLS
-from .file import CIPHER_SUITES, Inline, Pem, TLSServerConfig, WebConfig, WebConfigError, WebConfigFile
+from .file import (
+    CIPHER_SUITES,
+    CURVES,
+    TLS13_SUITES,
+    TLS_VERSIONS,
+    Inline,
+    TLSServerConfig,
+    WebConfig,
+    WebConfigError,
+    WebConfigFile,
+)
 
 _VERIFY = {
     "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_NONE,  # see WebConfig.notes
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
 _GO_NAME = {code: name for name, code in CIPHER_SUITES.items()}
+PemName = Literal["cert", "key", "client_ca"]
 
 
-def read_pem(pem: Pem, field: str) -> bytes:
-    """The bytes of an inline PEM block or of the (small, regular) file it names."""
-    if isinstance(pem, Inline):
-        return bytes(pem)
+def read_pem(config: TLSServerConfig, field: PemName) -> bytes | None:
+    """The bytes of a PEM block given inline or of the (small, regular) file that holds it."""
+    pem = config.pem(field)
+    if pem is None or isinstance(pem, Inline):
+        return pem
     try:
         return validation.small_file(pem)
     except ValueError as exc:
@@ -51,30 +64,30 @@ def read_pem(pem: Pem, field: str) -> bytes:
 def build(config: TLSServerConfig, cert: bytes, key: bytes, client_ca: bytes | None) -> TLS:
     """The server side of one version of tls_server_config; WebConfigError if OpenSSL refuses any of it."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = config.min_version
-    context.maximum_version = config.max_version
-    if config.cipher_suites:
-        names = openssl_ciphers(config.cipher_suites)
+    context.minimum_version = TLS_VERSIONS[config.min_version]
+    context.maximum_version = TLS_VERSIONS[config.max_version]
+    # The TLS 1.0-1.2 suites, each once: the TLS 1.3 ones cannot be chosen (in Go either).
+    suites = tuple(c for c in dict.fromkeys(CIPHER_SUITES[n] for n in config.cipher_suites) if c not in TLS13_SUITES)
+    if suites:
         try:
-            context.set_ciphers(":".join(names))
+            context.set_ciphers(":".join(openssl_ciphers(suites)))
         except ssl.SSLError:
             raise WebConfigError("tls_server_config.cipher_suites: OpenSSL accepts none of them here") from None
-    if config.curve is not None:
-        context.set_ecdh_curve(config.curve)
+    if config.curve_preferences:
+        context.set_ecdh_curve(CURVES[config.curve_preferences[0]])  # one curve: see WebConfig.notes
     if not config.prefer_server_cipher_suites:
         context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     _load_key_pair(context, config, cert, key)
-    if config.client_auth != "NoClientCert":
-        assert client_ca is not None, "webconfig requires a client CA for the verifying modes"
+    verify = _VERIFY[config.client_auth_type]
+    if verify != ssl.CERT_NONE:
+        assert client_ca is not None, "the web config requires a client CA for the verifying modes"
         try:
             context.load_verify_locations(cadata=client_ca.decode("ascii"))
         except (ssl.SSLError, UnicodeDecodeError, ValueError):
-            raise WebConfigError(
-                f"tls_server_config.{_name(config.client_ca, 'client_ca')}: no PEM certificate"
-            ) from None
-        context.verify_mode = _VERIFY[config.client_auth]
-    accepts = san_check(config.client_allowed_sans) if config.client_allowed_sans is not None else None
-    return TLS(context, accepts)
+            raise WebConfigError(f"tls_server_config.{_name(config, 'client_ca')}: no PEM certificate") from None
+        context.verify_mode = verify
+    sans = config.client_allowed_sans
+    return TLS(context, san_check(frozenset(sans)) if sans is not None else None)
 
 
 @functools.cache
@@ -118,7 +131,8 @@ def san_check(allowed: frozenset[str]) -> Callable[[dict[str, Any] | None], bool
     return accepts
 
 
-def _name(pem: Pem | None, field: str) -> str:
+def _name(config: TLSServerConfig, field: PemName) -> str:
+    pem = config.pem(field)
     return field if isinstance(pem, Inline) else f"{field}_file {pem}"
 
 
@@ -141,10 +155,10 @@ def _load_key_pair(context: ssl.SSLContext, config: TLSServerConfig, cert: bytes
         load_key_pair(context, cert, key)
     except EncryptedKey:
         raise WebConfigError(
-            f"tls_server_config.{_name(config.key, 'key')} is encrypted: give an unencrypted key"
+            f"tls_server_config.{_name(config, 'key')} is encrypted: give an unencrypted key"
         ) from None
     except ssl.SSLError as exc:
-        what = f"{_name(config.cert, 'cert')} with {_name(config.key, 'key')}"
+        what = f"{_name(config, 'cert')} with {_name(config, 'key')}"
         raise WebConfigError(f"tls_server_config: cannot load {what}: {exc.reason}") from None
 
 
@@ -188,9 +202,8 @@ class TLSReloader:
             raise WebConfigError(
                 "tls_server_config is gone, but the server was started with TLS: restart to serve HTTP"
             )
-        cert = read_pem(config.cert, "cert")
-        key = read_pem(config.key, "key")
-        client_ca = read_pem(config.client_ca, "client_ca") if config.client_ca is not None else None
+        cert, key, client_ca = (read_pem(config, name) for name in ("cert", "key", "client_ca"))
+        assert cert is not None and key is not None, "the web config requires both"
         state = (config, cert, key, client_ca)
         if state != self._key or self._result is None:
             try:
