@@ -1,17 +1,10 @@
 """TLS from the web config file: a server SSLContext for each version of the file and of the files it names.
 
-How certificates reload. The toolkit builds its whole TLS configuration again for every handshake
-(Go's GetConfigForClient), so a rotated certificate, key or client CA, or any other changed field,
-applies to the next connection, with no restart. asyncio ties one SSLContext to a listening socket
-(`create_server(ssl=)`), and an `sni_callback` that swaps the context mid-handshake changes the
-certificate but not the verify mode, protocol versions or ciphers: OpenSSL copied those from the
-first context when the connection was made. So our server accepts plain TCP and upgrades each
-connection with the public `loop.start_tls()`, asking `TLSReloader` for the TLS of that moment
-(connections.py): every field reloads, as in the toolkit. It re-reads the web config file and the
-PEM files at each new connection (~30 µs for the file and three PEM files, measured here, next to
-~3 ms for a handshake, both ends) and builds a context only when their bytes change (~2 ms); reading the bytes,
-not comparing mtimes, also catches a rewrite within the same timestamp tick, and the key is loaded
-from the very bytes compared, never from a file that could have changed in between.
+Every field reloads, as in the toolkit (Go's GetConfigForClient): an `sni_callback` could swap the
+certificate but not the verify mode, versions or ciphers, so the server accepts plain TCP and upgrades
+each connection with `loop.start_tls()` and the TLS of that moment (web/connections.py). The files are
+re-read per connection (~30 µs, measured, against ~3 ms for a handshake) and a context is built only
+when their bytes change (~2 ms); the key is loaded from the very bytes compared.
 """
 
 from __future__ import annotations
