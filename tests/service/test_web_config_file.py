@@ -30,6 +30,8 @@ def test_the_toolkits_examples() -> None:
     """The toolkit's testdata files that it accepts (web/testdata/*.good.yml), as we read them."""
     assert parse(b"", BASE) == WebConfig()
     assert parse(b"basic_auth_users:\n", BASE) == WebConfig()
+    # A null is as if absent, as Go's YAML decoder leaves such a field at its zero value.
+    assert parse(b"tls_server_config:\nhttp_server_config: ~\nrate_limit: {interval: ~}\n", BASE) == WebConfig()
     all_ciphers = parse(
         (
             TLS
@@ -128,6 +130,7 @@ BAD = [
         "not valid YAML: key 'basic_auth_users' given twice (line 2, column 1)",
     ),
     ("rate_limit: {}\nextra: 1\n", "extra: Extra inputs are not permitted"),
+    ('"a\\nb": 1\n', "'a\\nb': Extra inputs are not permitted"),
     ("tls_server_config:\n  cert_filse: server.crt\n", "tls_server_config.cert_filse: Extra inputs are not permitted"),
     (
         "tls_server_config:\n  cert_file: ''\n  key_file: server.key\n",

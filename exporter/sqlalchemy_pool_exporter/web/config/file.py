@@ -298,7 +298,8 @@ def parse(raw: bytes, base: Path) -> WebConfig:
         return WebConfig.model_validate({} if doc is None else doc, context={"base": base})
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
-    loc = [str(part) for part in error["loc"]]
+    # A key from the file is quoted when it could break the line.
+    loc = [str(part) if str(part).isprintable() else repr(part) for part in error["loc"]]
     # A mapping's key that is not right: the mapping's name, not the key (it could be anything).
     where = ".".join(loc[:-2]) + " key" if loc[-1:] == ["[key]"] else ".".join(loc) or "web config"
     problem = "Input should be a mapping" if error["type"] == "model_type" else error["msg"]
