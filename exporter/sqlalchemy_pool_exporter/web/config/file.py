@@ -283,13 +283,6 @@ class WebConfig(_Section):
         return tuple(notes)
 
 
-def read(path: Path) -> bytes:
-    try:
-        return validation.small_file(path)
-    except ValueError as exc:
-        raise WebConfigError(str(exc)) from None
-
-
 def parse(raw: bytes, base: Path) -> WebConfig:
     """The file's bytes, checked; relative file names are relative to `base` (as in the toolkit)."""
     doc = load_yaml(raw)
@@ -322,7 +315,10 @@ class WebConfigFile:
 
     def current(self) -> WebConfig:
         """The file as it is now; WebConfigError if it cannot be read or is not right."""
-        raw = read(self.path)
+        try:
+            raw = validation.small_file(self.path)
+        except ValueError as exc:
+            raise WebConfigError(str(exc)) from None
         if raw != self._raw or self._result is None:
             try:
                 self._result = self._parse(raw, self.path.parent)
