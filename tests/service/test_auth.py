@@ -11,6 +11,7 @@ import pytest
 import trustme
 from prometheus_client import CollectorRegistry
 
+from sqlalchemy_pool_exporter.service import startup
 from sqlalchemy_pool_exporter.service.settings import load
 from sqlalchemy_pool_exporter.web.app import make_app
 from sqlalchemy_pool_exporter.web.auth import Auth
@@ -71,7 +72,7 @@ async def test_tls_with_a_real_certificate(
 ) -> None:
     ca, cert_path, key_path = tls_files
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    context = load(tls_cert=str(cert_path), tls_key=str(key_path), auth_token="tok").ssl_context()
+    context = startup.check(load(tls_cert=str(cert_path), tls_key=str(key_path), auth_token="tok")).ssl_context
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
     app = make_app(registry=registry, auth=Auth(token="tok"))

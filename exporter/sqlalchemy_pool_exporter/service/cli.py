@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from .. import logs, validation
 from .._version import __version__
+from . import startup
 from .settings import DEFAULT_PORT, SettingError, Settings, load
 
 PROG = "pool-exporter"
@@ -135,14 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load(**overrides)
         logs.setup(settings.log_level, settings.log_format, settings.secrets())
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, startup.check(settings))
         if settings.web_config_file is not None:
             raise SettingError(
                 "web_config_file",
                 "is for serve only: the demo's own load generator could not pass its certificates or users",
             )
         duration, workers = _demo_options(args)
-        return _demo(settings, duration, workers, args)
+        return _demo(settings, startup.check(settings), duration, workers, args)
     except SettingError as exc:
         print(f"{PROG}: {exc.line()}", file=sys.stderr)
         return 2
@@ -150,23 +151,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, files: startup.Startup) -> int:
     from .commands import StartupError, run_serve
 
     try:
-        return asyncio.run(run_serve(settings))
+        return asyncio.run(run_serve(settings, files))
     except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
 
 
-def _demo(settings: Settings, duration: float | None, workers: int, args: argparse.Namespace) -> int:
+def _demo(
+    settings: Settings, files: startup.Startup, duration: float | None, workers: int, args: argparse.Namespace
+) -> int:
     from .commands import StartupError, run_demo, run_demo_worker
 
     try:
         if args.worker_process:
             return asyncio.run(run_demo_worker(settings, int(args.app_port)))
-        return asyncio.run(run_demo(settings, duration=duration, workers=workers))
+        return asyncio.run(run_demo(settings, files, duration=duration, workers=workers))
     except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -26,11 +25,11 @@ from ..core import Exporter
 from ..labels import safe_url
 from ..web import app as web
 from ..web.auth import Auth
-from ..web.connections import TLS
 from ..web.readyz import Readiness
 from . import demo
 from .loadgen import LoadGenerator, LoadPlan
 from .settings import SettingError, Settings
+from .startup import Startup
 
 if TYPE_CHECKING:
     from ..sidecar.merge import Sidecar
@@ -62,43 +61,27 @@ def auth_headers(auth: Auth) -> dict[str, str]:
     return {}
 
 
-def apply_web_config(app: Application, settings: Settings, auth: Auth) -> Callable[[], TLS] | None:
-    """The web config file's rate limit, users and headers on `app`; its TLS for listen(), if it has some."""
-    from ..web.config.file import WebConfigError, WebConfigFile
+def apply_web_config(app: Application, startup: Startup, auth: Auth) -> None:
+    """The web config file's rate limit, users and headers on every request of `app`."""
     from ..web.config.policy import WebPolicy
-    from ..web.config.tls import TLSReloader
 
-    if settings.web_config_file is None:
-        return None
-    source = WebConfigFile(settings.web_config_file)
-    try:
-        config = source.current()
-    except WebConfigError as exc:  # changed since the settings checked it
-        raise SettingError("web_config_file", str(exc)) from None
-    for note in config.notes:
+    if startup.web_config is None:
+        return
+    for note in startup.notes:
         log.warning("web config file: %s", note)
-    WebPolicy(source, tls=config.tls is not None, other_auth=auth.enabled).install(app)
-    return TLSReloader(source) if config.tls is not None else None
+    WebPolicy(startup.web_config, tls=startup.web_tls is not None, other_auth=auth.enabled).install(app)
 
 
-async def listen(
-    app: Application,
-    settings: Settings,
-    *,
-    port: int | None = None,
-    reuse_port: bool | None = None,
-    tls: Callable[[], TLS] | None = None,
-) -> web.Server:
-    """Start serving `app` (over `tls`, when given); a bind failure is a bad host/port setting."""
+async def listen(app: Application, settings: Settings, startup: Startup) -> web.Server:
+    """Start serving `app` (over the TLS `startup` read); a bind failure is a bad host/port setting."""
     server = web.Server(
         app,
         settings.host,
-        settings.port if port is None else port,
-        ssl_context=settings.ssl_context(),
-        reuse_port=reuse_port,
+        settings.port,
+        ssl_context=startup.ssl_context,
         request_head_timeout=settings.request_head_timeout,
         max_connections=settings.max_http_connections,
-        tls=tls,
+        tls=startup.web_tls,
     )
     try:
         await server.start()
@@ -169,15 +152,17 @@ def _banner(
     print("\n".join(lines), file=out, flush=True)
 
 
-async def run_demo(settings: Settings, *, duration: float | None, workers: int = 1, out: TextIO = sys.stdout) -> int:
+async def run_demo(
+    settings: Settings, startup: Startup, *, duration: float | None, workers: int = 1, out: TextIO = sys.stdout
+) -> int:
     """The single-process demo, or `workers` app processes writing a multiprocess directory."""
     workdir = Path(tempfile.mkdtemp(prefix="pool-exporter-demo-"))
     try:
         url = demo.async_url(settings.url(), workdir)
         await _prepare_database(url)
         if workers > 1:
-            return await _run_demo_workers(settings, url, workdir, duration, workers, out)
-        return await _run_demo_single(settings, url, duration, out)
+            return await _run_demo_workers(settings, startup, url, workdir, duration, workers, out)
+        return await _run_demo_single(settings, startup, url, duration, out)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -216,14 +201,14 @@ def _instrument_demo(exporter: Exporter, engine: AsyncEngine, settings: Settings
     exporter.instrument(engine, name=demo.POOL_NAME, leak_threshold=_leak_threshold(settings))
 
 
-async def _run_demo_single(settings: Settings, url: URL, duration: float | None, out: TextIO) -> int:
+async def _run_demo_single(settings: Settings, startup: Startup, url: URL, duration: float | None, out: TextIO) -> int:
     engine = demo.create_engine(url)
     exporter = _demo_exporter(settings, None)
     _instrument_demo(exporter, engine, settings)
     auth = auth_from(settings)
     app = web.make_app(exporter, metrics_path=settings.metrics_path, auth=auth)
     demo.add_demo_routes(app, engine)
-    server = await listen(app, settings)
+    server = await listen(app, settings, startup)
     _banner(out, url, server.url, settings, duration, 1, _leak_threshold(settings))
     load = LoadGenerator(server.url, LoadPlan(), headers=auth_headers(auth))
     task = asyncio.create_task(load.run())
@@ -241,7 +226,13 @@ async def _run_demo_single(settings: Settings, url: URL, duration: float | None,
 
 
 async def _run_demo_workers(
-    settings: Settings, url: URL, workdir: Path, duration: float | None, workers: int, out: TextIO
+    settings: Settings,
+    startup: Startup,
+    url: URL,
+    workdir: Path,
+    duration: float | None,
+    workers: int,
+    out: TextIO,
 ) -> int:
     from ..sidecar.merge import Sidecar
 
@@ -278,7 +269,7 @@ async def _run_demo_workers(
         refresh=sidecar.refresh,
     )
     try:
-        server = await listen(app, settings)
+        server = await listen(app, settings, startup)
     except BaseException:
         _stop_children(children)
         raise
@@ -356,7 +347,7 @@ def _readiness(sidecar: Sidecar) -> Readiness:
     return Readiness(sidecar.checks, timeout=sidecar.deadline + 1.0, details=sidecar.details)
 
 
-async def run_serve(settings: Settings) -> int:
+async def run_serve(settings: Settings, startup: Startup) -> int:
     """The sidecar: merged multiprocess metrics and/or PostgreSQL's view, until SIGTERM/SIGINT."""
     from ..sidecar.merge import Sidecar
     from .pgview import ServerView
@@ -390,7 +381,8 @@ async def run_serve(settings: Settings) -> int:
         refresh=sidecar.refresh if sidecar is not None else None,
     )
     try:
-        server = await listen(app, settings, tls=apply_web_config(app, settings, auth))
+        apply_web_config(app, startup, auth)
+        server = await listen(app, settings, startup)
         log.info(
             "pool-exporter serve: %s%s (multiprocess dir: %s; server view: %s)",
             server.url,

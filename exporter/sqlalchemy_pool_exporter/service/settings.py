@@ -1,11 +1,10 @@
-"""Service settings: POOL_EXPORTER_* environment variables, overridden by CLI flags, validated once."""
+"""Service settings: POOL_EXPORTER_* environment variables, overridden by CLI flags; values and pure checks
+(the files they name are read once, at start, by startup.py)."""
 
 from __future__ import annotations
 
 import os
 import re
-import ssl
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,8 +17,6 @@ from sqlalchemy.exc import ArgumentError
 from .. import catalog, labels, validation
 from ..instrumentation.holders import DEFAULT_MAX_HOLDERS
 from ..metricnames import Names
-from ..web.config import file as webconfig
-from ..web.config import tls as webtls
 
 ENV_PREFIX = "POOL_EXPORTER_"
 # In the full 9100-9999 exporter range, where every port is taken: chosen knowingly, see the README.
@@ -30,7 +27,6 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 # A URL quoted in a problem: `scheme://` and the user (or host), then the rest of the message.
 # One '/' is enough: a URL given to a path setting comes back as `postgresql:/user:...`.
 _URL = re.compile(r"(:/+[^:@/?\s]*)(.*)", re.DOTALL)
-MAX_FILE_BYTES = validation.MAX_FILE_BYTES
 
 
 class SettingError(ValueError):
@@ -241,8 +237,6 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if self.multiproc_dir is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.multiproc_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        if self.multiproc_dir is not None:
-            _check_writable_dir(self.multiproc_dir)
         password = self.basic_auth_password.get_secret_value() if self.basic_auth_password is not None else None
         try:
             validation.basic_auth(self.basic_auth_user, password)
@@ -252,16 +246,12 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             missing = "tls_key" if self.tls_key is None else "tls_cert"
             raise SettingError(missing, "TLS needs both tls_cert and tls_key")
-        if self.tls_cert is not None:
-            self.ssl_context()
-        if self.web_config_file is not None:
-            self.web_config()
         return self
 
     # -- derived values -------------------------------------------------------------------------
 
     def url(self) -> URL | None:
-        """The database URL (with its password: never print it; use exporter.safe_url)."""
+        """The database URL (with its password: never print it; labels.safe_url hides it)."""
         return make_url(self.database_url.get_secret_value()) if self.database_url is not None else None
 
     def bucket_bounds(self) -> dict[str, Sequence[float]] | None:
@@ -278,74 +268,6 @@ class Settings(BaseSettings):
             if secret is not None:
                 out.append(secret.get_secret_value())
         return out
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """A server-side TLS context from tls_cert + tls_key, or None."""
-        if self.tls_cert is None or self.tls_key is None:
-            return None
-        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
-            _check_small_file(name, path)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            # Never OpenSSL's pass phrase prompt: a service has no one at the terminal.
-            context.load_cert_chain(self.tls_cert, self.tls_key, password=_no_pass_phrase)
-        except _PassPhraseNeeded:
-            raise SettingError("tls_key", f"{self.tls_key} is encrypted: give an unencrypted key") from None
-        except ssl.SSLError as exc:
-            problem = f"cannot load certificate {self.tls_cert} with key {self.tls_key}: {exc.reason}"
-            raise SettingError("tls_cert", problem) from None
-        return context
-
-    def web_config(self) -> webconfig.WebConfig | None:
-        """The web config file as it is now, checked (its TLS files loaded once), or None.
-
-        TLS and auth come from the file or from our own settings, never both: which would win is no
-        choice to guess at for a security setting.
-        """
-        if self.web_config_file is None:
-            return None
-        try:
-            config = webconfig.load(self.web_config_file)
-            if config.tls is not None:
-                webtls.TLSReloader(webconfig.WebConfigFile(self.web_config_file))()
-        except webconfig.WebConfigError as exc:
-            raise SettingError("web_config_file", str(exc)) from None
-        name = self.web_config_file
-        if config.tls is not None and self.tls_cert is not None:
-            raise SettingError("web_config_file", f"{name} sets tls_server_config, and tls_cert is set too: use one")
-        if config.users and (self.auth_token is not None or self.basic_auth_user is not None):
-            other = "auth_token" if self.auth_token is not None else "basic_auth_user"
-            raise SettingError("web_config_file", f"{name} sets basic_auth_users, and {other} is set too: use one")
-        return config
-
-
-class _PassPhraseNeeded(Exception):
-    pass
-
-
-def _no_pass_phrase() -> bytes:
-    raise _PassPhraseNeeded
-
-
-def _check_small_file(name: str, path: Path) -> None:
-    """A readable regular file of at most MAX_FILE_BYTES: checked before anything reads it."""
-    try:
-        validation.small_file(path)
-    except ValueError as exc:
-        raise SettingError(name, str(exc)) from None
-
-
-def _check_writable_dir(path: Path) -> None:
-    """The multiprocess directory must exist and take new files: workers write it, and the sidecar
-    locks, compacts and quarantines in it (a read-only one made it fail at start with a traceback)."""
-    if not path.is_dir():
-        raise SettingError("multiproc_dir", f"{path} is not a directory")
-    try:
-        # Really creating a file catches what permission bits do not: read-only mounts, root squash.
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise SettingError("multiproc_dir", f"cannot create files in {path}: {exc.strerror}") from None
 
 
 def load(**overrides: Any) -> Settings:

@@ -14,15 +14,24 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ... import validation
+from .yaml import Duration, GoStr, load_yaml
 from .yaml import WebConfigError as WebConfigError
-from .yaml import bool_, duration, list_, load_yaml, mapping, string
-
-ClientAuth = Literal["NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert"]
 
 TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -55,14 +64,12 @@ CURVES: dict[str, str] = {
     "CurveP521": "secp521r1",
     "X25519": "X25519",
 }
-# The toolkit's client_auth_type values (RequireClientCert is its old name for RequireAnyClientCert).
-_CLIENT_AUTH = (
-    "NoClientCert",
-    "RequestClientCert",
-    "RequireAnyClientCert",
-    "VerifyClientCertIfGiven",
-    "RequireAndVerifyClientCert",
-)
+# The toolkit's client_auth_type values; "" is its default, RequireClientCert its old name for RequireAnyClientCert.
+ClientAuth = Literal[
+    "NoClientCert", "RequestClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert"
+]
+_CLIENT_AUTH_NAMES = {"": "NoClientCert", "RequireClientCert": "RequireAnyClientCert"}
+VERIFYING = ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
 # The only response headers the toolkit lets the file set, and the values allowed where it restricts them.
 HEADERS: dict[str, tuple[str, ...]] = {
     "Strict-Transport-Security": (),
@@ -72,7 +79,7 @@ HEADERS: dict[str, tuple[str, ...]] = {
     "Content-Security-Policy": (),
 }
 # $2a$, $2b$, $2y$ (what htpasswd -B writes), a two-digit cost, 22 + 31 characters of salt and hash.
-_BCRYPT = re.compile(rb"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 
 
 class Inline(bytes):
@@ -86,266 +93,210 @@ class Inline(bytes):
 Pem = Path | Inline
 
 
-@dataclass(frozen=True)
-class TLSServerConfig:
-    """tls_server_config, checked; names mapped to what Python's ssl takes."""
+def _one_of(table: Mapping[str, object], what: str, expected: str = "") -> AfterValidator:
+    *names, last = table
+    expected = expected or f"{', '.join(names)} or {last}"
 
-    cert: Pem
-    key: Pem
-    client_auth: ClientAuth = "NoClientCert"
-    client_ca: Pem | None = None
-    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
-    max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3
-    # IANA code points of the TLS 1.0-1.2 suites, in the file's order; empty: OpenSSL's defaults.
-    cipher_suites: tuple[int, ...] = ()
-    # OpenSSL's name of the one curve offered; None: OpenSSL's defaults.
-    curve: str | None = None
+    def check(name: str) -> str:
+        if name not in table:
+            raise ValueError(f"unknown {what} {name!r}; expected {expected}")
+        return name
+
+    return AfterValidator(check)
+
+
+def _in_dir(value: object, info: ValidationInfo) -> object:
+    """A file name in the file: relative to the file's directory, as in the toolkit ("": none)."""
+    if isinstance(value, Path) or value is None:
+        return value
+    if not isinstance(value, str):
+        raise ValueError("Input should be a valid string")
+    return (info.context or {}).get("base", Path()) / value if value else None  # an absolute path stays
+
+
+def _bcrypt_hash(value: object) -> bytes:
+    match = _BCRYPT.fullmatch(value) if isinstance(value, str) else None
+    # Never the value itself in the message: it may be a password pasted in by mistake.
+    if match is None or not 4 <= int(match[1]) <= 31:
+        raise ValueError("not a bcrypt hash ($2y$10$ and 53 characters; htpasswd -nB)")
+    return match[0].encode()
+
+
+def _headers(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        allowed = HEADERS.get(name)
+        if allowed is None:
+            raise ValueError(f"HTTP header {name!r} cannot be configured; expected {', '.join(HEADERS)}")
+        if allowed and value not in allowed:
+            raise ValueError(f"{name}: invalid value {value!r}; expected {' or '.join(allowed)}")
+        if not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"{name}: only printable ASCII can go in a header")
+    return {name: value for name, value in headers.items() if value}  # "Unset if blank"
+
+
+FileName = Annotated[Path | None, BeforeValidator(_in_dir)]
+TLSVersionName = Annotated[GoStr, _one_of(TLS_VERSIONS, "TLS version")]
+
+
+class _Section(BaseModel):
+    """A mapping in the file: an unknown key or a value of the wrong type is an error; null is as if absent."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: object) -> object:
+        # Go's YAML decoder leaves a field given as null at its zero value.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class TLSServerConfig(_Section):
+    """tls_server_config: a certificate and key, each inline or a file, and what clients must show."""
+
+    cert: GoStr = Field("", repr=False)
+    key: GoStr = Field("", repr=False)
+    client_ca: GoStr = Field("", repr=False)
+    cert_file: FileName = None
+    key_file: FileName = None
+    client_ca_file: FileName = None
+    client_auth_type: Annotated[
+        ClientAuth, BeforeValidator(lambda v: _CLIENT_AUTH_NAMES.get(v, v) if isinstance(v, str) else v)
+    ] = "NoClientCert"
+    client_allowed_sans: list[GoStr] | None = None
+    min_version: TLSVersionName = "TLS12"
+    max_version: TLSVersionName = "TLS13"
+    cipher_suites: list[Annotated[GoStr, _one_of(CIPHER_SUITES, "cipher", "Go's tls.CipherSuites() names")]] = []
     prefer_server_cipher_suites: bool = True
-    client_allowed_sans: frozenset[str] | None = None
+    curve_preferences: list[Annotated[GoStr, _one_of(CURVES, "curve")]] = []
+
+    def pem(self, name: Literal["cert", "key", "client_ca"]) -> Pem | None:
+        """`name` or `name`_file: the PEM given inline, or the file that holds it."""
+        inline: str = getattr(self, name)
+        path: Path | None = getattr(self, f"{name}_file")
+        return Inline(inline.encode()) if inline else path
+
+    @model_validator(mode="after")
+    def _whole(self) -> TLSServerConfig:
+        given = {name for name in ("cert", "key", "client_ca") if self.pem(name) is not None}
+        if not given and "client_auth_type" not in self.model_fields_set:
+            if self.model_fields_set:  # the toolkit serves plain HTTP then, and silently drops the rest: name it
+                raise ValueError(f"sets {', '.join(sorted(self.model_fields_set))} but no certificate")
+            return self  # an empty section: no TLS
+        for name in ("cert", "key", "client_ca"):
+            if getattr(self, name) and getattr(self, f"{name}_file"):
+                raise ValueError(f"sets both {name} and {name}_file: give one")
+        for name in ("cert", "key"):
+            if name not in given:
+                raise ValueError(f"missing one of {name} or {name}_file")
+        auth = self.client_auth_type
+        if auth == "NoClientCert" and "client_ca" in given:
+            raise ValueError("client CAs are configured without a client_auth_type")
+        if auth == "RequireAnyClientCert":
+            # Python's ssl verifies every certificate it asks for: it cannot require one without checking it.
+            raise ValueError(
+                "client_auth_type RequireAnyClientCert (a certificate, never verified) cannot be served by "
+                "Python's ssl; use RequireAndVerifyClientCert with client_ca_file"
+            )
+        if auth in VERIFYING and "client_ca" not in given:
+            # Go would fall back to the system's CAs: every public CA's client certificates would be let in.
+            raise ValueError(f"client_auth_type {auth} needs client_ca_file (or client_ca)")
+        if self.client_allowed_sans is not None and auth not in VERIFYING:
+            # Python's ssl shows the SANs of a verified certificate only, and the SANs of an unverified
+            # one prove nothing: anyone can write any name into a certificate of their own.
+            raise ValueError(
+                "client_allowed_sans needs client_auth_type VerifyClientCertIfGiven or "
+                "RequireAndVerifyClientCert (with client_ca_file)"
+            )
+        if TLS_VERSIONS[self.min_version] > TLS_VERSIONS[self.max_version]:
+            raise ValueError("min_version is above max_version: no connection could be made")
+        return self
 
 
-@dataclass(frozen=True)
-class RateLimit:
+class HTTPServerConfig(_Section):
+    """http_server_config."""
+
+    http2: bool = True
+    headers: Annotated[dict[GoStr, GoStr], AfterValidator(_headers)] = {}
+
+
+class RateLimit(_Section):
     """rate_limit: a token bucket of `burst` tokens, one more every `interval` seconds."""
 
-    interval: float
-    burst: int
+    interval: Duration = 0.0
+    # 0 lets nothing through, as Go's rate.Limiter does: the toolkit's own tests rely on it.
+    burst: int = Field(0, ge=0)
 
 
-@dataclass(frozen=True)
-class WebConfig:
+class WebConfig(_Section):
     """What one version of the file says."""
 
-    tls: TLSServerConfig | None = None
+    tls: TLSServerConfig | None = Field(None, alias="tls_server_config")
+    http_server_config: HTTPServerConfig = HTTPServerConfig()
     # user -> bcrypt hash; empty: no basic auth.
-    users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
-    headers: Mapping[str, str] = field(default_factory=dict)
-    http2: bool = True
+    users: dict[GoStr, Annotated[bytes, BeforeValidator(_bcrypt_hash)]] = Field(
+        {}, alias="basic_auth_users", repr=False
+    )
     rate_limit: RateLimit | None = None
-    # Where we do less than the toolkit would, one line each, for the start-up log.
-    notes: tuple[str, ...] = ()
 
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, tls: TLSServerConfig | None) -> TLSServerConfig | None:
+        return tls if tls is not None and tls.model_fields_set else None
 
-def load(path: Path) -> WebConfig:
-    """Read and check the file at `path` (a small regular file); WebConfigError if it is not right."""
-    return WebConfigFile(path).current()
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, limit: RateLimit | None) -> RateLimit | None:
+        return limit if limit is not None and limit.interval != 0 else None  # "0 disables the rate limiter"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response headers to set."""
+        return self.http_server_config.headers
 
-def read(path: Path) -> bytes:
-    try:
-        return validation.small_file(path)
-    except ValueError as exc:
-        raise WebConfigError(str(exc)) from None
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Where we do less than the toolkit would, one line each, for the start-up log."""
+        tls, notes = self.tls, []
+        if tls is None:
+            return ()
+        if tls.client_auth_type == "RequestClientCert":
+            # The toolkit asks for a certificate and lets every client in whatever it sends; Python's ssl
+            # would verify what it asked for, so it does not ask: the same clients get in.
+            notes.append(
+                "tls_server_config.client_auth_type RequestClientCert: no certificate is requested (none is used)"
+            )
+        if TLS_VERSIONS[tls.min_version] < ssl.TLSVersion.TLSv1_2:
+            # Measured with OpenSSL 3.0: the handshake fails with NO_CIPHERS_AVAILABLE below TLS 1.2.
+            notes.append(
+                "tls_server_config.min_version: OpenSSL 3 offers no TLS 1.0 or 1.1 cipher at its default level"
+            )
+        if len(set(tls.curve_preferences)) > 1:
+            # Python's ssl sets one curve (SSLContext.set_ecdh_curve): the most preferred one keeps the
+            # restriction the list asks for; Prometheus and other Go clients support all four.
+            first = tls.curve_preferences[0]
+            notes.append(
+                f"tls_server_config.curve_preferences: Python's ssl offers one curve, {first}, the first listed"
+            )
+        if "http2" in self.http_server_config.model_fields_set and self.http_server_config.http2:
+            # Only when asked for in so many words: true is the default, and clients fall back to HTTP/1.1.
+            notes.append("http_server_config.http2: aiohttp serves HTTP/1.1 only; clients that offer HTTP/2 fall back")
+        return tuple(notes)
 
 
 def parse(raw: bytes, base: Path) -> WebConfig:
     """The file's bytes, checked; relative file names are relative to `base` (as in the toolkit)."""
     doc = load_yaml(raw)
-    if doc is None:
-        return WebConfig()  # an empty file: plain HTTP, no auth (as in the toolkit)
-    top = mapping("web config", doc, ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"))
-    notes: list[str] = []
-    tls = _tls(top.get("tls_server_config"), base, notes)
-    http = mapping("http_server_config", top.get("http_server_config"), ("http2", "headers"))
-    http2 = bool_("http_server_config.http2", http.get("http2", True))
-    if http.get("http2") is True and tls is not None:
-        # Only when asked for in so many words: true is the default, and clients fall back to HTTP/1.1.
-        notes.append("http_server_config.http2: aiohttp serves HTTP/1.1 only; clients that offer HTTP/2 fall back")
-    return WebConfig(
-        tls=tls,
-        users=_users(top.get("basic_auth_users")),
-        headers=_headers(http.get("headers")),
-        http2=http2,
-        rate_limit=_rate_limit(top.get("rate_limit")),
-        notes=tuple(notes),
-    )
-
-
-# -- tls_server_config ----------------------------------------------------------------------------
-
-_TLS_FIELDS = (
-    "cert",
-    "key",
-    "client_ca",
-    "cert_file",
-    "key_file",
-    "client_ca_file",
-    "client_auth_type",
-    "client_allowed_sans",
-    "min_version",
-    "max_version",
-    "cipher_suites",
-    "prefer_server_cipher_suites",
-    "curve_preferences",
-)
-
-
-def _tls(value: object, base: Path, notes: list[str]) -> TLSServerConfig | None:
-    section = mapping("tls_server_config", value, _TLS_FIELDS)
-    text = {name: string(f"tls_server_config.{name}", section.get(name, "")) for name in _TLS_FIELDS[:7]}
-    if not any(text.values()):
-        # The toolkit serves plain HTTP then, and would silently drop the other fields: name them.
-        if section:
-            raise WebConfigError(f"tls_server_config sets {', '.join(sorted(section))} but no certificate")
-        return None
-    cert, key, client_ca = (_pem(text, name, base) for name in ("cert", "key", "client_ca"))
-    if cert is None or key is None:
-        missing = "cert" if cert is None else "key"
-        raise WebConfigError(f"tls_server_config: missing one of {missing} or {missing}_file")
-    client_auth = _client_auth(text["client_auth_type"], client_ca is not None, notes)
-    allowed = list_("tls_server_config.client_allowed_sans", section.get("client_allowed_sans"))
-    if allowed is not None and client_auth == "NoClientCert":
-        # Python's ssl shows the SANs of a verified certificate only, and the SANs of an unverified
-        # one prove nothing: anyone can write any name into a certificate of their own.
-        raise WebConfigError(
-            "tls_server_config.client_allowed_sans needs client_auth_type VerifyClientCertIfGiven or "
-            "RequireAndVerifyClientCert (with client_ca_file)"
-        )
-    min_version = _version("min_version", section.get("min_version", "TLS12"))
-    max_version = _version("max_version", section.get("max_version", "TLS13"))
-    if min_version > max_version:
-        raise WebConfigError("tls_server_config.min_version is above max_version: no connection could be made")
-    if min_version < ssl.TLSVersion.TLSv1_2:
-        # Measured with OpenSSL 3.0: the handshake fails with NO_CIPHERS_AVAILABLE below TLS 1.2.
-        notes.append("tls_server_config.min_version: OpenSSL 3 offers no TLS 1.0 or 1.1 cipher at its default level")
-    return TLSServerConfig(
-        cert=cert,
-        key=key,
-        client_auth=client_auth,
-        client_ca=client_ca,
-        min_version=min_version,
-        max_version=max_version,
-        cipher_suites=_cipher_suites(section.get("cipher_suites")),
-        curve=_curve(section.get("curve_preferences"), notes),
-        prefer_server_cipher_suites=bool_(
-            "tls_server_config.prefer_server_cipher_suites", section.get("prefer_server_cipher_suites", True)
-        ),
-        client_allowed_sans=frozenset(allowed) if allowed is not None else None,
-    )
-
-
-def _pem(text: Mapping[str, str], name: str, base: Path) -> Pem | None:
-    inline, path = text[name], text[name + "_file"]
-    if inline and path:
-        raise WebConfigError(f"tls_server_config sets both {name} and {name}_file: give one")
-    if path:
-        return base / path  # an absolute path stays as it is
-    return Inline(inline.encode()) if inline else None
-
-
-def _client_auth(value: str, has_ca: bool, notes: list[str]) -> ClientAuth:
-    name = {"": "NoClientCert", "RequireClientCert": "RequireAnyClientCert"}.get(value, value)
-    if name not in _CLIENT_AUTH:
-        raise WebConfigError(
-            f"tls_server_config.client_auth_type: invalid {value!r}; expected {', '.join(_CLIENT_AUTH)}"
-        )
-    if name == "NoClientCert" and has_ca:
-        raise WebConfigError("tls_server_config: client CAs are configured without a client_auth_type")
-    if name == "RequireAnyClientCert":
-        # Python's ssl verifies every certificate it asks for: it cannot require one without checking it.
-        raise WebConfigError(
-            "tls_server_config.client_auth_type RequireAnyClientCert (a certificate, never verified) cannot be "
-            "served by Python's ssl; use RequireAndVerifyClientCert with client_ca_file"
-        )
-    if name == "RequestClientCert":
-        # The toolkit asks for a certificate and lets every client in whatever it sends; Python's ssl
-        # would verify what it asked for, so it does not ask: the same clients get in.
-        notes.append("tls_server_config.client_auth_type RequestClientCert: no certificate is requested (none is used)")
-        return "NoClientCert"
-    if name == "NoClientCert":
-        return "NoClientCert"
-    if not has_ca:
-        # Go would fall back to the system's CAs: every public CA's client certificates would be let in.
-        raise WebConfigError(f"tls_server_config.client_auth_type {name} needs client_ca_file (or client_ca)")
-    return "VerifyClientCertIfGiven" if name == "VerifyClientCertIfGiven" else "RequireAndVerifyClientCert"
-
-
-def _version(name: str, value: object) -> ssl.TLSVersion:
-    text = string(f"tls_server_config.{name}", value)
-    if text not in TLS_VERSIONS:
-        raise WebConfigError(
-            f"tls_server_config.{name}: unknown TLS version {text!r}; expected TLS10, TLS11, TLS12 or TLS13"
-        )
-    return TLS_VERSIONS[text]
-
-
-def _cipher_suites(value: object) -> tuple[int, ...]:
-    names = list_("tls_server_config.cipher_suites", value) or []
-    for name in names:
-        if name not in CIPHER_SUITES:
-            raise WebConfigError(
-                f"tls_server_config.cipher_suites: unknown cipher {name!r} (Go's tls.CipherSuites() names)"
-            )
-    return tuple(dict.fromkeys(CIPHER_SUITES[n] for n in names if CIPHER_SUITES[n] not in TLS13_SUITES))
-
-
-def _curve(value: object, notes: list[str]) -> str | None:
-    names = list_("tls_server_config.curve_preferences", value) or []
-    for name in names:
-        if name not in CURVES:
-            raise WebConfigError(
-                f"tls_server_config.curve_preferences: unknown curve {name!r}; expected {', '.join(CURVES)}"
-            )
-    if len(set(names)) > 1:
-        # Python's ssl sets one curve (SSLContext.set_ecdh_curve): the most preferred one keeps the
-        # restriction the list asks for; Prometheus and other Go clients support all four.
-        notes.append(
-            f"tls_server_config.curve_preferences: Python's ssl offers one curve, {names[0]}, the first listed"
-        )
-    return CURVES[names[0]] if names else None
-
-
-# -- basic_auth_users, http_server_config, rate_limit ---------------------------------------------
-
-
-def _users(value: object) -> dict[str, bytes]:
-    users: dict[str, bytes] = {}
-    for user, hashed in mapping("basic_auth_users", value, None).items():
-        name = string("basic_auth_users key", user)
-        text = string(f"basic_auth_users.{name}", hashed)
-        match = _BCRYPT.fullmatch(text.encode())
-        # Never the value itself in the message: it may be a password pasted in by mistake.
-        if match is None or not 4 <= int(match[1]) <= 31:
-            raise WebConfigError(
-                f"basic_auth_users.{name}: not a bcrypt hash ($2y$10$ and 53 characters; htpasswd -nB)"
-            )
-        users[name] = text.encode()
-    return users
-
-
-def _headers(value: object) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for name, raw in mapping("http_server_config.headers", value, None).items():
-        if name not in HEADERS:
-            raise WebConfigError(
-                f"http_server_config.headers: HTTP header {name!r} cannot be configured; expected {', '.join(HEADERS)}"
-            )
-        text = string(f"http_server_config.headers.{name}", raw)
-        allowed = HEADERS[name]
-        if allowed and text not in allowed:
-            raise WebConfigError(
-                f"http_server_config.headers.{name}: invalid value {text!r}; expected {' or '.join(allowed)}"
-            )
-        if not all(" " <= c <= "~" for c in text):
-            raise WebConfigError(f"http_server_config.headers.{name}: only printable ASCII can go in a header")
-        if text:  # "Unset if blank"
-            headers[name] = text
-    return headers
-
-
-def _rate_limit(value: object) -> RateLimit | None:
-    section = mapping("rate_limit", value, ("interval", "burst"))
-    interval = duration("rate_limit.interval", section.get("interval", 0))
-    burst = section.get("burst", 0)
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
-        raise WebConfigError("rate_limit.burst must be a whole number, 0 or more")
-    if interval == 0:
-        return None  # the toolkit's "0 disables the rate limiter"
-    # burst 0 lets nothing through, as Go's rate.Limiter does: the toolkit's own tests rely on it.
-    return RateLimit(interval=interval, burst=burst)
-
-
-# -- re-reading -----------------------------------------------------------------------------------
+    try:
+        # An empty file: plain HTTP, no auth (as in the toolkit).
+        return WebConfig.model_validate({} if doc is None else doc, context={"base": base})
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+    # A key from the file is quoted when it could break the line.
+    loc = [str(part) if str(part).isprintable() else repr(part) for part in error["loc"]]
+    # A mapping's key that is not right: the mapping's name, not the key (it could be anything).
+    where = ".".join(loc[:-2]) + " key" if loc[-1:] == ["[key]"] else ".".join(loc) or "web config"
+    problem = "Input should be a mapping" if error["type"] == "model_type" else error["msg"]
+    raise WebConfigError(f"{where}: {problem.removeprefix('Value error, ')}")
 
 
 class WebConfigFile:
@@ -364,7 +315,10 @@ class WebConfigFile:
 
     def current(self) -> WebConfig:
         """The file as it is now; WebConfigError if it cannot be read or is not right."""
-        raw = read(self.path)
+        try:
+            raw = validation.small_file(self.path)
+        except ValueError as exc:
+            raise WebConfigError(str(exc)) from None
         if raw != self._raw or self._result is None:
             try:
                 self._result = self._parse(raw, self.path.parent)

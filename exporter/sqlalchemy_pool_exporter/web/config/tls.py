@@ -1,17 +1,10 @@
 """TLS from the web config file: a server SSLContext for each version of the file and of the files it names.
 
-How certificates reload. The toolkit builds its whole TLS configuration again for every handshake
-(Go's GetConfigForClient), so a rotated certificate, key or client CA, or any other changed field,
-applies to the next connection, with no restart. asyncio ties one SSLContext to a listening socket
-(`create_server(ssl=)`), and an `sni_callback` that swaps the context mid-handshake changes the
-certificate but not the verify mode, protocol versions or ciphers: OpenSSL copied those from the
-first context when the connection was made. So our server accepts plain TCP and upgrades each
-connection with the public `loop.start_tls()`, asking `TLSReloader` for the TLS of that moment
-(connections.py): every field reloads, as in the toolkit. It re-reads the web config file and the
-PEM files at each new connection (~30 µs for the file and three PEM files, measured here, next to
-~3 ms for a handshake, both ends) and builds a context only when their bytes change (~2 ms); reading the bytes,
-not comparing mtimes, also catches a rewrite within the same timestamp tick, and the key is loaded
-from the very bytes compared, never from a file that could have changed in between.
+Every field reloads, as in the toolkit (Go's GetConfigForClient): an `sni_callback` could swap the
+certificate but not the verify mode, versions or ciphers, so the server accepts plain TCP and upgrades
+each connection with `loop.start_tls()` and the TLS of that moment (web/connections.py). The files are
+re-read per connection (~30 µs, measured, against ~3 ms for a handshake) and a context is built only
+when their bytes change (~2 ms); the key is loaded from the very bytes compared.
 """
 
 from __future__ import annotations
@@ -24,24 +17,37 @@ import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ... import validation
 from ..connections import TLS
-from .file import CIPHER_SUITES, Inline, Pem, TLSServerConfig, WebConfigError, WebConfigFile
+from .file import (
+    CIPHER_SUITES,
+    CURVES,
+    TLS13_SUITES,
+    TLS_VERSIONS,
+    Inline,
+    TLSServerConfig,
+    WebConfig,
+    WebConfigError,
+    WebConfigFile,
+)
 
 _VERIFY = {
     "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_NONE,  # see WebConfig.notes
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
 _GO_NAME = {code: name for name, code in CIPHER_SUITES.items()}
+PemName = Literal["cert", "key", "client_ca"]
 
 
-def read_pem(pem: Pem, field: str) -> bytes:
-    """The bytes of an inline PEM block or of the (small, regular) file it names."""
-    if isinstance(pem, Inline):
-        return bytes(pem)
+def read_pem(config: TLSServerConfig, field: PemName) -> bytes | None:
+    """The bytes of a PEM block given inline or of the (small, regular) file that holds it."""
+    pem = config.pem(field)
+    if pem is None or isinstance(pem, Inline):
+        return pem
     try:
         return validation.small_file(pem)
     except ValueError as exc:
@@ -51,30 +57,30 @@ def read_pem(pem: Pem, field: str) -> bytes:
 def build(config: TLSServerConfig, cert: bytes, key: bytes, client_ca: bytes | None) -> TLS:
     """The server side of one version of tls_server_config; WebConfigError if OpenSSL refuses any of it."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = config.min_version
-    context.maximum_version = config.max_version
-    if config.cipher_suites:
-        names = openssl_ciphers(config.cipher_suites)
+    context.minimum_version = TLS_VERSIONS[config.min_version]
+    context.maximum_version = TLS_VERSIONS[config.max_version]
+    # The TLS 1.0-1.2 suites, each once: the TLS 1.3 ones cannot be chosen (in Go either).
+    suites = tuple(c for c in dict.fromkeys(CIPHER_SUITES[n] for n in config.cipher_suites) if c not in TLS13_SUITES)
+    if suites:
         try:
-            context.set_ciphers(":".join(names))
+            context.set_ciphers(":".join(openssl_ciphers(suites)))
         except ssl.SSLError:
             raise WebConfigError("tls_server_config.cipher_suites: OpenSSL accepts none of them here") from None
-    if config.curve is not None:
-        context.set_ecdh_curve(config.curve)
+    if config.curve_preferences:
+        context.set_ecdh_curve(CURVES[config.curve_preferences[0]])  # one curve: see WebConfig.notes
     if not config.prefer_server_cipher_suites:
         context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     _load_key_pair(context, config, cert, key)
-    if config.client_auth != "NoClientCert":
-        assert client_ca is not None, "webconfig requires a client CA for the verifying modes"
+    verify = _VERIFY[config.client_auth_type]
+    if verify != ssl.CERT_NONE:
+        assert client_ca is not None, "the web config requires a client CA for the verifying modes"
         try:
             context.load_verify_locations(cadata=client_ca.decode("ascii"))
         except (ssl.SSLError, UnicodeDecodeError, ValueError):
-            raise WebConfigError(
-                f"tls_server_config.{_name(config.client_ca, 'client_ca')}: no PEM certificate"
-            ) from None
-        context.verify_mode = _VERIFY[config.client_auth]
-    accepts = san_check(config.client_allowed_sans) if config.client_allowed_sans is not None else None
-    return TLS(context, accepts)
+            raise WebConfigError(f"tls_server_config.{_name(config, 'client_ca')}: no PEM certificate") from None
+        context.verify_mode = verify
+    sans = config.client_allowed_sans
+    return TLS(context, san_check(frozenset(sans)) if sans is not None else None)
 
 
 @functools.cache
@@ -118,30 +124,35 @@ def san_check(allowed: frozenset[str]) -> Callable[[dict[str, Any] | None], bool
     return accepts
 
 
-def _name(pem: Pem | None, field: str) -> str:
+def _name(config: TLSServerConfig, field: PemName) -> str:
+    pem = config.pem(field)
     return field if isinstance(pem, Inline) else f"{field}_file {pem}"
 
 
-class _PassPhraseNeeded(Exception):
-    pass
+class EncryptedKey(Exception):
+    """The key needs a pass phrase: never asked for, a service has no one at the terminal."""
 
 
 def _no_pass_phrase() -> bytes:
-    # Never OpenSSL's pass phrase prompt: a service has no one at the terminal.
-    raise _PassPhraseNeeded
+    raise EncryptedKey
+
+
+def load_key_pair(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Load a PEM certificate (chain) and its key from their bytes; ssl.SSLError, or EncryptedKey."""
+    with _pem_path(cert) as cert_path, _pem_path(key) as key_path:
+        context.load_cert_chain(cert_path, key_path, password=_no_pass_phrase)
 
 
 def _load_key_pair(context: ssl.SSLContext, config: TLSServerConfig, cert: bytes, key: bytes) -> None:
-    with _pem_path(cert) as cert_path, _pem_path(key) as key_path:
-        try:
-            context.load_cert_chain(cert_path, key_path, password=_no_pass_phrase)
-        except _PassPhraseNeeded:
-            raise WebConfigError(
-                f"tls_server_config.{_name(config.key, 'key')} is encrypted: give an unencrypted key"
-            ) from None
-        except ssl.SSLError as exc:
-            what = f"{_name(config.cert, 'cert')} with {_name(config.key, 'key')}"
-            raise WebConfigError(f"tls_server_config: cannot load {what}: {exc.reason}") from None
+    try:
+        load_key_pair(context, cert, key)
+    except EncryptedKey:
+        raise WebConfigError(
+            f"tls_server_config.{_name(config, 'key')} is encrypted: give an unencrypted key"
+        ) from None
+    except ssl.SSLError as exc:
+        what = f"{_name(config, 'cert')} with {_name(config, 'key')}"
+        raise WebConfigError(f"tls_server_config: cannot load {what}: {exc.reason}") from None
 
 
 @contextlib.contextmanager
@@ -175,14 +186,17 @@ class TLSReloader:
         self._result: TLS | WebConfigError | None = None
 
     def __call__(self) -> TLS:
-        config = self.source.current().tls
+        return self.tls_for(self.source.current())
+
+    def tls_for(self, web_config: WebConfig) -> TLS:
+        """The TLS of `web_config` (a version of the file just read), built again only if it or a PEM changed."""
+        config = web_config.tls
         if config is None:
             raise WebConfigError(
                 "tls_server_config is gone, but the server was started with TLS: restart to serve HTTP"
             )
-        cert = read_pem(config.cert, "cert")
-        key = read_pem(config.key, "key")
-        client_ca = read_pem(config.client_ca, "client_ca") if config.client_ca is not None else None
+        cert, key, client_ca = (read_pem(config, name) for name in ("cert", "key", "client_ca"))
+        assert cert is not None and key is not None, "the web config requires both"
         state = (config, cert, key, client_ca)
         if state != self._key or self._result is None:
             try:

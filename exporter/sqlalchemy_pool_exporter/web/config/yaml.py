@@ -1,21 +1,16 @@
-"""Strict YAML for the web config file: a safe loader that refuses a repeated key, getters that check
-a value's type and name the field in their one-line error, and Go's durations.
-
-Go's YAML decoder (go.yaml.in/yaml/v2, which the toolkit uses strictly) is what these follow: a
-number written where a string goes is its text (`X-XSS-Protection: 1`), a duration is Go's
+"""Strict YAML for the web config file: a safe loader that refuses a repeated key, and the two scalar
+rules of Go's YAML decoder (go.yaml.in/yaml/v2, which the toolkit uses strictly) that pydantic lacks:
+a number written where a string goes is its text (`X-XSS-Protection: 1`), and a duration is Go's
 `time.ParseDuration` syntax or a whole number of nanoseconds.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-
-# Go's time.ParseDuration: a sequence of decimal numbers with units, e.g. "1s", "1.5m", "1m30s".
-_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+from pydantic import BeforeValidator
 
 
 class WebConfigError(ValueError):
@@ -54,50 +49,6 @@ def _where(mark: Any) -> str:
     return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
-def mapping(name: str, value: object, fields: tuple[str, ...] | None) -> dict[Any, Any]:
-    """A mapping (absent: empty) whose keys are all in `fields` (None: any key)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise WebConfigError(f"{name} must be a mapping, got {_kind(value)}")
-    if fields is not None:
-        for key in value:
-            if key not in fields:
-                raise WebConfigError(f"{name}: unknown field {str(key)!r}; expected {', '.join(fields)}")
-    return value
-
-
-def string(name: str, value: object) -> str:
-    """A string; a number stands for its text."""
-    # Go's YAML decoder gives a number written where a string goes as its text (`X-XSS-Protection: 1`).
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise WebConfigError(f"{name} must be a string, got {_kind(value)}")
-    return value
-
-
-def bool_(name: str, value: object) -> bool:
-    """true or false."""
-    if not isinstance(value, bool):
-        raise WebConfigError(f"{name} must be true or false, got {_kind(value)}")
-    return value
-
-
-def list_(name: str, value: object) -> list[str] | None:
-    """A list of strings, or None when absent."""
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise WebConfigError(f"{name} must be a list, got {_kind(value)}")
-    return [string(f"{name} entry", item) for item in value]
-
-
-def _kind(value: object) -> str:
-    kinds = {dict: "a mapping", list: "a list", bool: "a boolean", str: "a string", int: "a number", float: "a number"}
-    return kinds.get(type(value), type(value).__name__)
-
-
 # libyaml's parser where PyYAML has it (its wheels do): a 1 MiB file of users parses in 0.3 s, not 2.6 s.
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -121,18 +72,38 @@ class _StrictLoader(_Loader):  # type: ignore[misc]
         return mapping
 
 
-def duration(name: str, value: object) -> float:
+def _number_as_text(value: object) -> object:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+# A string; a number stands for its text, as in Go (a boolean does not).
+GoStr = Annotated[str, BeforeValidator(_number_as_text)]
+
+# Go's time.ParseDuration: a sequence of decimal numbers with units, e.g. "1s", "1.5m", "1m30s".
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _seconds(value: object) -> float:
     """Go's time.Duration in YAML: a duration string ("1s", "1m30s"), or a whole number of nanoseconds."""
+    text = value.strip() if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value * 1e-9
-    elif isinstance(value, str) and value.strip() in ("0", ""):
+    elif text in ("0", ""):
         seconds = 0.0
-    elif isinstance(value, str) and (parts := _DURATION_PART.findall(value.strip())):
-        if "".join(n + u for n, u in parts) != value.strip() or any(n in ("", ".") for n, _ in parts):
-            raise WebConfigError(f"{name}: not a duration: {value!r} (e.g. 1s, 500ms, 1m30s)")
+    elif (
+        text
+        and (parts := _DURATION_PART.findall(text))
+        and "".join(n + u for n, u in parts) == text
+        and all(n not in ("", ".") for n, _ in parts)
+    ):
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     else:
-        raise WebConfigError(f"{name}: not a duration: {value!r} (e.g. 1s, 500ms, 1m30s)")
+        raise ValueError(f"not a duration: {value!r} (e.g. 1s, 500ms, 1m30s)")
     if seconds < 0:
-        raise WebConfigError(f"{name} must not be negative")
+        raise ValueError("must not be negative")
     return seconds
+
+
+# Seconds, from a Go duration.
+Duration = Annotated[float, BeforeValidator(_seconds)]
