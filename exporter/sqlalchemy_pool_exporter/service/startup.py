@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import validation
-from ..web.config import TLSReloader, WebConfigError, WebConfigFile
-from ..web.config.tls import EncryptedKey, load_key_pair
+from ..web.config.file import WebConfigError, WebConfigFile
+from ..web.config.tls import EncryptedKey, TLSReloader, load_key_pair
 from .settings import SettingError, Settings
 
 
