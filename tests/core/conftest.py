@@ -86,19 +86,6 @@ async def terminate_backend(pid: int) -> None:
         await conn.close()
 
 
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
-    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
-    made = Exporter(registry)
-    yield made
-    made.close()
-
-
 PgEngineFactory = Callable[..., tuple[AsyncEngine, str]]
 
 

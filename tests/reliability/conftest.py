@@ -197,19 +197,6 @@ async def make_engine(live_cluster: Cluster) -> AsyncIterator[Callable[..., tupl
             await asyncio.wait_for(engine.dispose(), 10)
 
 
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
-    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
-    made = Exporter(registry)
-    yield made
-    made.close()
-
-
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
 

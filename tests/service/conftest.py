@@ -14,13 +14,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.web.app import Server
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -56,19 +54,6 @@ def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
-    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
-    made = Exporter(registry)
-    yield made
-    made.close()
 
 
 @pytest.fixture
