@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# `make test` leaves out the benchmark harness's smoke tests (minutes of subprocesses to show finite
+# numbers); `make test-bench` runs just those, and CI runs both. PYTEST_MARK= runs everything.
+PYTEST_MARK ?= not bench
 
-.PHONY: setup services lint test matrix demo bench clean
+.PHONY: setup services lint test test-bench matrix demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +25,13 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: setup services lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "$(PYTEST_MARK)" $(PYTEST_ARGS)
+
+test-bench: setup services
+	$(PY) -m pytest -m bench $(PYTEST_ARGS)
 
 # tests/core and tests/service on the declared floors and the latest releases, one venv each under
-# .matrix/ (docs/compatibility.md). CI runs it after `make test`.
+# .matrix/ (docs/compatibility.md). CI runs it after `make test` and `make test-bench`.
 matrix: services
 	$(PYTHON) scripts/matrix.py $(MATRIX_ARGS)
 

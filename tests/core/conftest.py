@@ -21,6 +21,8 @@ from sqlalchemy.pool import QueuePool
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
 
+from ..conftest import sample as sample  # the core tests import it from here
+
 PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("PGPORT", "5432"))
 PG_DB = os.environ.get("PGDATABASE", "test")
@@ -30,11 +32,6 @@ PG_DSN = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}"
 PG_NAME = f"{PG_HOST}:{PG_PORT}/{PG_DB}"
 
 _app_names = itertools.count(1)
-
-
-def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
-    """One sample's value, or None when the series is absent."""
-    return registry.get_sample_value(name, labels)
 
 
 def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
@@ -84,19 +81,6 @@ async def terminate_backend(pid: int) -> None:
         raise AssertionError(f"backend {pid} still alive")
     finally:
         await conn.close()
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
-    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
-    made = Exporter(registry)
-    yield made
-    made.close()
 
 
 PgEngineFactory = Callable[..., tuple[AsyncEngine, str]]

@@ -39,6 +39,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
 
+# Re-exported (`X as X`): the reliability tests import clean_env, metric and samples_of from here.
+from ..conftest import clean_env as clean_env
+from ..conftest import metric as metric
+from ..conftest import sample
+from ..conftest import samples_of as samples_of
+
 # Set in every scenario's URL; nothing we emit may ever contain it.
 SECRET = "Hunter2-XyZZy-91c5"
 USER = "app"
@@ -197,29 +203,6 @@ async def make_engine(live_cluster: Cluster) -> AsyncIterator[Callable[..., tupl
             await asyncio.wait_for(engine.dispose(), 10)
 
 
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
-    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
-    made = Exporter(registry)
-    yield made
-    made.close()
-
-
-def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
-    return registry.get_sample_value(name, labels)
-
-
-@pytest.fixture
-def sample() -> Callable[..., float | None]:
-    """`sample(registry, name, **labels)`: one sample's value, None when absent."""
-    return value
-
-
 # -- what really happened --------------------------------------------------------------------------
 
 
@@ -278,14 +261,14 @@ async def assert_at_rest(
     assert handle.stats.waiting == []
     assert handle.stats.checkouts == {}
     name = handle.name
-    assert value(registry, "sqlalchemy_pool_connections", pool=name, state="used") == 0
-    assert value(registry, "sqlalchemy_pool_pending_requests", pool=name) == 0
-    assert value(registry, "sqlalchemy_pool_oldest_pending_seconds", pool=name) == 0
-    assert value(registry, "sqlalchemy_pool_oldest_checkout_seconds", pool=name) == 0
-    assert (value(registry, "sqlalchemy_pool_overflow_connections", pool=name) or 0) >= 0
-    idle = value(registry, "sqlalchemy_pool_connections", pool=name, state="idle")
-    created = value(registry, "sqlalchemy_pool_connections_created_total", pool=name)
-    closed = value(registry, "sqlalchemy_pool_connections_closed_total", pool=name)
+    assert sample(registry, "sqlalchemy_pool_connections", pool=name, state="used") == 0
+    assert sample(registry, "sqlalchemy_pool_pending_requests", pool=name) == 0
+    assert sample(registry, "sqlalchemy_pool_oldest_pending_seconds", pool=name) == 0
+    assert sample(registry, "sqlalchemy_pool_oldest_checkout_seconds", pool=name) == 0
+    assert sample(registry, "sqlalchemy_pool_overflow_connections", pool=name) == 0
+    idle = sample(registry, "sqlalchemy_pool_connections", pool=name, state="idle")
+    created = sample(registry, "sqlalchemy_pool_connections_created_total", pool=name)
+    closed = sample(registry, "sqlalchemy_pool_connections_closed_total", pool=name)
     assert created is not None and closed is not None and idle is not None
     assert created - closed == idle, (created, closed, idle)
     # The server's count is the final word on what is open.
@@ -354,14 +337,6 @@ def emitted(request: pytest.FixtureRequest) -> Iterator[Emitted]:
 @pytest.fixture
 def secret() -> str:
     return SECRET
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, step: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(step)
 
 
 # -- scraping while faults happen -----------------------------------------------------------------
@@ -481,13 +456,6 @@ default_exporter().flush()
 print("ready", flush=True)
 sys.stdin.read()  # until the test closes our stdin: then a clean exit
 """
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """Our environment without any POOL_EXPORTER_ or multiprocess setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POOL_EXPORTER_", "PROMETHEUS_MULTIPROC"))}
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -642,17 +610,3 @@ async def get(base: str, path: str, timeout: float = 20.0) -> tuple[int, str]:
     timeouts = aiohttp.ClientTimeout(total=timeout)
     async with aiohttp.ClientSession(timeout=timeouts) as http, http.get(base + path) as r:
         return r.status, await r.text()
-
-
-def samples_of(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-    }
-
-
-def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,14 +13,21 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.web.app import Server
+
+from ..conftest import Samples
+
+# The service tests' own names for the shared helpers (they import them from here): `sample` here reads
+# a scraped page, where the core tests' `sample` reads a registry.
+from ..conftest import clean_env as cli_env
+from ..conftest import metric as sample
+from ..conftest import samples_of as parse
+
+__all__ = ["cli_env", "parse", "sample"]
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,36 +45,11 @@ async def serving(app: web.Application, **kwargs: object) -> AsyncIterator[Serve
         await server.stop()
 
 
-async def scrape(url: str, **kwargs: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(url: str, **kwargs: object) -> Samples:
     """GET a /metrics URL and index every sample by (name, sorted labels)."""
     async with aiohttp.ClientSession() as client, client.get(url, **kwargs) as response:  # type: ignore[arg-type]
         assert response.status == 200, await response.text()
         return parse(await response.text())
-
-
-def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture
-def exporter(registry: CollectorRegistry) -> Iterator[Exporter]:
-    """An Exporter of the test's own registry; closed after the test (every engine uninstrumented)."""
-    made = Exporter(registry)
-    yield made
-    made.close()
 
 
 @pytest.fixture
@@ -92,10 +73,3 @@ def wait_for_line(proc: subprocess.Popen[str], pattern: str, lines: list[str], l
         if m:
             return m
     raise AssertionError(f"no line matched {pattern!r}:\n" + "".join(lines))
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI subprocess: ours minus any POOL_EXPORTER_/multiprocess settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POOL_EXPORTER_", "PROMETHEUS_MULTIPROC"))}
-    env.update(extra)
-    return env
