@@ -30,7 +30,7 @@ test: setup services lint
 test-bench: setup services
 	$(PY) -m pytest -m bench $(PYTEST_ARGS)
 
-# tests/core and tests/service on the declared floors and the latest releases, one venv each under
+# The library and service tests (scripts/matrix.py TESTS) on the declared floors and the latest releases, one venv each under
 # .matrix/ (docs/compatibility.md). CI runs it after `make test` and `make test-bench`.
 matrix: services
 	$(PYTHON) scripts/matrix.py $(MATRIX_ARGS)

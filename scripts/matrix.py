@@ -1,4 +1,6 @@
-"""Run tests/core and tests/service against the declared dependency floors and the latest releases.
+"""Run the library and service tests against the declared dependency floors and the latest releases.
+
+The tests are tests/core, instrumentation, exposition, sidecar, web and service (TESTS).
 
 One venv per combination under .matrix/, built from the project's wheel and pinned requirements;
 the floors are read from pyproject.toml, so a declared floor is always a tested one.
@@ -26,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".matrix"
-TESTS = ["tests/core", "tests/service"]
-# What tests/core and tests/service import beyond the package (the rest of the dev extra is lint,
+TESTS = [f"tests/{room}" for room in ("core", "instrumentation", "exposition", "sidecar", "web", "service")]
+# What those tests import beyond the package (the rest of the dev extra is lint,
 # type checking and the dashboard tools, which `make test` covers on the latest set).
 TEST_DEPS = ("pytest", "pytest-asyncio", "pytest-timeout", "trustme", "asyncpg", "aiosqlite")
 # Shown in the table, in this order.

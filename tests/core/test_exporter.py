@@ -22,7 +22,7 @@ from sqlalchemy_pool_exporter.instrumentation.dialect import STATEMENT_METHODS, 
 from sqlalchemy_pool_exporter.instrumentation.handle import MARKER
 from sqlalchemy_pool_exporter.web.app import Server, make_app
 
-from .conftest import sample
+from ..conftest import sample
 
 WRAPPED = {"connect", "is_disconnect", *TRANSACTION_METHODS, *STATEMENT_METHODS, MARKER}
 

@@ -18,7 +18,7 @@ import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.instrumentation.dialect import STATEMENT_METHODS, TRANSACTION_METHODS
 
-from .conftest import PG_NAME, PgEngineFactory, sample, series
+from ..conftest import PG_NAME, PgEngineFactory, sample, series
 
 
 def pool_labels(registry: CollectorRegistry) -> set[str]:

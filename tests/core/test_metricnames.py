@@ -14,7 +14,7 @@ from sqlalchemy_pool_exporter import Exporter, catalog, metricnames, validation
 from sqlalchemy_pool_exporter.exposition.render import Exposition
 from sqlalchemy_pool_exporter.metricnames import db_system, otel_name, prometheus_label, prometheus_name, view
 
-from .conftest import PgEngineFactory, orders_sqlite
+from ..conftest import PgEngineFactory, orders_sqlite
 
 # The pool metrics of semantic conventions 1.44.0 (model/db/metrics.yaml): name -> (instrument, unit),
 # and the Prometheus name the translation gives each.

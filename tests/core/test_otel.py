@@ -26,7 +26,7 @@ from sqlalchemy.pool import QueuePool
 
 from sqlalchemy_pool_exporter import Exporter, __version__, catalog, metricnames
 
-from .conftest import PgEngineFactory, orders_sqlite
+from ..conftest import PgEngineFactory, orders_sqlite
 
 HAVE_SDK = importlib.util.find_spec("opentelemetry.sdk") is not None
 needs_sdk = pytest.mark.skipif(not HAVE_SDK, reason="the otel extra is not installed")

@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, event, text
 
 import sqlalchemy_pool_exporter as pool_exporter
 
-from .conftest import PG_URL, PgEngineFactory
+from ..conftest import PG_URL, PgEngineFactory
 
 
 async def test_plugin_instruments_with_url_options_the_driver_never_sees(pg_engine: PgEngineFactory) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
 
-from .conftest import PG_NAME, PgEngineFactory, sample
+from ..conftest import PG_NAME, PgEngineFactory, sample
 
 TABLE = f"core_session_{os.getpid()}"
 

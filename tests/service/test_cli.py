@@ -10,7 +10,9 @@ import pytest
 
 from sqlalchemy_pool_exporter.service.cli import main
 
-from .conftest import PG_URL, PYTHON, cli_env, sample, scrape, wait_for_line
+from ..conftest import PG_URL, PYTHON, scrape, wait_for_line
+from ..conftest import clean_env as cli_env
+from ..conftest import metric as sample
 
 BAD = [
     (["serve", "--port", "70000"], {}, "port"),

@@ -11,7 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import PG_URL, PYTHON, cli_env, parse, sample, wait_for_line
+from ..conftest import PG_URL, PYTHON, wait_for_line
+from ..conftest import clean_env as cli_env
+from ..conftest import metric as sample
+from ..conftest import samples_of as parse
 
 DURATION = "6"
 

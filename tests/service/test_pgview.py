@@ -13,7 +13,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy_pool_exporter.service.pgview import ServerView
 from sqlalchemy_pool_exporter.web.app import make_app
 
-from .conftest import PG_URL, sample, scrape, serving
+from ..conftest import PG_URL, scrape, serving
+from ..conftest import metric as sample
 
 pytestmark = pytest.mark.postgres
 

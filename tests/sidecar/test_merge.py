@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy_pool_exporter.sidecar.merge import JOURNAL, Sidecar
 from sqlalchemy_pool_exporter.web.app import make_app
 
-from .conftest import PYTHON, cli_env, sample, scrape, serving
+from ..conftest import PYTHON, scrape, serving
+from ..conftest import clean_env as cli_env
+from ..conftest import metric as sample
 
 WORKER = textwrap.dedent(
     """

@@ -34,7 +34,7 @@ from sqlalchemy_pool_exporter.exposition.render import Exposition, format_of
 from sqlalchemy_pool_exporter.metricnames import NAMES
 from sqlalchemy_pool_exporter.web.app import Server, make_app
 
-from .conftest import PG_URL, PgEngineFactory, sample
+from ..conftest import PG_URL, PgEngineFactory, sample
 
 Encoder = Callable[[Any], bytes]
 ENCODERS: dict[str, Encoder] = {"text": generate_latest, "openmetrics": openmetrics.generate_latest}

@@ -19,7 +19,7 @@ from sqlalchemy.pool import QueuePool
 
 from sqlalchemy_pool_exporter import Exporter
 
-from .conftest import PG_NAME, PgEngineFactory, poll, poll_sync, real_connections, sample, terminate_backend
+from ..conftest import PG_NAME, PgEngineFactory, poll, poll_sync, real_connections, sample, terminate_backend
 
 P = {"pool": PG_NAME}
 

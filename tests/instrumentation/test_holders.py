@@ -17,7 +17,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from sqlalchemy_pool_exporter import Exporter, holder, session_scope
 from sqlalchemy_pool_exporter.instrumentation import holders
 
-from .conftest import poll_sync, sample, series
+from ..conftest import poll_sync, sample, series
 
 
 def held(registry: CollectorRegistry, pool: str) -> dict[str, float]:

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
 
-from .conftest import PgEngineFactory, poll, poll_sync
+from ..conftest import PgEngineFactory, poll, poll_sync
 
 
 def exporter_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:

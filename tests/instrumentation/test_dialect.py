@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_pool_exporter import Exporter
 
-from .conftest import PG_NAME, PgEngineFactory, sample
+from ..conftest import PG_NAME, PgEngineFactory, sample
 
 TABLE = f"core_tx_{os.getpid()}"
 

@@ -15,7 +15,9 @@ from sqlalchemy_pool_exporter import Exporter
 from sqlalchemy_pool_exporter.web.app import add_routes, make_app
 from sqlalchemy_pool_exporter.web.readyz import Readiness, check_pool
 
-from .conftest import parse, sample, serving
+from ..conftest import metric as sample
+from ..conftest import samples_of as parse
+from ..conftest import serving
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 

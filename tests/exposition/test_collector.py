@@ -12,7 +12,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from sqlalchemy_pool_exporter import Exporter
 
-from .conftest import sample, series
+from ..conftest import sample, series
 
 QUEUE_ONLY = (
     "sqlalchemy_pool_max_connections",

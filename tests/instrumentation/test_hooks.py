@@ -14,7 +14,7 @@ from sqlalchemy.pool import QueuePool
 
 from sqlalchemy_pool_exporter import Exporter
 
-from .conftest import sample
+from ..conftest import sample
 
 
 def test_a_later_patch_of_the_dialect_class_still_reaches_an_instrumented_engine(

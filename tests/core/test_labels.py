@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from sqlalchemy_pool_exporter import Exporter, pool_name, safe_url
 
-from .conftest import PG_NAME, PG_URL, PgEngineFactory, poll
+from ..conftest import PG_NAME, PG_URL, PgEngineFactory, poll
 
 SECRET = "core-s3cret-pw"
 

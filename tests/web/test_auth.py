@@ -16,7 +16,7 @@ from sqlalchemy_pool_exporter.service.settings import load
 from sqlalchemy_pool_exporter.web.app import make_app
 from sqlalchemy_pool_exporter.web.auth import Auth
 
-from .conftest import serving
+from ..conftest import serving
 
 PATHS = ("/metrics", "/readyz", "/pools", "/", "/nowhere")
 

@@ -29,7 +29,7 @@ from sqlalchemy_pool_exporter.web.config.file import WebConfigFile
 from sqlalchemy_pool_exporter.web.config.policy import WebPolicy
 from sqlalchemy_pool_exporter.web.config.tls import TLSReloader
 
-from .conftest import serving
+from ..conftest import serving
 
 # The lowest bcrypt cost: the tests count hashes, they do not need slow ones.
 COST = 4
