@@ -247,3 +247,24 @@ def wait_for_line(proc: subprocess.Popen[str], pattern: str, lines: list[str], l
         if m:
             return m
     raise AssertionError(f"no line matched {pattern!r}:\n" + "".join(lines))
+
+
+# A worker of a multi-worker app: commits, holds connections, flushes its numbers, waits for stdin to close.
+MP_WORKER = """
+import sys
+from sqlalchemy import create_engine
+from sqlalchemy.pool import QueuePool
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import default_exporter
+
+commits, held, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+engine = create_engine(f"sqlite:///{db}", poolclass=QueuePool, pool_size=5, max_overflow=0)
+pool_exporter.instrument(engine, name="app")
+for _ in range(commits):
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT 1")
+conns = [engine.connect() for _ in range(held)]
+default_exporter().flush()
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes our stdin: then a clean exit
+"""

@@ -19,14 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..conftest import clean_env as cli_env
+
 MEMORY_CAP = 2 << 30
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """Our environment without any POOL_EXPORTER_* or multiprocess setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POOL_EXPORTER_", "PROMETHEUS_MULTIPROC"))}
-    env.update(extra)
-    return env
 
 
 def _limits(nofile: int | None) -> Callable[[], None]:

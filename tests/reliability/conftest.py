@@ -40,9 +40,9 @@ import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
 
 # Re-exported (`X as X`): the reliability tests import clean_env, metric and samples_of from here.
+from ..conftest import MP_WORKER, sample
 from ..conftest import clean_env as clean_env
 from ..conftest import metric as metric
-from ..conftest import sample
 from ..conftest import samples_of as samples_of
 
 # Set in every scenario's URL; nothing we emit may ever contain it.
@@ -437,25 +437,6 @@ def raised_by_us() -> Callable[[BaseException], bool]:
 
 
 # -- the sidecar over a hostile multiprocess directory --------------------------------------------
-
-MP_WORKER = """
-import sys
-from sqlalchemy import create_engine
-from sqlalchemy.pool import QueuePool
-import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter import default_exporter
-
-commits, held, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-engine = create_engine(f"sqlite:///{db}", poolclass=QueuePool, pool_size=5, max_overflow=0)
-pool_exporter.instrument(engine, name="app")
-for _ in range(commits):
-    with engine.begin() as conn:
-        conn.exec_driver_sql("SELECT 1")
-conns = [engine.connect() for _ in range(held)]
-default_exporter().flush()
-print("ready", flush=True)
-sys.stdin.read()  # until the test closes our stdin: then a clean exit
-"""
 
 
 @dataclass

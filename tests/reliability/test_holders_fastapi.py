@@ -29,8 +29,9 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from ..conftest import Samples, samples_of
+from ..conftest import metric as value
 from .cli_process import Serving, cli_env, serving
 from .conftest import DB, Cluster, Emitted, free_port
 
@@ -115,8 +116,6 @@ APP = textwrap.dedent(
     '''
 )
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
 
 @dataclass
 class Uvicorn:
@@ -196,15 +195,7 @@ async def scrape(sidecar: Serving, emitted: Emitted) -> Samples:
         text = await response.text()
         assert response.status == 200, text
     emitted.add(text)
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
+    return samples_of(text)
 
 
 def by_holder(samples: Samples, name: str, pool: str) -> dict[str, float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,37 +14,16 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy_pool_exporter.sidecar.merge import JOURNAL, Sidecar
 from sqlalchemy_pool_exporter.web.app import make_app
 
-from ..conftest import PYTHON, scrape, serving
+from ..conftest import MP_WORKER, PYTHON, scrape, serving
 from ..conftest import clean_env as cli_env
 from ..conftest import metric as sample
-
-WORKER = textwrap.dedent(
-    """
-    import sys
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import QueuePool
-    import sqlalchemy_pool_exporter as pool_exporter
-    from sqlalchemy_pool_exporter import default_exporter
-
-    commits, held, db = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    engine = create_engine(f"sqlite:///{db}", poolclass=QueuePool, pool_size=5, max_overflow=0)
-    pool_exporter.instrument(engine, name="app")
-    for _ in range(commits):
-        with engine.begin() as conn:
-            conn.exec_driver_sql("SELECT 1")
-    conns = [engine.connect() for _ in range(held)]
-    default_exporter().flush()
-    print("ready", flush=True)
-    sys.stdin.read()  # until the test closes our stdin: then a clean exit
-    """
-)
 
 
 class Workers:
     def __init__(self, directory: Path, tmp: Path) -> None:
         self.directory = directory
         self.script = tmp / "worker.py"
-        self.script.write_text(WORKER)
+        self.script.write_text(MP_WORKER)
         self.db = tmp / "app.sqlite"
         self.procs: list[subprocess.Popen[str]] = []
 
