@@ -1,4 +1,9 @@
-"""Logging set-up for the CLI: text or JSON lines, with known secrets scrubbed from every record."""
+"""Logging set-up for the CLI: text or JSON lines, with known secrets scrubbed from every record.
+
+A text line is one line whatever it names: pool and holder names come from URLs, clients and apps,
+so what `str.isprintable()` refuses (line breaks, ANSI escapes, NUL, bidi overrides) is written as an
+escape by the formatter, once for every line (JSON escapes it already).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,25 @@ LogFormat = Literal["text", "json"]
 
 # LogRecord attributes that are not `extra=` fields.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+# The `extra=` field of a multi-line stack (a leak's checkout stack): below the line in text, a field in JSON.
+STACK = "stack"
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    named = _ESCAPES.get(char)
+    if named is not None:
+        return named
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with each character `str.isprintable()` refuses (but those in `keep`) as an escape: `\\n`, `\\x1b`."""
+    if text.isprintable():  # the common case, at C speed
+        return text
+    return "".join(c if c.isprintable() or c in keep else _escape(c) for c in text)
 
 
 class Throttle:
@@ -103,13 +127,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """One record, one line, escaped; a stack or traceback follows on lines of its own, escaped but its line breaks."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        stack = getattr(record, STACK, None)
+        tails = [stack.rstrip("\n") if isinstance(stack, str) else ""]
+        if record.exc_text:  # set by RedactFilter, scrubbed
+            tails.append(record.exc_text)
+        elif record.exc_info:
+            tails.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            tails.append(self.formatStack(record.stack_info))
+        return "\n".join([line, *(printable(tail, keep="\n") for tail in tails if tail)])
+
+
 def setup(level: str = "INFO", fmt: LogFormat = "text", secrets: Iterable[str] = ()) -> None:
     """Configure the root logger once, at the CLI edge."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(RedactFilter(secrets))
     root = logging.getLogger()
     for old in list(root.handlers):

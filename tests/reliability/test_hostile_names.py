@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import QueuePool
 
 import sqlalchemy_pool_exporter as pool_exporter
-from sqlalchemy_pool_exporter import Exporter
+from sqlalchemy_pool_exporter import Exporter, holder, logs
 from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
 
 pytestmark = pytest.mark.reliability
@@ -148,3 +149,43 @@ def test_hostile_names_through_the_sidecar(tmp_path: Path) -> None:
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     checkouts = {s.labels["pool"]: s.value for s in families["sqlalchemy_pool_checkouts"].samples}
     assert checkouts == dict.fromkeys(NAMES, 1.0)
+
+
+# A line break, an ANSI colour, NUL and a right-to-left override: each would forge or hide text in a log.
+HOSTILE = "evil\nname \x1b[31mred\x00nul\u202eesrever"
+ESCAPED = "evil\\nname \\x1b[31mred\\x00nul\\u202eesrever"
+
+
+def test_hostile_pool_and_holder_names_stay_on_one_escaped_text_log_line(
+    registry: CollectorRegistry, exporter: Exporter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fault: a pool and a holder named with a newline, an ANSI escape, NUL and an RTL override.
+
+    Through `logs.setup()` in text mode (with a secret to scrub, as the CLI runs it), the leak warning
+    that names both is one line with each of them escaped; the checkout stack follows on lines of its own.
+    """
+    logs.setup("INFO", "text", secrets=["Hunter2-not-in-this-line"])
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite", poolclass=QueuePool)
+    handle = exporter.instrument(engine, name=f"pool-{HOSTILE}", leak_threshold=0.000_001)
+    try:
+        with holder(f"holder-{HOSTILE}"), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            handle.check_leaks()  # or the watchdog did: either way, one warning
+            err = ""
+            for _ in range(1000):  # the watchdog's line may still be on its way
+                err += capsys.readouterr().err
+                if "leak threshold" in err:
+                    break
+                time.sleep(0.01)
+    finally:
+        pool_exporter.uninstrument(engine)
+        engine.dispose()
+    err += capsys.readouterr().err
+    for raw in ("\x1b", "\x00", "\u202e"):
+        assert raw not in err
+    lines = err.splitlines()
+    [at] = [i for i, line in enumerate(lines) if "leak threshold" in line]
+    assert f"pool pool-{ESCAPED}: connection held for " in lines[at]
+    assert f" by holder-{ESCAPED}, longer than the leak threshold of 1e-06s; checked out at:" in lines[at]
+    assert lines[at + 1].startswith('  File "')
+    assert "test_hostile_names.py" in "\n".join(lines[at + 1 :])

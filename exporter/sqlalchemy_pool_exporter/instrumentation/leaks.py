@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from ..logs import STACK
 from .stats import Checkout, PoolStats
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -82,14 +83,14 @@ class LeakTracker:
                 entry.slot.held_too_long += 1
             where = "".join(entry.stack.format()) if entry.stack else "(stack not captured)\n"
             holder = entry.slot.name if entry.slot is not None else None
+            # The stack goes below the line (text) or in its own field (JSON): the line itself stays one line.
             log.warning(
-                "pool %s: connection held for %.1fs%s, longer than the leak threshold of %gs; checked out at:\n%s",
+                "pool %s: connection held for %.1fs%s, longer than the leak threshold of %gs; checked out at:",
                 self.pool,
                 held,
                 f" by {holder}" if holder else "",
                 threshold,
-                where,
-                extra={"pool": self.pool, "held_seconds": round(held, 3), "holder": holder},
+                extra={"pool": self.pool, "held_seconds": round(held, 3), "holder": holder, STACK: where},
             )
         return found
 
@@ -111,8 +112,8 @@ class LeakTracker:
         log.warning(
             "pool %s: a connection was never returned and the garbage collector reclaimed it%s",
             self.pool,
-            f"; it was checked out at:\n{where}" if where else "",
-            extra={"pool": self.pool},
+            "; it was checked out at:" if where else "",
+            extra={"pool": self.pool, STACK: where} if where else {"pool": self.pool},
         )
 
     # -- the watchdog ---------------------------------------------------------------------------
