@@ -4,19 +4,26 @@ Two thin adapters over instrumentation/holders.py: an aiohttp middleware (aiohtt
 so the template is known at once) and an ASGI middleware for Starlette and FastAPI (they route
 inside the app, after the middleware: the name is resolved at the request's first checkout, from
 `scope["route"]`, which Starlette sets when it matches; checked on Starlette 1.10 / FastAPI 0.165).
-A request no route matched is `GET (unmatched)`: an attacker's random paths cannot grow the series.
+The client chooses the method and the path, so neither may choose a name: a request no route matched
+is `(unmatched)` whatever its method, and a method is named as sent only when it is a standard one or
+one the matched route declares, else `OTHER`. Random paths and forged methods (WebDAV's, or any token
+h11 accepts) cannot use up `max_holders`: the routes the app declares keep their own names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .instrumentation.holders import holder, lazy_holder
 
 UNMATCHED = "(unmatched)"
+OTHER_METHOD = "OTHER"
+# RFC 9110's methods and PATCH: a request's method outside these (and its route's) is OTHER.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -29,9 +36,17 @@ async def holder_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """aiohttp: connections acquired while handling a request are held by `METHOD /route/{template}`."""
-    resource = request.match_info.route.resource
-    template = resource.canonical if resource is not None else UNMATCHED
-    with holder(f"{request.method} {template}"):
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None:  # 404 and 405 alike
+        name = UNMATCHED
+    else:
+        # A route's own method is the app's; a wildcard route's ("*") is whatever the client sent.
+        method = route.method
+        if method == hdrs.METH_ANY:
+            method = request.method if request.method in METHODS else OTHER_METHOD
+        name = f"{method} {resource.canonical}"
+    with holder(name):
         return await handler(request)
 
 
@@ -49,13 +64,16 @@ class HolderMiddleware:
         base = scope.get("root_path", "")
 
         def resolve() -> str | None:
-            template = getattr(scope.get("route"), "path_format", None)
+            route = scope.get("route")
+            template = getattr(route, "path_format", None)
             if not isinstance(template, str):
                 return None  # not routed yet (or never): the fallback, until it is
             # Inside a Mount the route's template is relative to it; the mount's path went to root_path.
             root_path = scope.get("root_path", "")
             mount = root_path[len(base) :] if isinstance(root_path, str) and root_path.startswith(base) else ""
-            return f"{method} {mount}{template}"
+            declared = getattr(route, "methods", None)  # Starlette's Route: the methods the app gave it
+            known = method in METHODS or (isinstance(declared, AbstractSet) and method in declared)
+            return f"{method if known else OTHER_METHOD} {mount}{template}"
 
-        with lazy_holder(resolve, f"{method} {UNMATCHED}"):
+        with lazy_holder(resolve, UNMATCHED):
             await self.app(scope, receive, send)
