@@ -1,0 +1,104 @@
+"""The web config file against hostile values and hostile clients, through a real `serve` process:
+huge or endless numbers, user names that collide or can never log in, a certificate that is not PEM."""
+
+from __future__ import annotations
+
+import base64
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+import pytest
+import trustme
+
+from .cli_process import assert_exit_2_one_line, run_cli, serving
+
+pytestmark = pytest.mark.reliability
+
+SERVE = ["serve", "--host", "127.0.0.1", "--port", "0"]
+HUGE = "1" + "0" * 400
+
+
+def hashed(password: str, cost: int = 4) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def status(base: str, path: str, authorization: str = "") -> int:
+    request = urllib.request.Request(base + path, headers={"Authorization": authorization} if authorization else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+BAD_RATE_LIMITS = [
+    f"rate_limit:\n  interval: {HUGE}\n  burst: 1\n",  # nanoseconds: was an OverflowError traceback
+    f"rate_limit:\n  interval: 1s\n  burst: {HUGE}\n",  # was a 500 on every route, /healthz included
+    f"rate_limit:\n  interval: {'9' * 400}h\n  burst: 1\n",  # was infinity, accepted
+    "rate_limit:\n  interval: 1e400s\n  burst: 1\n",
+    "rate_limit:\n  interval: 300000000h\n  burst: 1\n",  # beyond Go's time.Duration (292 years)
+]
+
+
+@pytest.mark.parametrize("text", BAD_RATE_LIMITS)
+def test_huge_rate_limit_values_exit_2_with_one_line(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "web.yml"
+    config.write_text(text)
+    result = run_cli([*SERVE, "--multiproc-dir", str(tmp_path), "--web-config-file", str(config)])
+    assert_exit_2_one_line(result, "web_config_file")
+    assert "rate_limit." in result.stderr
+
+
+def test_huge_rate_limit_values_swapped_in_fail_closed_with_healthz_up(tmp_path: Path) -> None:
+    config = tmp_path / "web.yml"
+    good = "rate_limit:\n  interval: 1ms\n  burst: 1000\n"
+    config.write_text(good)
+    with serving(tmp_path, "--web-config-file", str(config)) as server:
+        assert status(server.base, "/metrics") == 200
+        for text in BAD_RATE_LIMITS:
+            config.write_text(text)
+            assert (status(server.base, "/metrics"), status(server.base, "/healthz")) == (500, 200), text
+        config.write_text(good)
+        assert status(server.base, "/metrics") == 200
+    assert "Traceback" not in server.text()
+
+
+@pytest.mark.parametrize(
+    ("users", "problem"),
+    [
+        # Both are user "1" in Go's map[string]string: the second silently won.
+        ('  1: {h}\n  "1": {h}\n', "given twice"),
+        ("  '2': {h}\n  2: {h}\n", "given twice"),
+        # Basic auth splits at the first ':': this user could never log in.
+        ('  "pr:om": {h}\n', "':'"),
+    ],
+)
+def test_user_names_that_collide_or_cannot_log_in_exit_2(tmp_path: Path, users: str, problem: str) -> None:
+    config = tmp_path / "web.yml"
+    config.write_text("basic_auth_users:\n" + users.format(h=hashed("s3cret")))
+    result = run_cli([*SERVE, "--multiproc-dir", str(tmp_path), "--web-config-file", str(config)])
+    assert_exit_2_one_line(result, "web_config_file")
+    assert problem in result.stderr and ("basic_auth_users" in result.stderr or "line 3" in result.stderr)
+
+
+def test_a_certificate_that_is_not_pem_has_a_reason(tmp_path: Path) -> None:
+    """Fault: the error for a certificate file that is not PEM ended in `: None`."""
+    key = trustme.CA().issue_cert("127.0.0.1").private_key_pem
+    key.write_to_path(str(tmp_path / "server.key"))
+    (tmp_path / "server.crt").write_text("this is not a certificate\n")
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
+    for flags, setting in (
+        (["--web-config-file", str(config)], "web_config_file"),
+        (["--tls-cert", str(tmp_path / "server.crt"), "--tls-key", str(tmp_path / "server.key")], "tls_cert"),
+    ):
+        result = run_cli([*SERVE, "--multiproc-dir", str(tmp_path), *flags])
+        assert_exit_2_one_line(result, setting)
+        assert not result.stderr.rstrip().endswith("None"), result.stderr
+        assert "PEM" in result.stderr, result.stderr
