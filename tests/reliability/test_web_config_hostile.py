@@ -1,9 +1,12 @@
 """The web config file against hostile values and hostile clients, through a real `serve` process:
-huge or endless numbers, user names that collide or can never log in, a certificate that is not PEM."""
+huge or endless numbers, user names that collide or can never log in, a certificate that is not PEM,
+and a flood of wrong passwords."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import itertools
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -102,3 +105,64 @@ def test_a_certificate_that_is_not_pem_has_a_reason(tmp_path: Path) -> None:
         assert_exit_2_one_line(result, setting)
         assert not result.stderr.rstrip().endswith("None"), result.stderr
         assert "PEM" in result.stderr, result.stderr
+
+
+# -- floods: bounded in count, stopped as soon as the check is done --------------------------------
+
+
+async def _get(port: int, authorization: str, path: str = "/metrics", source: str = "127.0.0.1") -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        auth = f"Authorization: {authorization}\r\n" if authorization else ""
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+    finally:
+        writer.close()
+    return int(head.split(b" ", 2)[1])
+
+
+async def test_a_new_credential_is_checked_during_a_flood_of_wrong_passwords(tmp_path: Path) -> None:
+    """Fault: 50 clients sending distinct wrong passwords kept the 4 check slots full, and Prometheus
+    with a correct credential never checked before (after a restart or a password change) got 429 on
+    every try. Now each user that exists in the file, from each client address, waits in a queue of
+    its own, served in turn with the others: the new credential is checked within a few hashes.
+
+    The flood comes from 127.0.0.2 (wrong passwords for the real user and for unknown ones),
+    Prometheus from 127.0.0.1; the flood is at most 4,000 requests and stops once Prometheus is done.
+    """
+    config = tmp_path / "web.yml"
+    # Cost 10, as htpasswd -B writes: each hash holds its slot long enough for the flood to refill it.
+    config.write_text(f"basic_auth_users:\n  prom: {hashed('s3cret', 10)}\n")
+    done = asyncio.Event()
+    counter = itertools.count()
+    flood: dict[int, int] = {}
+    with serving(tmp_path, "--web-config-file", str(config)) as server:
+
+        async def attacker() -> None:
+            while not done.is_set() and (n := next(counter)) < 4000:
+                user = "prom" if n % 2 else f"nobody{n}"
+                code = await _get(server.port, basic(user, f"guess-{n}"), source="127.0.0.2")
+                flood[code] = flood.get(code, 0) + 1
+
+        attackers = [asyncio.create_task(attacker()) for _ in range(50)]
+        try:
+            # The slots are full once the flood itself gets 429s.
+            while not flood.get(429) and not all(t.done() for t in attackers):
+                await asyncio.sleep(0.05)
+            assert flood.get(429), flood
+            tries = []
+            for _ in range(10):
+                tries.append(await _get(server.port, basic("prom", "s3cret")))
+                if tries[-1] == 200 or all(t.done() for t in attackers):
+                    break
+                await asyncio.sleep(0.3)
+        finally:
+            done.set()
+            await asyncio.gather(*attackers)
+        assert tries[-1] == 200, (tries, flood)
+        assert set(tries) <= {200, 429}
+        assert set(flood) <= {401, 429}, flood
+        # Cached now: the flood no longer matters to it.
+        assert await _get(server.port, basic("prom", "s3cret")) == 200
+    assert "s3cret" not in server.text() and "Traceback" not in server.text()

@@ -98,10 +98,11 @@ class WebPolicy:
             self._headers = dict(config.headers)
             if request.path in self.exempt:
                 return await handler(request)
+            authorization = request.headers.get("Authorization", "")
             if not self._allow(config):
                 return web.Response(status=429, text="429: too many requests\n", headers={"Retry-After": "1"})
             if config.users:
-                verdict = await self.users.check(request.headers.get("Authorization", ""), config.users)
+                verdict = await self.users.check(authorization, config.users, request.remote or "")
                 if verdict is None:
                     return web.Response(
                         status=429, text="429: too many password checks\n", headers={"Retry-After": "1"}
