@@ -1,6 +1,6 @@
 """The web config file against hostile values and hostile clients, through a real `serve` process:
 huge or endless numbers, user names that collide or can never log in, a certificate that is not PEM,
-and a flood of wrong passwords."""
+a flood of wrong passwords and a flood of unauthenticated requests against the rate limit."""
 
 from __future__ import annotations
 
@@ -166,3 +166,28 @@ async def test_a_new_credential_is_checked_during_a_flood_of_wrong_passwords(tmp
         # Cached now: the flood no longer matters to it.
         assert await _get(server.port, basic("prom", "s3cret")) == 200
     assert "s3cret" not in server.text() and "Traceback" not in server.text()
+
+
+async def test_rate_limit_does_not_starve_cached_credentials_or_healthz(tmp_path: Path) -> None:
+    """Fault: unauthenticated 404s from 8 clients spent the one rate-limit bucket, and all 14 of
+    Prometheus's authenticated scrapes got 429. Now a request with a credential already checked (and
+    cached) is not charged: it costs no bcrypt. Everything else, a new credential included, still is."""
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prom: {hashed('s3cret')}\nrate_limit:\n  interval: 1h\n  burst: 3\n")
+    good = basic("prom", "s3cret")
+    with serving(tmp_path, "--web-config-file", str(config)) as server:
+        assert await _get(server.port, good) == 200  # checked once: one token
+        seen: list[int] = []
+
+        async def client(i: int) -> None:
+            for n in range(10):  # bounded: the bucket holds 2 more tokens
+                seen.append(await _get(server.port, "", f"/nowhere/{i}/{n}", source="127.0.0.2"))
+
+        await asyncio.gather(*(client(i) for i in range(8)))
+        assert seen.count(429) == 78 and seen.count(401) == 2, seen
+        scrapes = [await _get(server.port, good) for _ in range(14)]
+        assert scrapes == [200] * 14
+        assert await _get(server.port, "", "/healthz") == 200
+        # A credential not checked yet, a wrong password for the same user: charged, and refused.
+        assert await _get(server.port, basic("prom", "other")) == 429
+        assert await _get(server.port, basic("ops", "s3cret")) == 429

@@ -64,6 +64,11 @@ class BcryptUsers:
         key = hmac.digest(self._secret, b"".join(len(p).to_bytes(4, "big") + p for p in parts), hashlib.sha256)
         return key, name if hashed is not None else None, hashed or b"", password
 
+    def cached(self, authorization: str, users: Mapping[str, bytes]) -> bool:
+        """Whether the header carries a credential already checked and right: an HMAC, no bcrypt."""
+        found = self._key(authorization, users)
+        return found is not None and found[0] in self._cached[True]
+
     async def check(self, authorization: str, users: Mapping[str, bytes], client: str = "") -> bool | None:
         """Whether the header carries a user of `users` and its password; None: too many checks in flight.
 
