@@ -205,9 +205,13 @@ def max_http_connections(value: object) -> int:
 
 
 def token(value: str | None) -> str | None:
-    """None (no token auth) or a non-empty token."""
+    """None (no token auth) or a token that is not empty nor only whitespace."""
     if value is not None and not value:
         raise ValueError("token is empty: an empty token would accept an empty 'Bearer' header (unset it instead)")
+    if value is not None and value.isspace():
+        # No client sends it (headers are stripped), so it locks everyone out; and, scrubbed from
+        # the log as a secret, it would turn every space of every line into ***.
+        raise ValueError("token is only whitespace: it would lock everyone out (unset it instead)")
     return value
 
 
@@ -223,6 +227,9 @@ def basic_auth(user: str | None, password: str | None) -> tuple[str | None, str 
         raise ValueError("a basic auth user needs a basic auth password")
     if not password:
         raise ValueError("basic auth password is empty: it would lock everyone out (unset both to turn it off)")
+    if password.isspace():
+        # As a token of spaces: it locks everyone out, and would turn every space in the log into ***.
+        raise ValueError("basic auth password is only whitespace: it would lock everyone out")
     return user, password
 
 

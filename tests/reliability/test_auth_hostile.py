@@ -45,9 +45,31 @@ def test_empty_or_half_credentials_exit_2(tmp_path: Path, env: dict[str, str], s
 
 
 @pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"POOL_EXPORTER_AUTH_TOKEN": " "}, "auth_token"),
+        ({"POOL_EXPORTER_AUTH_TOKEN": " \t\n"}, "auth_token"),
+        ({"POOL_EXPORTER_BASIC_AUTH_USER": USER, "POOL_EXPORTER_BASIC_AUTH_PASSWORD": " "}, "basic_auth_password"),
+        ({"POOL_EXPORTER_BASIC_AUTH_USER": USER, "POOL_EXPORTER_BASIC_AUTH_PASSWORD": "\t "}, "basic_auth_password"),
+    ],
+)
+def test_a_secret_of_only_whitespace_exits_2(tmp_path: Path, env: dict[str, str], setting: str) -> None:
+    """Fault: a token or password of " " was accepted: it locked everyone out (no client sends a
+    lone space as a credential) and, scrubbed from the log as a secret, turned every space into ***.
+
+    A real `serve` exits 2 with one line naming the setting.
+    """
+    result = run_cli(["serve", "--host", "127.0.0.1", "--port", "0", "--multiproc-dir", str(tmp_path)], cli_env(**env))
+    assert_exit_2_one_line(result, setting)
+    assert "***" not in result.stderr
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [
         {"token": ""},
+        {"token": " "},
+        {"user": USER, "password": "  "},
         {"user": USER, "password": ""},
         {"user": USER},
         {"password": PASSWORD},

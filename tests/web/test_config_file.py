@@ -250,6 +250,26 @@ BAD = [
     ("rate_limit:\n  interval: 1s\n  burst: -1\n", "rate_limit.burst: Input should be greater than or equal to 0"),
     ("rate_limit:\n  interval: 1s\n  burst: 1.5\n", "rate_limit.burst: Input should be a valid integer"),
     ("rate_limit:\n  every: 1s\n", "rate_limit.every: Extra inputs are not permitted"),
+    # Huge and endless numbers: an OverflowError traceback, a 500 on /healthz, infinity accepted.
+    (
+        f"rate_limit:\n  interval: {10**400}\n",
+        "rate_limit.interval: out of range: at most 2562047h (Go's time.Duration)",
+    ),
+    (
+        f"rate_limit:\n  interval: {'9' * 400}h\n",
+        "rate_limit.interval: out of range: at most 2562047h (Go's time.Duration)",
+    ),
+    ("rate_limit:\n  interval: 2562048h\n", "rate_limit.interval: out of range: at most 2562047h (Go's time.Duration)"),
+    (
+        f"rate_limit:\n  interval: 1s\n  burst: {10**400}\n",
+        "rate_limit.burst: Input should be less than or equal to 1000000000",
+    ),
+    # One user in Go's map[string]string: the second silently won.
+    (f'basic_auth_users:\n  1: {HASH}\n  "1": {HASH}\n', "not valid YAML: key '1' given twice (line 3, column 3)"),
+    (
+        f'basic_auth_users:\n  "pr:om": {HASH}\n',
+        "basic_auth_users key: user name 'pr:om' contains ':', so it could never log in (RFC 7617)",
+    ),
 ]
 
 

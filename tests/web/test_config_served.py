@@ -339,6 +339,36 @@ async def test_password_checks_beyond_the_bound_get_429(registry: CollectorRegis
         assert users.computed == 1
 
 
+async def test_password_checks_wait_in_lanes_served_in_turn() -> None:
+    """A lane per (user of the file or unknown, client): a full lane gets 429, another lane is still
+    admitted, and its check is computed right after the one computing, ahead of the full lane's queue."""
+    users = BcryptUsers(max_pending=2)
+    table = {"prom": hashed("s3cret").encode()}
+    order: list[str] = []
+
+    def check(name: str, user: str, password: str, client: str) -> asyncio.Task[bool | None]:
+        task = asyncio.create_task(users.check(basic(user, password)["Authorization"], table, client))
+        task.add_done_callback(lambda _: order.append(name))
+        return task
+
+    # Holding the hashing lock parks every check deterministically (no timing involved).
+    async with users._lock:
+        flood = [check(f"guess{i}", "prom", f"guess{i}", "10.0.0.2") for i in range(2)]
+        while users.pending < 2:
+            await asyncio.sleep(0.01)
+        # The flood's lane is full: a third guess from it is refused at once, whatever the user.
+        assert await users.check(basic("prom", "guess2")["Authorization"], table, "10.0.0.2") is None
+        # The same user from another client, and an unknown user from the flood's client: lanes of their own.
+        prometheus = check("prometheus", "prom", "s3cret", "10.0.0.1")
+        unknown = check("unknown", "nobody", "x", "10.0.0.2")
+        while users.pending < 4:
+            await asyncio.sleep(0.01)
+    assert [await t for t in (*flood, prometheus, unknown)] == [False, False, True, False]
+    # One hash at a time, lanes in turn: the flood's first, then each other lane, then its second.
+    assert order == ["guess0", "prometheus", "unknown", "guess1"]
+    assert users.computed == 4 and users.pending == 0 and users._lanes == {}
+
+
 async def test_headers_on_every_response(registry: CollectorRegistry, tmp_path: Path) -> None:
     headers = {
         "Content-Security-Policy": "default-src 'self'",

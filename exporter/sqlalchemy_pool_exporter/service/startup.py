@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import validation
 from ..web.config.file import WebConfigError, WebConfigFile
-from ..web.config.tls import EncryptedKey, TLSReloader, load_key_pair
+from ..web.config.tls import EncryptedKey, TLSReloader, key_pair_problem, load_key_pair
 from .settings import SettingError, Settings
 
 
@@ -69,7 +69,8 @@ def _ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     except EncryptedKey:
         raise SettingError("tls_key", f"{key} is encrypted: give an unencrypted key") from None
     except ssl.SSLError as exc:
-        raise SettingError("tls_cert", f"cannot load certificate {cert} with key {key}: {exc.reason}") from None
+        problem = key_pair_problem(exc, pem["tls_cert"], pem["tls_key"])
+        raise SettingError("tls_cert", f"cannot load certificate {cert} with key {key}: {problem}") from None
     return context
 
 

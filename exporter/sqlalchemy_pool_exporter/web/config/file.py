@@ -78,6 +78,7 @@ HEADERS: dict[str, tuple[str, ...]] = {
     "X-XSS-Protection": (),
     "Content-Security-Policy": (),
 }
+MAX_BURST = 1_000_000_000
 # $2a$, $2b$, $2y$ (what htpasswd -B writes), a two-digit cost, 22 + 31 characters of salt and hash.
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 
@@ -120,6 +121,13 @@ def _bcrypt_hash(value: object) -> bytes:
     if match is None or not 4 <= int(match[1]) <= 31:
         raise ValueError("not a bcrypt hash ($2y$10$ and 53 characters; htpasswd -nB)")
     return match[0].encode()
+
+
+def _user_name(name: str) -> str:
+    if ":" in name:
+        # Basic auth splits user and password at the first ':' (RFC 7617): this user could never log in.
+        raise ValueError(f"user name {name!r} contains ':', so it could never log in (RFC 7617)")
+    return name
 
 
 def _headers(headers: dict[str, str]) -> dict[str, str]:
@@ -223,8 +231,9 @@ class RateLimit(_Section):
     """rate_limit: a token bucket of `burst` tokens, one more every `interval` seconds."""
 
     interval: Duration = 0.0
-    # 0 lets nothing through, as Go's rate.Limiter does: the toolkit's own tests rely on it.
-    burst: int = Field(0, ge=0)
+    # 0 lets nothing through, as Go's rate.Limiter does: the toolkit's own tests rely on it. A billion
+    # is no limit at all already; 10**400 was a 500 on every route, /healthz included (float overflow).
+    burst: int = Field(0, ge=0, le=MAX_BURST)
 
 
 class WebConfig(_Section):
@@ -233,7 +242,7 @@ class WebConfig(_Section):
     tls: TLSServerConfig | None = Field(None, alias="tls_server_config")
     http_server_config: HTTPServerConfig = HTTPServerConfig()
     # user -> bcrypt hash; empty: no basic auth.
-    users: dict[GoStr, Annotated[bytes, BeforeValidator(_bcrypt_hash)]] = Field(
+    users: dict[Annotated[GoStr, AfterValidator(_user_name)], Annotated[bytes, BeforeValidator(_bcrypt_hash)]] = Field(
         {}, alias="basic_auth_users", repr=False
     )
     rate_limit: RateLimit | None = None

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import ipaddress
 import os
+import re
 import ssl
 import tempfile
 from collections.abc import Callable, Iterator
@@ -143,6 +144,15 @@ def load_key_pair(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
         context.load_cert_chain(cert_path, key_path, password=_no_pass_phrase)
 
 
+def key_pair_problem(exc: ssl.SSLError, cert: bytes, key: bytes) -> str:
+    """Why load_key_pair failed, in words: OpenSSL's "PEM lib" error has no reason (it printed `None`)."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        return "no PEM certificate in the certificate"
+    if not re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", key):
+        return "no PEM private key in the key"
+    return str(exc.reason or exc.strerror or exc)
+
+
 def _load_key_pair(context: ssl.SSLContext, config: TLSServerConfig, cert: bytes, key: bytes) -> None:
     try:
         load_key_pair(context, cert, key)
@@ -152,7 +162,7 @@ def _load_key_pair(context: ssl.SSLContext, config: TLSServerConfig, cert: bytes
         ) from None
     except ssl.SSLError as exc:
         what = f"{_name(config, 'cert')} with {_name(config, 'key')}"
-        raise WebConfigError(f"tls_server_config: cannot load {what}: {exc.reason}") from None
+        raise WebConfigError(f"tls_server_config: cannot load {what}: {key_pair_problem(exc, cert, key)}") from None
 
 
 @contextlib.contextmanager

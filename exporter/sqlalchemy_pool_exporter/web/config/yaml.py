@@ -59,7 +59,9 @@ class _StrictLoader(_Loader):  # type: ignore[misc]
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            # A number is its text wherever a string goes (every mapping of the file has string keys):
+            # `1` and `"1"` are the same key, as in Go, not a second one that silently wins.
+            key = _number_as_text(self.construct_object(key_node, deep=deep))
             try:
                 repeated = key in seen
                 seen.add(key)
@@ -84,10 +86,18 @@ _DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+# Go's time.Duration is an int64 of nanoseconds: about 292 years. ParseDuration refuses more, and so
+# do we: 10**400 nanoseconds was an OverflowError traceback, and `999…9h` parsed as infinity.
+MAX_NANOSECONDS = 2**63 - 1
+MAX_SECONDS = MAX_NANOSECONDS / 1e9
+
+
 def _seconds(value: object) -> float:
     """Go's time.Duration in YAML: a duration string ("1s", "1m30s"), or a whole number of nanoseconds."""
     text = value.strip() if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_NANOSECONDS:
+            raise ValueError("out of range: at most 2562047h (Go's time.Duration)")
         seconds = value * 1e-9
     elif text in ("0", ""):
         seconds = 0.0
@@ -100,6 +110,8 @@ def _seconds(value: object) -> float:
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     else:
         raise ValueError(f"not a duration: {value!r} (e.g. 1s, 500ms, 1m30s)")
+    if not seconds <= MAX_SECONDS:  # infinity too (a float of 400 digits is inf, not an error)
+        raise ValueError("out of range: at most 2562047h (Go's time.Duration)")
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
