@@ -204,6 +204,12 @@ class Sidecar(Collector):
                 continue
             except mpfile.Rejected as exc:
                 self.quarantine.move(name, str(exc))
+            except (MergeFailed, OSError):
+                raise
+            except Exception as exc:  # a file we cannot merge for a reason we did not foresee: ours to count
+                self.errors += 1
+                log.exception("merging %s in %s failed", name, self.directory)
+                self.quarantine.move(name, f"cannot be merged: {type(exc).__name__}")
         self.files = merge.files
         self._layouts = reader.kept
         return merge.result()

@@ -8,8 +8,9 @@ summing them: one bad file fails every scrape. Here:
 
 - a file is opened only if it is a regular file: lstat, then open with O_NOFOLLOW|O_NONBLOCK, then
   fstat of the same inode; at most MAX_FILE_BYTES of it are read;
-- its bytes are parsed strictly (framing, UTF-8, the JSON shape of every key); a bad file is rejected
-  as a whole, before any of its samples counts;
+- its bytes are parsed strictly (framing, UTF-8, the JSON shape of every key, its size and depth
+  checked before it is decoded, and the names in it as the exposition format spells them); a bad
+  file is rejected as a whole, before any of its samples counts;
 - samples are summed as files are read, so memory grows with distinct series, capped at MAX_SERIES.
 
 The file format and the merge rules are prometheus_client's (checked on 0.26.0 and on our floor 0.23.1:
@@ -54,6 +55,21 @@ _KEY_CACHE = MAX_SERIES
 MAX_KEPT = 500_000
 # How often the parser asks whether the merge is out of time (entries).
 _CHECK_EVERY = 4096
+# The longest key a file may hold. prometheus_client's keys are a metric's name, help and labels:
+# ours are under 300 bytes; 64 KiB is absurd for any app, and bounds what one key costs to decode.
+MAX_KEY_BYTES = 64 << 10
+
+# What the exposition format allows (and prometheus_client's writer with legacy names can write): a
+# name outside these poisons the whole scrape for Prometheus, not just its own series. UTF-8 names
+# (prometheus_client >= 0.22 without PROMETHEUS_LEGACY_NAME_VALIDATION) are refused too: escaped for
+# the classic format, `a.b` and `a_b` would become one name, two families, and an invalid body.
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# A sample is its metric's name with one of these: what prometheus_client writes for a counter
+# (_total, _created), gauge (none), summary (_count, _sum, _created) and histogram (_bucket, _sum...).
+_SAMPLE_SUFFIXES = frozenset(("", "_total", "_created", "_count", "_sum", "_bucket"))
+# A JSON string; what is left of a key without them is its structure: `[,,{:,:},]`.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 # How prometheus_client names a file: `<type>_<pid>.db`, gauges `gauge_<mode>_<pid>.db`.
 GAUGE_MODES = frozenset(
@@ -294,6 +310,8 @@ class Reader:
             at = pos + 4 + size + 8 - (size + 4) % 8
             if size <= 0 or at + 16 > used:
                 raise Rejected(f"has an entry at byte {pos} that runs past the end")
+            if size > MAX_KEY_BYTES:
+                raise Rejected(f"has a key of {size} bytes at byte {pos}, over the {MAX_KEY_BYTES} a key may have")
             pos, count = at + 16, count + 1
         chunks: list[bytes] = []
         keys: list[Key] = []
@@ -310,7 +328,12 @@ class Reader:
                 raw = data[pos + 4 : pos + 4 + size].decode("utf-8")
             except UnicodeDecodeError:
                 raise Rejected(f"has a key at byte {pos} that is not UTF-8") from None
-            keys.append(key(raw))
+            try:
+                keys.append(key(raw))
+            except Rejected:
+                raise
+            except Exception as exc:  # whatever a decoder may raise on a key no writer produced
+                raise Rejected(f"has a key at byte {pos} that cannot be decoded: {type(exc).__name__}") from None
             chunk = bytes(data[pos:at])
             chunks.append(shared.setdefault(chunk, chunk) if len(shared) < _KEY_CACHE else chunk)
             value, timestamp = unpack_doubles(data, at)
@@ -328,10 +351,28 @@ class Reader:
         return key
 
 
+class _Repeated(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose names are all different: json.loads would keep the last of a repeated one."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _Repeated
+    return found
+
+
 def _parse_key(raw: str) -> Key:
+    # [metric, sample, {labels}, help] nests two deep; a deeper key makes the decoder recurse (1,000
+    # levels: RecursionError), so it is refused on its brackets outside strings, before decoding.
+    if raw.count("[") + raw.count("{") > 2 and sum(map(_JSON_STRING.sub("", raw).count, "[{")) > 2:
+        raise Rejected(f"has a key nested deeper than [metric, sample, labels, help]: {raw[:80]!r}")
     try:
-        parts = json.loads(raw)
-    except ValueError:
+        parts = json.loads(raw, object_pairs_hook=_unique)
+    except _Repeated:
+        raise Rejected(f"has a key that repeats a label name: {raw[:80]!r}") from None
+    except (ValueError, RecursionError):
         raise Rejected(f"has a key that is not JSON: {raw[:80]!r}") from None
     if not (isinstance(parts, list) and len(parts) == 4):
         raise Rejected(f"has a key that is not [metric, sample, labels, help]: {raw[:80]!r}")
@@ -346,6 +387,13 @@ def _parse_key(raw: str) -> Key:
             s.encode("utf-8")  # JSON can spell an unpaired surrogate, which no encoder can write
     except UnicodeEncodeError:
         raise Rejected(f"has a key that is not valid Unicode: {raw[:80]!r}") from None
+    if not _METRIC_NAME.fullmatch(metric):
+        raise Rejected(f"has a key with an invalid metric name: {raw[:80]!r}")
+    if sample[len(metric) :] not in _SAMPLE_SUFFIXES or not sample.startswith(metric):
+        raise Rejected(f"has a key whose sample is not of its metric: {raw[:80]!r}")
+    for name in labels:
+        if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+            raise Rejected(f"has a key with an invalid label name: {raw[:80]!r}")
     pairs = tuple(sorted(labels.items()))
     le = labels.get("le")
     bucket = None
