@@ -9,11 +9,13 @@ and the workers' numbers are served exactly; the body passes `promtool check met
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -146,5 +148,40 @@ async def test_keys_no_encoder_could_write_are_quarantined_and_the_body_passes_p
     _promtool(body)
     assert [name for name in names.values() if os.path.lexists(directory / name)] == []
     assert {k: len(serve.warnings(name)) for k, name in names.items()} == dict.fromkeys(FORGED, 1), serve.text()
+    serve.stop()
+    assert serve.proc.returncode == 0, serve.text()
+
+
+def _strict(constant: str) -> Any:
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+async def test_pools_is_strict_json_when_a_gauge_is_not_a_number(
+    mp_workers: MpWorkers, serve_dir: Callable[..., Serve]
+) -> None:
+    """Fault: a gauge file holding NaN and +Inf for a pool (today /pools says bare `NaN` and
+    `Infinity`, which strict JSON parsers reject, so a dashboard reading it sees no pool at all).
+
+    /pools is strict JSON: a value that is not a finite number is null; the workers' row is exact.
+    """
+    a, b = mp_workers.start(commits=3, held=1), mp_workers.start(commits=5, held=2)
+    mp_workers.ready(a, b)
+    directory = mp_workers.directory
+    entries = [
+        _entry(_gauge("sqlalchemy_pool_timeout_seconds", "ghost"), math.nan),
+        _entry(_gauge("sqlalchemy_pool_size", "ghost"), math.inf),
+        _entry(_gauge("sqlalchemy_pool_overflow_connections", "ghost"), -math.inf),
+    ]
+    (directory / "gauge_max_ghost.db").write_bytes(_db(entries))
+    serve = serve_dir(directory)
+
+    status, body = await get(serve.base, "/pools")
+    assert status == 200, body[:500]
+    rows = {row["name"]: row for row in json.loads(body, parse_constant=_strict)["pools"]}
+    assert (rows["ghost"]["timeout"], rows["ghost"]["size"], rows["ghost"]["overflow"]) == (None, None, None)
+    assert rows["app"]["checkouts"] == CHECKOUTS
+    assert rows["app"]["used"] == USED
+    status, body = await get(serve.base, "/")
+    assert status == 200, body[:500]
     serve.stop()
     assert serve.proc.returncode == 0, serve.text()
