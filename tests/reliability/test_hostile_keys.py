@@ -185,3 +185,29 @@ async def test_pools_is_strict_json_when_a_gauge_is_not_a_number(
     assert status == 200, body[:500]
     serve.stop()
     assert serve.proc.returncode == 0, serve.text()
+
+
+async def test_a_journal_nested_a_hundred_thousand_deep_is_set_aside(
+    mp_workers: MpWorkers, serve_dir: Callable[..., Serve]
+) -> None:
+    """Fault: a compaction journal of 200,000 brackets, under its 1 MiB bound (today: decoding it
+    raises RecursionError, which nothing catches: the sidecar dies at start, or, planted later, every
+    maintenance fails and no dead worker is ever reaped).
+
+    The journal is quarantined once; the sidecar starts and serves the workers' numbers exactly.
+    """
+    a, b = mp_workers.start(commits=3, held=1), mp_workers.start(commits=5, held=2)
+    mp_workers.ready(a, b)
+    directory = mp_workers.directory
+    journal = "pool_exporter_compaction.json"
+    (directory / journal).write_text("[" * 100_000 + "]" * 100_000)
+    serve = serve_dir(directory)
+
+    for _ in range(2):
+        status, body = await get(serve.base, "/metrics")
+        assert status == 200, body[:500]
+        _assert_workers_served(body, 1)
+    assert not os.path.lexists(directory / journal)
+    assert len(serve.warnings(journal)) == 1, serve.text()
+    serve.stop()
+    assert serve.proc.returncode == 0, serve.text()
