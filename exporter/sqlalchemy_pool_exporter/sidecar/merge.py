@@ -5,7 +5,8 @@ Workers come and go (gunicorn max_requests, crashes, deploys), so left alone the
 scrapes slow down. At each scrape, before merging, the sidecar:
 
 1. finds dead workers: the pid is gone from our pid namespace (when we share it with the workers),
-   or its `pool_exporter_<pid>.alive` mark is stale, or the mark was removed (clean exit);
+   or its `pool_exporter_<pid>.alive` mark is stale (and the pid, if running, is not held by a
+   process started after the mark: a reused pid), or the mark was removed (clean exit);
 2. drops their live gauges (`mark_process_dead`);
 3. folds their counter, histogram, summary and min/max/sum gauge files into one archive file per
    type (`counter_archive.db`...), so the merged totals stay exactly the same while the file count
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -76,6 +78,38 @@ def _running(pid: int) -> bool | None:
     # A zombie (killed, not yet waited for) is dead for our purpose.
     state = stat_line.rpartition(b")")[2].split()
     return state[0] not in (b"Z", b"X") if state else None
+
+
+# /proc gives a start time in clock ticks since boot, and the boot time to the second.
+_START_SLACK = 1.0
+
+
+@functools.cache
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process `pid` started after `when` (seconds since the epoch); False when /proc cannot tell.
+
+    The mount namespace does not matter (unlike /proc/<pid>/maps): a sidecar in another container that
+    shares the workers' pid namespace can tell too.
+    """
+    boot = _boot_time()
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK") if boot is not None else None  # field 22
+    except (OSError, ValueError, IndexError):
+        return False
+    return started is not None and started > when + _START_SLACK
 
 
 def _maps(pid: int, directory: str) -> bool:
@@ -270,8 +304,12 @@ class Sidecar(Collector):
             running = _running(pid) if self._shared else None
             if age is not None:
                 self._seen_alive.add(pid)
-                # A live writer we can see is never reaped, even when its flush thread lags.
-                is_dead = running is False or (age > self.stale_after and running is not True)
+                # A live writer we can see is never reaped, even when its flush thread lags; but a
+                # process that started after the mark was last touched is not that writer: the writer
+                # died, and the kernel handed its pid on.
+                is_dead = running is False or (
+                    age > self.stale_after and (running is not True or _started_after(pid, now - age))
+                )
             else:
                 # The mark is removed at a clean exit; without one ever seen, only /proc can tell.
                 is_dead = pid in self._seen_alive or running is False
