@@ -119,6 +119,10 @@ FORGED = {
     "metric-dot": _key("sqlalchemy.pool.checkouts", "sqlalchemy.pool.checkouts_total", {"pool": "f8"}),
     "sample-elsewhere": _key("forged_a", "sqlalchemy_pool_checkouts_total", {"pool": "f9"}),
     "sample-bad-suffix": _key("forged_b", "forged_b{x}", {"pool": "f10"}),
+    # Valid names that another family writes: two families of one name make the whole body invalid.
+    "clash-ours": _key("sqlalchemy_pool_checkouts_total", "sqlalchemy_pool_checkouts_total_total", {"pool": "f11"}),
+    "clash-sidecar": _key("sqlalchemy_exporter_sidecar_merges", "sqlalchemy_exporter_sidecar_merges_total", {}),
+    "clash-in-file": _key("forged_c", "forged_c_total", {}) + "\0" + _key("forged_c_total", "forged_c_total_total", {}),
 }
 
 
@@ -126,7 +130,8 @@ async def test_keys_no_encoder_could_write_are_quarantined_and_the_body_passes_p
     mp_workers: MpWorkers, serve_dir: Callable[..., Serve]
 ) -> None:
     """Fault: counter files whose keys name a `__name__`, `__meta`, empty, dashed or repeated label, a
-    metric name that is not the exposition format's, or a sample outside its metric. Today most are
+    metric name that is not the exposition format's, a sample outside its metric, or a family whose
+    names another family writes (ours, the sidecar's own, another in the same file). Today most are
     served as they are: `promtool check metrics` rejects the body, and Prometheus drops every series
     of the scrape, not just the forged one.
 
@@ -138,7 +143,7 @@ async def test_keys_no_encoder_could_write_are_quarantined_and_the_body_passes_p
     directory = mp_workers.directory
     names = {kind: f"counter_{kind}.db" for kind in FORGED}
     for kind, raw in FORGED.items():
-        (directory / names[kind]).write_bytes(_db([_entry(raw, 1000.0)]))
+        (directory / names[kind]).write_bytes(_db([_entry(key, 1000.0) for key in raw.split("\0")]))
     serve = serve_dir(directory)
 
     status, body = await get(serve.base, "/metrics")

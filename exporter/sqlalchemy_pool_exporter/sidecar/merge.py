@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from .. import catalog
 from ..exposition.writer import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 from ..instrumentation import views
+from ..metricnames import NAMES, view
 from . import mpfile
 from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
 from .daemon import DaemonExecutor
@@ -155,6 +156,7 @@ class Sidecar(Collector):
         self.latest: list[Metric] = []  # the last merge's result
         self.failure: str | None = None  # why the last merge failed, None when it worked
         self.view = LatestMerge(self)
+        self._claimed = _claimed(namespace)
         self._inflight: asyncio.Future[list[Metric]] | None = None
         self._inflight_until = 0.0
         try:
@@ -224,7 +226,7 @@ class Sidecar(Collector):
         # Smallest first: a worker's file is small, so the file that would take a merge past
         # MAX_SERIES (and is rejected for it) is the big one a hostile writer made.
         found.sort(key=lambda f: f[0].st_size)
-        reader, merge = mpfile.Reader(budget, self._layouts), mpfile.Merge()
+        reader, merge = mpfile.Reader(budget, self._layouts), mpfile.Merge(self._claimed)
         where = os.fspath(self.directory) + os.sep
         for seen, name, m in found:
             budget()
@@ -406,6 +408,22 @@ class Sidecar(Collector):
         future = self._inflight
         if future is not None and not future.done():
             future.set_exception(MergeFailed("the sidecar is stopping"))
+
+
+def _claimed(namespace: str) -> dict[str, str]:
+    """The names our families write (theirs to write, from files) and the sidecar's own (no file's)."""
+    claimed: dict[str, str] = {}
+    for names in NAMES:
+        for family in view(namespace, names).families:
+            kind = family.spec.kind
+            base = family.name.removesuffix("_total") if kind == "counter" else family.name
+            for written in mpfile.claims(base, kind):
+                claimed.setdefault(written, base)
+    for spec in catalog.SIDECAR_CATALOG:
+        name = spec.name(namespace)
+        base = name.removesuffix("_total") if spec.kind == "counter" else name
+        claimed.update(dict.fromkeys(mpfile.claims(base, spec.kind), mpfile.RESERVED))
+    return claimed
 
 
 class LatestMerge(Collector):

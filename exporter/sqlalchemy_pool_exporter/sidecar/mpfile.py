@@ -456,6 +456,22 @@ class Plan(NamedTuple):
     bad_le: tuple[tuple[str, str], ...]  # (metric, le) of the entries whose `le` is not a number
 
 
+# The names a family of each type puts in the text format: its HELP/TYPE name and its samples'.
+_EMITS = {
+    "counter": ("", "_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("", "_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+}
+# The owner of a name that no file's family may use (the sidecar's own metrics).
+RESERVED = ""
+
+
+def claims(name: str, typ: str) -> tuple[str, ...]:
+    """Every name family `name` of type `typ` may write in the text format."""
+    return tuple(name + suffix for suffix in _EMITS.get(typ, ("",)))
+
+
 class Merge:
     """The sums of MultiProcessCollector._accumulate_metrics, made file by file as files are read.
 
@@ -465,8 +481,13 @@ class Merge:
     each file it appears in, where prometheus_client applies the mode of the last file to all of them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, claimed: dict[str, str] | None = None) -> None:
         self._metrics: dict[str, Metric] = {}
+        # Name in the text format -> the family that writes it: two families writing one name (a
+        # counter `x` and a gauge `x_total`; a file's `..._sidecar_merges`) make the whole body
+        # invalid, so the file that would bring the second one is rejected. `claimed`: names known
+        # beforehand (our catalog's, owned by their family; the sidecar's own, RESERVED).
+        self._claimed: dict[str, str] = dict(claimed) if claimed else {}
         self._sums: dict[Target, float] = {}
         self._newest: dict[tuple[str, Labels, str], float] = {}
         self.files = 0
@@ -483,6 +504,7 @@ class Merge:
             plan = layout.plan = _plan(kind, mode, ident, layout.keys)
         metrics = self._metrics
         new: dict[str, Metric] = {}
+        pending: dict[str, str] = {}  # the names the new families write, claimed once the file is taken
         same = True
         for name, help_text in plan.metrics:
             metric = metrics.get(name)
@@ -491,11 +513,16 @@ class Merge:
                     metric = new[name] = Metric(name, help_text, plan.typ)
                 except ValueError as exc:
                     raise Rejected(f"has an invalid metric name {name[:80]!r}: {exc}") from None
+                for written in claims(name, plan.typ):
+                    if pending.get(written, self._claimed.get(written, name)) != name:
+                        raise Rejected(f"has a metric {name[:80]!r} whose {written[:80]!r} another family writes")
+                    pending[written] = name
             elif metric.type != plan.typ:
                 same = False  # another kind of file named it first: its type rules, entry by entry
         for name, bad_le in plan.bad_le:  # what prometheus_client would fail on, in a histogram only
             if (metrics.get(name) or new[name]).type == "histogram":
                 raise Rejected(f"has a histogram bucket bound that is not a number: {bad_le[:40]!r}")
+        self._claimed.update(pending)
         metrics.update(new)
         self.files += 1
         sums = self._sums
