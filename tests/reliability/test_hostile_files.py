@@ -212,3 +212,134 @@ async def test_the_lock_file_is_never_followed(
     assert len(serve.warnings(LOCK)) == 1, serve.text()
     serve.stop()
     assert serve.proc.returncode == 0
+
+
+# -- the issue's "not yet tried": a planted quarantine/, a file swapped mid-open, a reused pid ------
+
+
+def _garbage(path: Path) -> None:
+    plant("garbage", path, path.parent, path)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "directory"])
+def test_a_planted_quarantine_is_never_followed_out_of_the_directory(planted: str, tmp_path: Path) -> None:
+    """Fault: the workers' user plants `quarantine/` as a symlink to a directory outside, or as its own
+    directory holding symlinks (to a file and a directory outside) and a directory with a symlink in
+    it, named to be the oldest entries, the ones the sidecar prunes (the sidecar runs as root here
+    when the suite does).
+
+    A bad file is still moved aside into a real `quarantine/` directory of the multiprocess
+    directory; nothing outside is written, moved or removed, through a symlink or otherwise.
+    """
+    from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
+    from sqlalchemy_pool_exporter.sidecar.quarantine import KEEP
+
+    directory, outside = tmp_path / "mp", tmp_path / "outside"
+    directory.mkdir()
+    (outside / "dir").mkdir(parents=True)
+    (outside / "dir" / "keep").write_text("kept")
+    (outside / "file").write_text("kept")
+    quarantine = directory / "quarantine"
+    if planted == "symlink":
+        quarantine.symlink_to(outside / "dir")
+    else:
+        quarantine.mkdir()
+        for i in range(KEEP + 5):  # the oldest names there are: pruned first
+            (quarantine / f"{i:020d}-file").symlink_to(outside / "file")
+        (quarantine / f"{0:020d}-dir").symlink_to(outside / "dir")
+        (quarantine / f"{1:020d}-nest").mkdir()
+        (quarantine / f"{1:020d}-nest" / "link").symlink_to(outside / "dir")
+        if os.geteuid() == 0:  # the workers' user owns all of it
+            for path in (quarantine, *quarantine.iterdir()):
+                os.lchown(path, 65534, 65534)
+    _garbage(directory / "counter_garbage.db")
+
+    sidecar = Sidecar(directory, same_pid_namespace=False)
+    try:
+        assert [m.name for m in sidecar.merge() if m.samples] == []
+    finally:
+        sidecar.close()
+
+    assert sidecar.quarantine.moved == 1 and sidecar.errors == 0
+    assert not quarantine.is_symlink() and quarantine.is_dir()
+    assert [n for n in os.listdir(quarantine) if n.endswith("-counter_garbage.db")] != []
+    if planted == "directory":  # pruned down to the newest KEEP: the planted links and directories went
+        assert len(os.listdir(quarantine)) == KEEP
+    assert sorted(p.name for p in outside.rglob("*")) == ["dir", "file", "keep"]
+    assert (outside / "file").read_text() == (outside / "dir" / "keep").read_text() == "kept"
+
+
+@pytest.mark.parametrize("swap", ["regular", "symlink", "fifo"])
+def test_a_file_replaced_between_the_check_and_the_open_is_rejected(swap: str, tmp_path: Path) -> None:
+    """Fault: a worker's file passes the sidecar's lstat, then is replaced (by rename, as a writer can)
+    with another regular file, a symlink to a file outside, or a FIFO, before the sidecar opens it.
+
+    The read is refused ("was replaced" or "cannot be opened"), never blocks, and never returns the
+    replacement's numbers; the untouched file still reads.
+    """
+    from sqlalchemy_pool_exporter.sidecar import mpfile
+
+    directory, outside = tmp_path / "mp", tmp_path / "outside"
+    directory.mkdir()
+    outside.mkdir()
+    key = json.dumps(["forged", "forged_total", {}, "x"])
+    real, swapped = directory / "counter_1.db", directory / "swap.tmp"
+    real.write_bytes(_db([_entry(key, 1.0)]))
+    (outside / "elsewhere.db").write_bytes(_db([_entry(key, 1000.0)]))
+    seen = os.lstat(real)  # the sidecar's check
+    if swap == "regular":
+        swapped.write_bytes(_db([_entry(key, 1000.0)]))
+    elif swap == "symlink":
+        swapped.symlink_to(outside / "elsewhere.db")
+    else:
+        os.mkfifo(swapped)
+    os.rename(swapped, real)  # the swap, atomic, between the check and the open
+
+    reader = mpfile.Reader(lambda: None)
+    with pytest.raises(mpfile.Rejected, match=r"was replaced while being opened|cannot be opened"):
+        reader.read(str(real), real.name, 10, seen)
+    if swap == "regular":
+        parsed = reader.read(str(real), real.name, 10)  # checked afresh: the new file is read as what it is
+        assert parsed is not None and parsed.values == (1000.0,)
+
+
+async def test_a_dead_workers_pid_taken_by_another_process_is_still_reaped(
+    mp_workers: MpWorkers, serve_dir: Callable[..., Serve]
+) -> None:
+    """Fault: worker b (2 connections held) is SIGKILLed and its pid is taken by an unrelated process
+    before the sidecar reaps it (here: b's files and stale `.alive` mark renamed to the pid of a live
+    `sleep`, as if the kernel had handed b's pid on). Today /proc says that pid runs, so b is never
+    reaped: its live gauges are summed forever (`used` 3 instead of 1).
+
+    The process at that pid started after b's mark was last touched, so it is not b: b is reaped once,
+    its counters folded into the archive (checkouts still exact) and its live gauges dropped.
+    """
+    a, b = mp_workers.start(commits=3, held=1), mp_workers.start(commits=5, held=2)
+    mp_workers.ready(a, b)
+    directory = mp_workers.directory
+    b.kill()
+    b.wait(30)
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        for path in directory.iterdir():
+            if f"_{b.pid}." in path.name:
+                path.rename(directory / path.name.replace(f"_{b.pid}.", f"_{other.pid}."))
+        mark = directory / f"pool_exporter_{other.pid}.alive"
+        os.utime(mark, (time.time() - 60, time.time() - 60))
+        serve = serve_dir(directory)
+
+        for _ in range(2):
+            status, body = await get(serve.base, "/metrics")
+            assert status == 200, body[:500]
+            s = samples_of(body)
+            assert metric(s, "sqlalchemy_pool_checkouts_total", pool="app") == CHECKOUTS
+            assert metric(s, "sqlalchemy_pool_connections", pool="app", state="used") == 1
+            assert metric(s, "sqlalchemy_exporter_sidecar_reaped_workers_total") == 1
+            assert metric(s, "sqlalchemy_exporter_sidecar_workers") == 1
+        assert [p.name for p in directory.iterdir() if f"_{other.pid}." in p.name] == []
+        assert other.poll() is None  # the other process is left alone
+        serve.stop()
+        assert serve.proc.returncode == 0, serve.text()
+    finally:
+        other.kill()
+        other.wait(30)

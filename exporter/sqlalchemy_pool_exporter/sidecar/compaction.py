@@ -179,7 +179,7 @@ class Compaction:
                 raise mpfile.Rejected("is not a compaction journal")
         except FileNotFoundError:
             plan = None
-        except (mpfile.Rejected, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        except (mpfile.Rejected, ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested absurdly deep
             self.quarantine.move(JOURNAL, str(exc) if isinstance(exc, mpfile.Rejected) else "is not JSON")
             plan = None
         if plan is not None:

@@ -5,7 +5,8 @@ Workers come and go (gunicorn max_requests, crashes, deploys), so left alone the
 scrapes slow down. At each scrape, before merging, the sidecar:
 
 1. finds dead workers: the pid is gone from our pid namespace (when we share it with the workers),
-   or its `pool_exporter_<pid>.alive` mark is stale, or the mark was removed (clean exit);
+   or its `pool_exporter_<pid>.alive` mark is stale (and the pid, if running, is not held by a
+   process started after the mark: a reused pid), or the mark was removed (clean exit);
 2. drops their live gauges (`mark_process_dead`);
 3. folds their counter, histogram, summary and min/max/sum gauge files into one archive file per
    type (`counter_archive.db`...), so the merged totals stay exactly the same while the file count
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -39,6 +41,7 @@ from prometheus_client.registry import Collector
 from .. import catalog
 from ..exposition.writer import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 from ..instrumentation import views
+from ..metricnames import NAMES, view
 from . import mpfile
 from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
 from .daemon import DaemonExecutor
@@ -76,6 +79,38 @@ def _running(pid: int) -> bool | None:
     # A zombie (killed, not yet waited for) is dead for our purpose.
     state = stat_line.rpartition(b")")[2].split()
     return state[0] not in (b"Z", b"X") if state else None
+
+
+# /proc gives a start time in clock ticks since boot, and the boot time to the second.
+_START_SLACK = 1.0
+
+
+@functools.cache
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process `pid` started after `when` (seconds since the epoch); False when /proc cannot tell.
+
+    The mount namespace does not matter (unlike /proc/<pid>/maps): a sidecar in another container that
+    shares the workers' pid namespace can tell too.
+    """
+    boot = _boot_time()
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK") if boot is not None else None  # field 22
+    except (OSError, ValueError, IndexError):
+        return False
+    return started is not None and started > when + _START_SLACK
 
 
 def _maps(pid: int, directory: str) -> bool:
@@ -121,6 +156,7 @@ class Sidecar(Collector):
         self.latest: list[Metric] = []  # the last merge's result
         self.failure: str | None = None  # why the last merge failed, None when it worked
         self.view = LatestMerge(self)
+        self._claimed = _claimed(namespace)
         self._inflight: asyncio.Future[list[Metric]] | None = None
         self._inflight_until = 0.0
         try:
@@ -190,7 +226,7 @@ class Sidecar(Collector):
         # Smallest first: a worker's file is small, so the file that would take a merge past
         # MAX_SERIES (and is rejected for it) is the big one a hostile writer made.
         found.sort(key=lambda f: f[0].st_size)
-        reader, merge = mpfile.Reader(budget, self._layouts), mpfile.Merge()
+        reader, merge = mpfile.Reader(budget, self._layouts), mpfile.Merge(self._claimed)
         where = os.fspath(self.directory) + os.sep
         for seen, name, m in found:
             budget()
@@ -204,6 +240,12 @@ class Sidecar(Collector):
                 continue
             except mpfile.Rejected as exc:
                 self.quarantine.move(name, str(exc))
+            except (MergeFailed, OSError):
+                raise
+            except Exception as exc:  # a file we cannot merge for a reason we did not foresee: ours to count
+                self.errors += 1
+                log.exception("merging %s in %s failed", name, self.directory)
+                self.quarantine.move(name, f"cannot be merged: {type(exc).__name__}")
         self.files = merge.files
         self._layouts = reader.kept
         return merge.result()
@@ -264,8 +306,12 @@ class Sidecar(Collector):
             running = _running(pid) if self._shared else None
             if age is not None:
                 self._seen_alive.add(pid)
-                # A live writer we can see is never reaped, even when its flush thread lags.
-                is_dead = running is False or (age > self.stale_after and running is not True)
+                # A live writer we can see is never reaped, even when its flush thread lags; but a
+                # process that started after the mark was last touched is not that writer: the writer
+                # died, and the kernel handed its pid on.
+                is_dead = running is False or (
+                    age > self.stale_after and (running is not True or _started_after(pid, now - age))
+                )
             else:
                 # The mark is removed at a clean exit; without one ever seen, only /proc can tell.
                 is_dead = pid in self._seen_alive or running is False
@@ -362,6 +408,22 @@ class Sidecar(Collector):
         future = self._inflight
         if future is not None and not future.done():
             future.set_exception(MergeFailed("the sidecar is stopping"))
+
+
+def _claimed(namespace: str) -> dict[str, str]:
+    """The names our families write (theirs to write, from files) and the sidecar's own (no file's)."""
+    claimed: dict[str, str] = {}
+    for names in NAMES:
+        for family in view(namespace, names).families:
+            kind = family.spec.kind
+            base = family.name.removesuffix("_total") if kind == "counter" else family.name
+            for written in mpfile.claims(base, kind):
+                claimed.setdefault(written, base)
+    for spec in catalog.SIDECAR_CATALOG:
+        name = spec.name(namespace)
+        base = name.removesuffix("_total") if spec.kind == "counter" else name
+        claimed.update(dict.fromkeys(mpfile.claims(base, spec.kind), mpfile.RESERVED))
+    return claimed
 
 
 class LatestMerge(Collector):

@@ -8,8 +8,9 @@ summing them: one bad file fails every scrape. Here:
 
 - a file is opened only if it is a regular file: lstat, then open with O_NOFOLLOW|O_NONBLOCK, then
   fstat of the same inode; at most MAX_FILE_BYTES of it are read;
-- its bytes are parsed strictly (framing, UTF-8, the JSON shape of every key); a bad file is rejected
-  as a whole, before any of its samples counts;
+- its bytes are parsed strictly (framing, UTF-8, the JSON shape of every key, its size and depth
+  checked before it is decoded, and the names in it as the exposition format spells them); a bad
+  file is rejected as a whole, before any of its samples counts;
 - samples are summed as files are read, so memory grows with distinct series, capped at MAX_SERIES.
 
 The file format and the merge rules are prometheus_client's (checked on 0.26.0 and on our floor 0.23.1:
@@ -54,6 +55,21 @@ _KEY_CACHE = MAX_SERIES
 MAX_KEPT = 500_000
 # How often the parser asks whether the merge is out of time (entries).
 _CHECK_EVERY = 4096
+# The longest key a file may hold. prometheus_client's keys are a metric's name, help and labels:
+# ours are under 300 bytes; 64 KiB is absurd for any app, and bounds what one key costs to decode.
+MAX_KEY_BYTES = 64 << 10
+
+# What the exposition format allows (and prometheus_client's writer with legacy names can write): a
+# name outside these poisons the whole scrape for Prometheus, not just its own series. UTF-8 names
+# (prometheus_client >= 0.22 without PROMETHEUS_LEGACY_NAME_VALIDATION) are refused too: escaped for
+# the classic format, `a.b` and `a_b` would become one name, two families, and an invalid body.
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# A sample is its metric's name with one of these: what prometheus_client writes for a counter
+# (_total, _created), gauge (none), summary (_count, _sum, _created) and histogram (_bucket, _sum...).
+_SAMPLE_SUFFIXES = frozenset(("", "_total", "_created", "_count", "_sum", "_bucket"))
+# A JSON string; what is left of a key without them is its structure: `[,,{:,:},]`.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 # How prometheus_client names a file: `<type>_<pid>.db`, gauges `gauge_<mode>_<pid>.db`.
 GAUGE_MODES = frozenset(
@@ -294,6 +310,8 @@ class Reader:
             at = pos + 4 + size + 8 - (size + 4) % 8
             if size <= 0 or at + 16 > used:
                 raise Rejected(f"has an entry at byte {pos} that runs past the end")
+            if size > MAX_KEY_BYTES:
+                raise Rejected(f"has a key of {size} bytes at byte {pos}, over the {MAX_KEY_BYTES} a key may have")
             pos, count = at + 16, count + 1
         chunks: list[bytes] = []
         keys: list[Key] = []
@@ -310,7 +328,12 @@ class Reader:
                 raw = data[pos + 4 : pos + 4 + size].decode("utf-8")
             except UnicodeDecodeError:
                 raise Rejected(f"has a key at byte {pos} that is not UTF-8") from None
-            keys.append(key(raw))
+            try:
+                keys.append(key(raw))
+            except Rejected:
+                raise
+            except Exception as exc:  # whatever a decoder may raise on a key no writer produced
+                raise Rejected(f"has a key at byte {pos} that cannot be decoded: {type(exc).__name__}") from None
             chunk = bytes(data[pos:at])
             chunks.append(shared.setdefault(chunk, chunk) if len(shared) < _KEY_CACHE else chunk)
             value, timestamp = unpack_doubles(data, at)
@@ -328,10 +351,46 @@ class Reader:
         return key
 
 
+# Names already found valid: a name repeats in many keys. Bounded, as anything a writer can grow.
+_VALID_NAMES: set[str] = set()
+_VALID_LABELS: set[str] = set()
+_VALID_MAX = 10_000
+
+
+def _valid(name: str, names: set[str] = _VALID_NAMES) -> None:
+    if len(names) < _VALID_MAX:
+        names.add(name)
+
+
+class _Repeated(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose names are all different: json.loads would keep the last of a repeated one."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _Repeated
+    return found
+
+
 def _parse_key(raw: str) -> Key:
+    # The checks below cost ~1.7 µs a key over the 8.3 µs it took before them (measured, CPU time, a
+    # histogram bucket's key); a key is parsed once per merge, and not at all in a file whose layout held.
+    # [metric, sample, {labels}, help] nests two deep; a deeper key makes the decoder recurse (1,000
+    # levels: RecursionError), so it is refused on its brackets outside strings, before decoding.
+    if raw.count("[") + raw.count("{") > 2 and sum(map(_JSON_STRING.sub("", raw).count, "[{")) > 2:
+        raise Rejected(f"has a key nested deeper than [metric, sample, labels, help]: {raw[:80]!r}")
     try:
         parts = json.loads(raw)
-    except ValueError:
+        # A repeated label name needs a colon more than the labels decoded; only then is the key
+        # decoded again, checking each object (the hook makes decoding ~3x slower).
+        labels = parts[2] if isinstance(parts, list) and len(parts) == 4 else None
+        if isinstance(labels, dict) and raw.count(":") > len(labels):
+            json.loads(raw, object_pairs_hook=_unique)
+    except _Repeated:
+        raise Rejected(f"has a key that repeats a label name: {raw[:80]!r}") from None
+    except (ValueError, RecursionError):
         raise Rejected(f"has a key that is not JSON: {raw[:80]!r}") from None
     if not (isinstance(parts, list) and len(parts) == 4):
         raise Rejected(f"has a key that is not [metric, sample, labels, help]: {raw[:80]!r}")
@@ -346,6 +405,17 @@ def _parse_key(raw: str) -> Key:
             s.encode("utf-8")  # JSON can spell an unpaired surrogate, which no encoder can write
     except UnicodeEncodeError:
         raise Rejected(f"has a key that is not valid Unicode: {raw[:80]!r}") from None
+    if metric not in _VALID_NAMES:
+        if not _METRIC_NAME.fullmatch(metric):
+            raise Rejected(f"has a key with an invalid metric name: {raw[:80]!r}")
+        _valid(metric)
+    if sample[len(metric) :] not in _SAMPLE_SUFFIXES or not sample.startswith(metric):
+        raise Rejected(f"has a key whose sample is not of its metric: {raw[:80]!r}")
+    for name in labels:
+        if name not in _VALID_LABELS:
+            if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+                raise Rejected(f"has a key with an invalid label name: {raw[:80]!r}")
+            _valid(name, _VALID_LABELS)
     pairs = tuple(sorted(labels.items()))
     le = labels.get("le")
     bucket = None
@@ -386,6 +456,22 @@ class Plan(NamedTuple):
     bad_le: tuple[tuple[str, str], ...]  # (metric, le) of the entries whose `le` is not a number
 
 
+# The names a family of each type puts in the text format: its HELP/TYPE name and its samples'.
+_EMITS = {
+    "counter": ("", "_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("", "_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+}
+# The owner of a name that no file's family may use (the sidecar's own metrics).
+RESERVED = ""
+
+
+def claims(name: str, typ: str) -> tuple[str, ...]:
+    """Every name family `name` of type `typ` may write in the text format."""
+    return tuple(name + suffix for suffix in _EMITS.get(typ, ("",)))
+
+
 class Merge:
     """The sums of MultiProcessCollector._accumulate_metrics, made file by file as files are read.
 
@@ -395,8 +481,13 @@ class Merge:
     each file it appears in, where prometheus_client applies the mode of the last file to all of them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, claimed: dict[str, str] | None = None) -> None:
         self._metrics: dict[str, Metric] = {}
+        # Name in the text format -> the family that writes it: two families writing one name (a
+        # counter `x` and a gauge `x_total`; a file's `..._sidecar_merges`) make the whole body
+        # invalid, so the file that would bring the second one is rejected. `claimed`: names known
+        # beforehand (our catalog's, owned by their family; the sidecar's own, RESERVED).
+        self._claimed: dict[str, str] = dict(claimed) if claimed else {}
         self._sums: dict[Target, float] = {}
         self._newest: dict[tuple[str, Labels, str], float] = {}
         self.files = 0
@@ -413,6 +504,7 @@ class Merge:
             plan = layout.plan = _plan(kind, mode, ident, layout.keys)
         metrics = self._metrics
         new: dict[str, Metric] = {}
+        pending: dict[str, str] = {}  # the names the new families write, claimed once the file is taken
         same = True
         for name, help_text in plan.metrics:
             metric = metrics.get(name)
@@ -421,11 +513,16 @@ class Merge:
                     metric = new[name] = Metric(name, help_text, plan.typ)
                 except ValueError as exc:
                     raise Rejected(f"has an invalid metric name {name[:80]!r}: {exc}") from None
+                for written in claims(name, plan.typ):
+                    if pending.get(written, self._claimed.get(written, name)) != name:
+                        raise Rejected(f"has a metric {name[:80]!r} whose {written[:80]!r} another family writes")
+                    pending[written] = name
             elif metric.type != plan.typ:
                 same = False  # another kind of file named it first: its type rules, entry by entry
         for name, bad_le in plan.bad_le:  # what prometheus_client would fail on, in a histogram only
             if (metrics.get(name) or new[name]).type == "histogram":
                 raise Rejected(f"has a histogram bucket bound that is not a number: {bad_le[:40]!r}")
+        self._claimed.update(pending)
         metrics.update(new)
         self.files += 1
         sums = self._sums

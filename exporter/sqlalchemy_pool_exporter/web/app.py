@@ -11,6 +11,7 @@ import asyncio
 import html
 import json
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -151,9 +152,25 @@ def readyz_handler(readiness: Readiness) -> Callable[[web.Request], Awaitable[we
     return readyz
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, ±Inf: a gauge a file says so) made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """JSON as RFC 8259 has it: bare NaN and Infinity, which strict parsers reject, are null."""
+    return json.dumps(_finite(value), indent=2, default=str, allow_nan=False)
+
+
 def pools_handler(pools: PoolsSource) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def pools_json(request: web.Request) -> web.Response:
-        return web.json_response({"pools": await pools()}, dumps=lambda o: json.dumps(o, indent=2, default=str))
+        return web.json_response({"pools": await pools()}, dumps=strict_json)
 
     return pools_json
 
