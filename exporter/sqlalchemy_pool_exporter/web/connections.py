@@ -21,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import ssl
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import HttpProcessingError
 from aiohttp.web_log import AccessLogger
 
 from .. import compat
@@ -312,12 +315,42 @@ def request_error_logger() -> logging.Logger:
 
     aiohttp logs every malformed request (a bad header byte, a cut request line) with its traceback
     at ERROR, to `aiohttp.server`: about 500 bytes of log per request any client can send. Ours
-    keeps the first of each minute, traceback included, and counts the others.
+    keeps the first of each minute, traceback included, and counts the others, and never the bytes
+    the client sent (ClientBytes).
     """
     logger = logging.getLogger(REQUEST_ERRORS)
     if not any(isinstance(f, Throttle) for f in logger.filters):
         logger.addFilter(Throttle())
+    if not any(isinstance(f, ClientBytes) for f in logger.filters):
+        logger.addFilter(ClientBytes())
     return logger
+
+
+# From the first quote on, a parse error's message is the client's own bytes.
+_QUOTED = re.compile(r"""\s*(?:\bb)?['"].*""", re.DOTALL)
+
+
+class ClientBytes(logging.Filter):
+    """A logged parse error keeps its traceback and its reason, not the request bytes it quotes.
+
+    aiohttp's parser errors quote what they choked on: `LineTooLong` the first 100 bytes of the line
+    (`b'Basic cHJvbTpz...'`, a password in base64), `BadHttpMessage` the whole header line; and
+    aiohttp logs them, with their traceback, at ERROR. Chained exceptions are left out: they could
+    quote the same bytes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(_QUOTED.sub("", exc.message).split())
+            cls = type(exc)
+            record.exc_text = (
+                "Traceback (most recent call last):\n"
+                + "".join(traceback.format_tb(exc.__traceback__))
+                + f"{cls.__module__}.{cls.__qualname__}: {exc.code}, {reason} (the request's bytes are not logged)"
+            )
+            record.exc_info = None
+        return True
 
 
 # -- accept() failures ----------------------------------------------------------------------------
