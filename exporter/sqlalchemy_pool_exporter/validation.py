@@ -194,7 +194,9 @@ def host(value: object) -> str:
         return value
     except ValueError:
         pass
-    shown = repr(value) if len(value) <= 80 else f"{value[:40]!r}... ({len(value)} characters)"
+    # A long value is not quoted at all: cut short, a URL given here could lose the '@' that tells
+    # the setting error to mask its password.
+    shown = repr(value) if len(value) <= 80 else f"{len(value)} characters"
     try:
         ascii_name = value.encode("idna").decode("ascii")
     except UnicodeError:
