@@ -6,6 +6,7 @@ names the problem but never repeats a secret. Settings wrap the message into the
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import math
 import os
@@ -170,6 +171,44 @@ def metrics_path(value: object) -> str:
         problem = "must not contain '.' or '..' segments"
     if problem:
         raise ValueError(f"metrics_path {problem}, got {value!r}")
+    return value
+
+
+# DNS: 253 characters a name (without its final dot), 63 a label; socket names its own (RFC 1035).
+MAX_HOST = 253
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def host(value: object) -> str:
+    """An address to listen on: "" (every address), an IP literal, or a host name DNS could hold.
+
+    Checked here because asyncio's lookup raises UnicodeError (not an OSError) for a name IDNA
+    cannot encode (a label over 63 characters, an empty one), which no bind-failure handler expects.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"host must be a string, got {type(value).__name__}")
+    if value == "":
+        return value
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    # A long value is not quoted at all: cut short, a URL given here could lose the '@' that tells
+    # the setting error to mask its password.
+    shown = repr(value) if len(value) <= 80 else f"{len(value)} characters"
+    try:
+        ascii_name = value.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"host must be an IP address or a host name, got {shown}") from None
+    labels = ascii_name.removesuffix(".").split(".")
+    if len(ascii_name.removesuffix(".")) > MAX_HOST or not all(
+        0 < len(label) <= 63 and set(label) <= _LABEL_CHARS for label in labels
+    ):
+        raise ValueError(
+            f"host must be an IP address or a host name (labels of letters, digits and '-', at most"
+            f" {MAX_HOST} characters), got {shown}"
+        )
     return value
 
 

@@ -174,6 +174,89 @@ async def test_descriptor_exhaustion_keeps_scrapes_and_logs_small(tmp_path: Path
     assert len(log.splitlines()) <= 6, log[:3000]
 
 
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _idle_connections(port: int, count: int) -> list[Conn]:
+    """`count` TCP connections that never send a byte (no TLS handshake either), 50 at a time; those
+    the server did not take within 5 s (its backlog full) are left out."""
+
+    async def one() -> Conn | None:
+        try:
+            return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        except (TimeoutError, OSError):
+            return None
+
+    opened: list[Conn | None] = []
+    for _ in range(count // 50):
+        opened += await asyncio.gather(*(one() for _ in range(50)))
+    return [c for c in opened if c is not None]
+
+
+async def _closed_now(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 0.05) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def _wait_closed_by_server(conns: list[Conn], at_least: int) -> int:
+    """How many of `conns` the server closed, once `at_least` are (or BOUND seconds passed)."""
+    deadline = time.monotonic() + BOUND
+    closed: set[int] = set()
+    while len(closed) < at_least and time.monotonic() < deadline:
+        for i, (reader, _) in enumerate(conns):
+            if i not in closed and await _closed_now(reader):
+                closed.add(i)
+    return len(closed)
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_idle_connections_to_a_low_fd_server_leave_room_for_scrapes(tmp_path: Path, scheme: str) -> None:
+    """Fault: a real `serve` with `ulimit -n 256` (so at most 128 client connections), a web config
+    file (re-read for each connection and request) and, for https, its TLS; 400 TCP connections
+    opened and left idle, never starting a TLS handshake (request_head_timeout long enough not to
+    matter).
+
+    A connection counts against the cap from accept() on, before its handshake: the server closes
+    idle ones to stay at 128 descriptors for clients, and 8 scrapes after the flood all answer 200.
+    It used to count a TLS connection only once its handshake was done: the idle ones took every
+    descriptor (245), the server could not read its web config file, and 4 of 8 scrapes failed.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.crt"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    tls = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n" if scheme == "https" else ""
+    (tmp_path / "web.yml").write_text(tls + "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n")
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    flags = ("--web.config.file", str(tmp_path / "web.yml"), "--request-head-timeout", "120")
+    with serving(tmp_path, *flags, nofile=256) as server:
+        assert server.base.startswith(f"{scheme}://")
+        idle = await _idle_connections(server.port, 400)
+        try:
+            statuses = []
+            for _ in range(8):
+                try:
+                    statuses.append((await _scrape(server.base, ssl=client))[0])
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    statuses.append(type(exc).__name__)
+            assert statuses == [200] * 8
+            # Every one of the 400 got in (the backlog drained), and all but 128 of them were closed.
+            assert len(idle) == 400
+            assert await _wait_closed_by_server(idle, 400 - 128) >= 400 - 128
+        finally:
+            for _, writer in idle:
+                writer.close()
+    log = server.text()
+    assert "Traceback" not in log, log[:3000]
+    assert "128 client connections open, the most allowed (max_http_connections)" in log, log[:3000]
+    assert "cannot accept connections" not in log and "refused a TLS connection" not in log, log[:3000]
+
+
 async def test_malformed_requests_are_logged_once_a_minute(tmp_path: Path) -> None:
     """Fault: 30 requests with a byte no header may hold, to a real `serve`.
 

@@ -154,3 +154,50 @@ def test_read_only_multiprocess_dir_is_one_line(read_only_dir: tuple[Path, list[
     result = run_cli([*SERVE, "--multiproc-dir", str(directory)], cli_env(), wrapper=wrapper)
     assert_exit_2_one_line(result, "multiproc_dir")
     assert "cannot create files" in result.stderr
+
+
+LONG_HOST = "a" * 5000
+
+
+def _listen_rest(command: str, mp: str) -> list[str]:
+    """What else serve or demo needs to get as far as listening: the demo binds after its database
+    is ready, so it gets a real one (and stops by itself, were a bad host ever accepted)."""
+    if command == "serve":
+        return ["--multiproc-dir", mp]
+    return ["--database-url", f"sqlite:///{mp}/demo.db", "--duration", "5"]
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        # each used to be a UnicodeError traceback from asyncio's lookup (IDNA), exit 1
+        ["--host", LONG_HOST, "--port", "0"],
+        ["--web.listen-address", f"{LONG_HOST}:0"],
+        ["--host", "a" * 64, "--port", "0"],  # one label over 63 characters
+        ["--host", "a..b", "--port", "0"],  # an empty label
+        ["--web.listen-address", "a..b:0"],
+        ["--host", "exa mple", "--port", "0"],
+        ["--host", "[::1]", "--port", "0"],
+        ["--web.listen-address", "[not-an-address]:0"],
+        ["--host", "nonexistent.invalid", "--port", "0"],  # well-formed, but resolves to nothing
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_bad_listen_addresses_exit_2(mp: str, command: str, listen: list[str]) -> None:
+    """Fault: listen hosts IDNA cannot encode (5,000 characters, a 64-character or empty label), that
+    are no host name at all, or that resolve to nothing, as `--host`, `--web.listen-address` and, for
+    the long one, `POOL_EXPORTER_HOST`; to a real `serve` and `demo`. Each exits 2 with one line
+    naming the host, never quoting 5,000 characters."""
+    result = run_cli([command, *listen, *_listen_rest(command, mp)])
+    assert_exit_2_one_line(result, "host")
+    assert len(result.stderr) < 400
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_long_host_from_the_environment_exits_2(mp: str, command: str) -> None:
+    """Fault: POOL_EXPORTER_HOST of 5,000 characters: one line, exit 2, like the flag."""
+    result = run_cli(
+        [command, "--port", "0", *_listen_rest(command, mp)], {**cli_env(), "POOL_EXPORTER_HOST": LONG_HOST}
+    )
+    assert_exit_2_one_line(result, "host")
+    assert len(result.stderr) < 400

@@ -152,6 +152,11 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return validation.host(value)
+
     @field_validator("metrics_path")
     @classmethod
     def _path(cls, value: str) -> str:

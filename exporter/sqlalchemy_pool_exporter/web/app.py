@@ -28,7 +28,7 @@ from ..errors import Unavailable
 from ..exposition.render import Exposition
 from ..instrumentation import views
 from .auth import Auth
-from .connections import TLS, AcceptErrors, Guard, request_error_logger, within_fd_limit
+from .connections import TLS, AcceptErrors, Guard, listen_backlog, request_error_logger, within_fd_limit
 from .readyz import Check, Readiness, check_pool
 
 if TYPE_CHECKING:
@@ -361,7 +361,9 @@ class Server:
         # Our own listening socket rather than a TCPSite: every connection must go through the guard,
         # which also does TLS (per connection: see connections.py).
         try:
-            server = await loop.create_server(guard, self.host, self.port, backlog=128, reuse_port=self.reuse_port)
+            server = await loop.create_server(
+                guard, self.host, self.port, backlog=listen_backlog(), reuse_port=self.reuse_port
+            )
         except BaseException:
             await runner.cleanup()
             raise

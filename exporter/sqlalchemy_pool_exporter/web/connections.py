@@ -13,7 +13,11 @@ Decided, in `Guard` (the listening socket's protocol factory):
   connection just reconnects); only when every one is busy with a request is it answered 503;
 - with TLS, each connection is upgraded by `loop.start_tls()` with the TLS `Guard.tls` gives at that
   moment, so certificates reload without a restart (web/config/tls.py says why not
-  `create_server(ssl=)`); the handshake has the same deadline, and counts towards the cap once done.
+  `create_server(ssl=)`). A connection counts towards the cap from accept(), before its handshake,
+  and the deadline covers the handshake: counted only once the handshake was done, 400 connections
+  that never start one held every descriptor of a `ulimit -n 256` server (it could not read its own
+  web config file). Refused at the cap, a TLS connection is just closed: a 503 in clear text means
+  nothing to a TLS client, and a handshake to send it would cost what the cap is there to bound.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import ssl
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import HttpProcessingError
 from aiohttp.web_log import AccessLogger
 
 from .. import compat
@@ -186,6 +193,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.guard._admit(self):
+            if self.guard.tls is None:
+                transport.write(_BUSY)
+                transport.close()
+            else:
+                transport.abort()
+            return
+        self.arm()
         if self.guard.tls is not None:
             self._handshaking = True
             self.guard._handshake(self, transport)
@@ -199,19 +215,24 @@ class _Connection(asyncio.Protocol):
             tls = self.guard.tls()
         except Exception as exc:
             self.guard._refused(f"no usable TLS configuration: {exc}")
-            raw.abort()
+            self._drop(raw)
             return
         try:
             transport = await asyncio.get_running_loop().start_tls(
                 raw, self, tls.context, server_side=True, ssl_handshake_timeout=self.guard.head_timeout
             )
         except Exception:
-            return  # the client's doing (no certificate, a stalled handshake...); start_tls closed it
+            # The client's doing (no certificate, a stalled handshake...); start_tls closed it. asyncio
+            # calls no connection_lost() for a connection lost mid-handshake: we forget it here.
+            self._drop(raw)
+            return
         if self._lost or not isinstance(transport, asyncio.Transport):
+            self._drop(raw)
             return
         if tls.accepts is not None and not tls.accepts(transport.get_extra_info("peercert")):
             self.guard._refused("the client certificate has none of client_allowed_sans")
-            transport.abort()
+            self.transport = transport
+            self.abort()
             return
         self._handshaking = False
         self._open(transport)
@@ -222,14 +243,17 @@ class _Connection(asyncio.Protocol):
             self.eof_received()
 
     def _open(self, transport: asyncio.Transport) -> None:
+        """Hand the (admitted, now plain or decrypted) connection to aiohttp."""
         self.transport = transport
-        if not self.guard._admit(self):
-            transport.write(_BUSY)
-            transport.close()
-            return
         self.admitted = True
-        self.arm()
         self.inner.connection_made(transport)
+
+    def _drop(self, raw: asyncio.Transport) -> None:
+        """A connection that never reached aiohttp: its slot and deadline go with it."""
+        self._lost = True
+        self.disarm()
+        self.guard._forget(self)
+        raw.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._handshaking:
@@ -312,12 +336,42 @@ def request_error_logger() -> logging.Logger:
 
     aiohttp logs every malformed request (a bad header byte, a cut request line) with its traceback
     at ERROR, to `aiohttp.server`: about 500 bytes of log per request any client can send. Ours
-    keeps the first of each minute, traceback included, and counts the others.
+    keeps the first of each minute, traceback included, and counts the others, and never the bytes
+    the client sent (ClientBytes).
     """
     logger = logging.getLogger(REQUEST_ERRORS)
     if not any(isinstance(f, Throttle) for f in logger.filters):
         logger.addFilter(Throttle())
+    if not any(isinstance(f, ClientBytes) for f in logger.filters):
+        logger.addFilter(ClientBytes())
     return logger
+
+
+# From the first quote on, a parse error's message is the client's own bytes.
+_QUOTED = re.compile(r"""\s*(?:\bb)?['"].*""", re.DOTALL)
+
+
+class ClientBytes(logging.Filter):
+    """A logged parse error keeps its traceback and its reason, not the request bytes it quotes.
+
+    aiohttp's parser errors quote what they choked on: `LineTooLong` the first 100 bytes of the line
+    (`b'Basic cHJvbTpz...'`, a password in base64), `BadHttpMessage` the whole header line; and
+    aiohttp logs them, with their traceback, at ERROR. Chained exceptions are left out: they could
+    quote the same bytes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(_QUOTED.sub("", exc.message).split())
+            cls = type(exc)
+            record.exc_text = (
+                "Traceback (most recent call last):\n"
+                + "".join(traceback.format_tb(exc.__traceback__))
+                + f"{cls.__module__}.{cls.__qualname__}: {exc.code}, {reason} (the request's bytes are not logged)"
+            )
+            record.exc_info = None
+        return True
 
 
 # -- accept() failures ----------------------------------------------------------------------------
@@ -368,20 +422,43 @@ class AcceptErrors:
             loop.set_exception_handler(self.previous)
 
 
+def _fd_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not Unix: no limit to read
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+BACKLOG = 128
+
+
+def listen_backlog() -> int:
+    """The listen backlog: BACKLOG, lowered to a quarter of the open-file limit if that is less.
+
+    asyncio accepts up to `backlog` connections in one go, before any of them reaches the guard, and
+    a connection the cap closes gives its descriptor back only on the next loop tick: at the cap,
+    a burst holds cap + backlog descriptors for a moment. With half the limit for the cap and a
+    quarter for the burst, a quarter is left for the app (files, the web config, database
+    connections); with the full 128 a `ulimit -n 256` server ran out.
+    """
+    soft = _fd_limit()
+    return BACKLOG if soft is None else max(1, min(BACKLOG, soft // 4))
+
+
 def within_fd_limit(max_connections: int | None) -> int | None:
     """`max_connections`, lowered to half the process's open-file limit if that is less.
 
     The cap must bite before descriptors run out; the other half is for the app (its database
-    connections, the multiprocess files, the accept retry itself).
+    connections, the multiprocess files, the accept retry itself) and the accept burst (listen_backlog).
     """
     if max_connections is None:
         return None
-    try:
-        import resource
-    except ImportError:  # not Unix: no limit to read
+    soft = _fd_limit()
+    if soft is None:
         return max_connections
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft // 2 >= max_connections:
+    if soft // 2 >= max_connections:
         return max_connections
     budget = max(1, soft // 2)
     log.info(
