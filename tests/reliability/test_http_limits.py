@@ -126,20 +126,12 @@ async def test_idle_connections_beyond_the_cap_make_room(tmp_path: Path) -> None
             status, _ = await _scrape(server.base)
             assert status == 200
 
-            async def closed_now(reader: asyncio.StreamReader) -> bool:
-                try:
-                    return await asyncio.wait_for(reader.read(1), 0.05) == b""
-                except TimeoutError:
-                    return False
-                except ConnectionError:
-                    return True
-
             deadline = time.monotonic() + BOUND
             closed: set[int] = set()
             while len(closed) < 32:
                 assert time.monotonic() < deadline, f"only {len(closed)} of 40 idle connections closed"
                 for i, (reader, _) in enumerate(conns):
-                    if i not in closed and await closed_now(reader):
+                    if i not in closed and await _closed_now(reader):
                         closed.add(i)
             # The cap closes the oldest first.
             assert set(range(32)) <= closed
