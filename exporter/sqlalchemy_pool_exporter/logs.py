@@ -19,7 +19,8 @@ LogFormat = Literal["text", "json"]
 # LogRecord attributes that are not `extra=` fields.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
-# The `extra=` field of a multi-line stack (a leak's checkout stack): below the line in text, a field in JSON.
+# The `extra=` field naming the multi-line stack that ends a record's message (a leak's checkout stack):
+# TextFormatter escapes the line before it and keeps the stack's own lines; JSON has it in the message.
 STACK = "stack"
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -118,7 +119,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key != STACK and not key.startswith("_"):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
@@ -131,12 +132,15 @@ class TextFormatter(logging.Formatter):
     """One record, one line, escaped; a stack or traceback follows on lines of its own, escaped but its line breaks."""
 
     def format(self, record: logging.LogRecord) -> str:
-        record.message = printable(record.getMessage())
+        message, tails = record.getMessage(), []
+        stack = getattr(record, STACK, None)
+        if isinstance(stack, str) and stack and message.endswith(stack):
+            message = message[: -len(stack)].rstrip("\n")
+            tails.append(stack.rstrip("\n"))
+        record.message = printable(message)
         if self.usesTime():
             record.asctime = self.formatTime(record, self.datefmt)
         line = self.formatMessage(record)
-        stack = getattr(record, STACK, None)
-        tails = [stack.rstrip("\n") if isinstance(stack, str) else ""]
         if record.exc_text:  # set by RedactFilter, scrubbed
             tails.append(record.exc_text)
         elif record.exc_info:

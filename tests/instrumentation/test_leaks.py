@@ -37,7 +37,6 @@ async def test_async_connection_held_past_threshold_warns_once_with_the_checkout
     (warning,) = exporter_records(caplog, logging.WARNING)
     message = warning.getMessage()
     assert "leak threshold" in message
-    message += warning.__dict__["stack"]  # the checkout stack: below the line in text, its own field in JSON
     # The stack reaches the application code across SQLAlchemy's greenlet.
     assert "test_async_connection_held_past_threshold_warns_once_with_the_checkout_stack" in message
     assert Path(__file__).name in message
@@ -71,8 +70,8 @@ def test_sync_leak_warning_and_info_on_return(
     hold_a_connection_too_long()
 
     (warning,) = exporter_records(caplog, logging.WARNING)
-    assert "hold_a_connection_too_long" in warning.__dict__["stack"]
-    assert Path(__file__).name in warning.__dict__["stack"]
+    assert "hold_a_connection_too_long" in warning.getMessage()
+    assert Path(__file__).name in warning.getMessage()
     (info,) = exporter_records(caplog, logging.INFO)
     assert "came back" in info.getMessage()
 

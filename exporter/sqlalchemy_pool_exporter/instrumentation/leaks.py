@@ -83,13 +83,15 @@ class LeakTracker:
                 entry.slot.held_too_long += 1
             where = "".join(entry.stack.format()) if entry.stack else "(stack not captured)\n"
             holder = entry.slot.name if entry.slot is not None else None
-            # The stack goes below the line (text) or in its own field (JSON): the line itself stays one line.
+            # The stack ends the message for any formatter; STACK tells ours where it starts, so that a text
+            # line escapes the names before it and keeps the stack's own lines below it (logs.TextFormatter).
             log.warning(
-                "pool %s: connection held for %.1fs%s, longer than the leak threshold of %gs; checked out at:",
+                "pool %s: connection held for %.1fs%s, longer than the leak threshold of %gs; checked out at:\n%s",
                 self.pool,
                 held,
                 f" by {holder}" if holder else "",
                 threshold,
+                where,
                 extra={"pool": self.pool, "held_seconds": round(held, 3), "holder": holder, STACK: where},
             )
         return found
@@ -112,7 +114,7 @@ class LeakTracker:
         log.warning(
             "pool %s: a connection was never returned and the garbage collector reclaimed it%s",
             self.pool,
-            "; it was checked out at:" if where else "",
+            f"; it was checked out at:\n{where}" if where else "",
             extra={"pool": self.pool, STACK: where} if where else {"pool": self.pool},
         )
 
