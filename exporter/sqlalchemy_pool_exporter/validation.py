@@ -206,7 +206,7 @@ def host(value: object) -> str:
         0 < len(label) <= 63 and set(label) <= _LABEL_CHARS for label in labels
     ):
         raise ValueError(
-            f"host must be an IP address or a host name (labels of letters, digits and '-', at most"
+            f"host must be an IP address or a host name (labels of letters, digits, '-' and '_', at most"
             f" {MAX_HOST} characters), got {shown}"
         )
     return value

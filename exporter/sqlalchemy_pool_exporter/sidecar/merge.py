@@ -62,8 +62,8 @@ _DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pi
 _ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$", re.ASCII)
 
 
-def _running(pid: int) -> bool | None:
-    """Whether `pid` runs in our pid namespace: None when /proc cannot tell."""
+def _stat(pid: int) -> list[bytes] | bool | None:
+    """The fields of /proc/<pid>/stat after the command name; False: no such process; None: /proc cannot tell."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -76,9 +76,15 @@ def _running(pid: int) -> bool | None:
         return False
     finally:
         os.close(fd)
+    return stat_line.rpartition(b")")[2].split() or None
+
+
+def _running(stat: list[bytes] | bool | None) -> bool | None:
+    """Whether the process of `_stat()` runs (in our pid namespace): None when /proc cannot tell."""
+    if not isinstance(stat, list):
+        return stat
     # A zombie (killed, not yet waited for) is dead for our purpose.
-    state = stat_line.rpartition(b")")[2].split()
-    return state[0] not in (b"Z", b"X") if state else None
+    return stat[0] not in (b"Z", b"X")
 
 
 # /proc gives a start time in clock ticks since boot, and the boot time to the second.
@@ -97,20 +103,20 @@ def _boot_time() -> float | None:
     return None
 
 
-def _started_after(pid: int, when: float) -> bool:
-    """Whether process `pid` started after `when` (seconds since the epoch); False when /proc cannot tell.
+def _started_after(stat: list[bytes] | bool | None, when: float) -> bool:
+    """Whether the process of `_stat()` started after `when` (seconds since the epoch); False when /proc cannot tell.
 
     The mount namespace does not matter (unlike /proc/<pid>/maps): a sidecar in another container that
     shares the workers' pid namespace can tell too.
     """
     boot = _boot_time()
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK") if boot is not None else None  # field 22
-    except (OSError, ValueError, IndexError):
+    if boot is None or not isinstance(stat, list):
         return False
-    return started is not None and started > when + _START_SLACK
+    try:
+        started = boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of the whole line
+    except (ValueError, IndexError):
+        return False
+    return started > when + _START_SLACK
 
 
 def _maps(pid: int, directory: str) -> bool:
@@ -258,7 +264,7 @@ class Sidecar(Collector):
             ident.isascii()
             and ident.isdigit()
             and self._shared
-            and _running(int(ident))
+            and _running(_stat(int(ident)))
             and _maps(int(ident), str(self.directory.resolve()))
         ):
             return  # a live writer of ours, stopped in a debugger, say: never move a live worker's file
@@ -303,14 +309,15 @@ class Sidecar(Collector):
             )
         dead: set[int] = set()
         for pid, age in marks.items():
-            running = _running(pid) if self._shared else None
+            stat = _stat(pid) if self._shared else None
+            running = _running(stat)
             if age is not None:
                 self._seen_alive.add(pid)
                 # A live writer we can see is never reaped, even when its flush thread lags; but a
                 # process that started after the mark was last touched is not that writer: the writer
                 # died, and the kernel handed its pid on.
                 is_dead = running is False or (
-                    age > self.stale_after and (running is not True or _started_after(pid, now - age))
+                    age > self.stale_after and (running is not True or _started_after(stat, now - age))
                 )
             else:
                 # The mark is removed at a clean exit; without one ever seen, only /proc can tell.
