@@ -61,4 +61,4 @@ def exec_program(settings: Settings, program: Sequence[str]) -> NoReturn:
     except OSError as exc:
         # The name as typed may hold anything: printable characters only keep it one line.
         name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in argv[0])
-        raise ProgramError(f"run: cannot run {name!r}: {exc.strerror}") from None
+        raise ProgramError(f"run: cannot run '{name}': {exc.strerror}") from None
