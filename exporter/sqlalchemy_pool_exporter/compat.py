@@ -1,4 +1,4 @@
-"""Every private name of SQLAlchemy, prometheus_client, aiohttp and OpenTelemetry's SDK that we touch, in one place.
+"""Every private name of SQLAlchemy, prometheus_client, aiohttp, FastAPI and OpenTelemetry's SDK we touch, in one place.
 
 Each entry says what it is for, the versions it was checked on, and what happens when it is gone:
 a public-API fallback where one exists, otherwise a feature that degrades (logged, counted), never

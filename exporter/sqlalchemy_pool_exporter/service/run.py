@@ -16,8 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import boot, startup
+from . import startup
 from .settings import SettingError, Settings
+
+# The folder whose sitecustomize.py every process of the program imports (shipped in the package).
+BOOT = Path(__file__).resolve().parent / "boot"
 
 
 class ProgramError(Exception):
@@ -27,7 +30,7 @@ class ProgramError(Exception):
 def program_env(settings: Settings, environ: dict[str, str]) -> dict[str, str]:
     """The program's environment: ours on PYTHONPATH, the settings its processes read."""
     env = dict(environ)
-    here = str(Path(boot.__file__).resolve().parent)
+    here = str(BOOT)
     env["PYTHONPATH"] = os.pathsep.join([here, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     env["POOL_EXPORTER_EVERY_ENGINE"] = "1"
     env["POOL_EXPORTER_NAMESPACE"] = settings.namespace
