@@ -1,6 +1,7 @@
 """Run the library and service tests against the declared dependency floors and the latest releases.
 
-The tests are tests/core, instrumentation, exposition, sidecar, web and service (TESTS).
+The tests are tests/core, instrumentation, exposition, sidecar, web and service (TESTS); the `asgi-*`
+combinations run HolderMiddleware's tests (ASGI_TESTS) on the FastAPI and Starlette range (ASGI_FLOORS).
 
 One venv per combination under .matrix/, built from the project's wheel and pinned requirements;
 the floors are read from pyproject.toml, so a declared floor is always a tested one.
@@ -29,6 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".matrix"
 TESTS = [f"tests/{room}" for room in ("core", "instrumentation", "exposition", "sidecar", "web", "service")]
+# HolderMiddleware's supported range starts here (docs/compatibility.md): neither is a dependency of
+# ours, so the floors live here rather than in pyproject.toml. Starlette records its matched route in
+# scope["route"] from 1.7.0; FastAPI 0.115.0 needs a Starlette below 0.39, so each floor is a cell of its own.
+ASGI_FLOORS = {"fastapi": "0.115.0", "starlette": "1.7.0"}
+ASGI_TESTS = ["tests/core/test_middleware.py"]
 # What those tests import beyond the package (the rest of the dev extra is lint,
 # type checking and the dashboard tools, which `make test` covers on the latest set).
 TEST_DEPS = ("pytest", "pytest-asyncio", "pytest-timeout", "trustme", "asyncpg", "aiosqlite")
@@ -44,6 +50,8 @@ SHOWN = (
     "pyyaml",
     "bcrypt",
     "opentelemetry-sdk",
+    "fastapi",
+    "starlette",
 )
 # pip's own --only-binary: no compiler in the loop, and a release without a wheel for this Python is
 # a failed install, not a silent source build.
@@ -112,6 +120,7 @@ class Cell:
     python: str
     specs: dict[str, str]
     requirements: list[str] = field(default_factory=list)
+    tests: list[str] = field(default_factory=lambda: list(TESTS))
     interpreter: Path | None = None
     result: str = "not run"
     versions: dict[str, str] = field(default_factory=dict)
@@ -150,6 +159,17 @@ def cells(declared: Declared) -> list[Cell]:
     for cell in found:
         wanted = {**declared.runtime, **declared.tests}
         cell.requirements = sorted(declared.pinned(n, cell.specs[n]) if n in cell.specs else wanted[n] for n in wanted)
+    # HolderMiddleware on FastAPI's floor (with the Starlette it resolves), Starlette's floor (with the
+    # latest FastAPI), and both latest: its tests only, on the latest of everything else.
+    asgi = {
+        "asgi-fastapi-floor": {"fastapi": f"=={ASGI_FLOORS['fastapi']}", "starlette": ""},
+        "asgi-starlette-floor": {"fastapi": "", "starlette": f"=={ASGI_FLOORS['starlette']}"},
+        "asgi-latest": {"fastapi": "", "starlette": ""},
+    }
+    for name, specs in asgi.items():
+        wanted = {**declared.runtime, **declared.tests}
+        requirements = [wanted[n] for n in wanted] + [f"{n}{spec}" for n, spec in specs.items()] + ["uvicorn"]
+        found.append(Cell(name, "3.11", specs, sorted(requirements), list(ASGI_TESTS)))
     return found
 
 
@@ -227,11 +247,11 @@ def run_tests(cell: Cell) -> None:
     python = str(cell.venv / "bin" / "python")
     started = time.monotonic()
     with cell.log.open("a") as out:
-        out.write(f"$ {python} -m pytest {' '.join(TESTS)} -q\n")
+        out.write(f"$ {python} -m pytest {' '.join(cell.tests)} -q\n")
         out.flush()
         try:
             code = subprocess.run(
-                [python, "-m", "pytest", *TESTS, "-q", "-p", "no:cacheprovider"],
+                [python, "-m", "pytest", *cell.tests, "-q", "-p", "no:cacheprovider"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,

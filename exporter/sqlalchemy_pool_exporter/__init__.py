@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .catalog import CATALOG, DEFAULT_NAMESPACE, LEAN_BUCKETS
-from .core import Exporter, default_exporter, handle_for, handles, instrument, uninstrument
+from .core import Exporter, default_exporter, handle_for, handles, instrument, instrument_all, uninstrument
 from .errors import AlreadyInstrumented
 from .instrumentation.handle import PoolHandle
 from .instrumentation.holders import holder
@@ -27,6 +27,7 @@ __all__ = [
     "holder",
     "holder_middleware",
     "instrument",
+    "instrument_all",
     "pool_name",
     "safe_url",
     "session_dependency",

@@ -1,4 +1,4 @@
-"""Every private name of SQLAlchemy, prometheus_client, aiohttp and OpenTelemetry's SDK that we touch, in one place.
+"""Every private name of SQLAlchemy, prometheus_client, aiohttp, FastAPI and OpenTelemetry's SDK we touch, in one place.
 
 Each entry says what it is for, the versions it was checked on, and what happens when it is gone:
 a public-API fallback where one exists, otherwise a feature that degrades (logged, counted), never
@@ -149,6 +149,29 @@ def request_protocol(request: web.BaseRequest) -> asyncio.BaseProtocol:
     """The connection (RequestHandler) serving `request`."""
     protocol: asyncio.BaseProtocol = request.protocol
     return protocol
+
+
+# -- FastAPI (checked on 0.115.0, 0.137.0, 0.141.0 and 0.165.0; HolderMiddleware does not import it) -----
+#
+# Up to 0.136, include_router() copied each route into the including router with the prefix in its
+# path, so scope["route"].path_format was the whole template. From 0.137 an included router is routed
+# lazily: scope["route"] is the router's own APIRoute, whose path_format is relative to its include
+# (`/notes/{note_id}`; every prefix of the include chain is lost), and the whole template is on the
+# private `_EffectiveRouteContext` FastAPI keeps in scope["fastapi"]["effective_route_context"] (where
+# its own telemetry names `http.route` from). Without it, names fall back to the relative template.
+
+
+def included_route_template(scope: Any, route: object) -> str | None:
+    """FastAPI's template for `route` with the prefixes of the routers that include it, if it recorded one."""
+    fastapi = scope.get("fastapi")
+    if not isinstance(fastapi, dict):
+        return None
+    context = fastapi.get("effective_route_context")
+    # Only the context of this very route: a mounted app's plain route leaves its parent's context there.
+    if context is None or getattr(context, "original_route", None) is not route:
+        return None
+    template = getattr(context, "path_format", None)
+    return template if isinstance(template, str) and template else None
 
 
 # -- OpenTelemetry SDK (opentelemetry-sdk, the `otel` extra; checked on 1.27.0 and 1.45.2) ----------

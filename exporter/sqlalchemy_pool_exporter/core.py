@@ -8,15 +8,18 @@ prometheus_client.REGISTRY, made at first use (the 95% case stays one line).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import catalog, validation
@@ -25,7 +28,7 @@ from .exposition.collector import PoolCollector
 from .exposition.writer import MultiprocessWriter, environment_dir
 from .instrumentation.handle import PoolHandle, handle_of
 from .instrumentation.holders import DEFAULT_MAX_HOLDERS
-from .labels import pool_name
+from .labels import pool_name, safe_url
 from .metricnames import Names, view
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -77,6 +80,10 @@ class Exporter:
         self._by_name: weakref.WeakValueDictionary[str, PoolHandle] = weakref.WeakValueDictionary()
         self.collector = PoolCollector(self.view, self.handles)
         self._writer: MultiprocessWriter | None = None
+        # instrument_all(): the options for engines created from now on, the hook's undo, the handles it made.
+        self._every: dict[str, Any] = {}
+        self._every_undo: Callable[[], None] | None = None
+        self._automatic: weakref.WeakSet[PoolHandle] = weakref.WeakSet()
         self.closed = False
         try:
             self.registry.register(self.collector)
@@ -116,6 +123,10 @@ class Exporter:
         """
         sync = sync_engine(engine)
         leak_threshold = validation.leak_threshold(leak_threshold)
+        taken = handle_of(sync)
+        if taken is not None and isinstance(taken.owner, Exporter) and taken in taken.owner._automatic:
+            # instrument_all() took it with its defaults (at create_engine()): the explicit call wins.
+            taken.uninstrument()
         bounds = validation.buckets({**self.buckets, **(buckets or {})}) if buckets else self.buckets
         explicit = validation.pool_name(name) if name is not None else None
         with self._lock:
@@ -145,6 +156,40 @@ class Exporter:
         if writer is not None:
             writer.flush()
         return handle
+
+    def instrument_all(
+        self, *, leak_threshold: float | None = None, statements: bool = True, transactions: bool = True
+    ) -> None:
+        """Instrument every Engine and AsyncEngine created from now on, until close(); call again to change options.
+
+        Engines already instrumented are left as they are; an explicit instrument() of an engine this
+        took replaces it (its name and options win). Nothing runs per checkout: only create_engine()
+        (and create_async_engine(), which calls it) calls the hook, once per engine.
+        """
+        options = {
+            "leak_threshold": validation.leak_threshold(leak_threshold),
+            "statements": statements,
+            "transactions": transactions,
+        }
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this Exporter is closed")
+            self._every = options
+            if self._every_undo is None:
+                self._every_undo = on_engine_created(self._engine_created)
+
+    def _engine_created(self, engine: Engine) -> None:
+        """create_engine() built `engine`: instrument it unless something already did; never raise into it."""
+        try:
+            if handle_of(engine) is not None:
+                return
+            with self._lock:
+                if self.closed:
+                    return
+                options = self._every
+            self._automatic.add(self.instrument(engine, **options))
+        except Exception as exc:
+            log.error("engine %s is not instrumented: %s: %s", safe_url(engine.url), type(exc).__name__, exc)
 
     def _same(
         self, existing: PoolHandle, name: str | None, leak_threshold: float | None, statements: bool, transactions: bool
@@ -250,6 +295,9 @@ class Exporter:
                 return
             self.closed = True
             handles = list(self._handles.values())
+            every_undo, self._every_undo = self._every_undo, None
+        if every_undo is not None:
+            every_undo()
         for handle in handles:
             handle.uninstrument()
         if self._writer is not None:
@@ -263,6 +311,63 @@ class Exporter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ABSENT = object()
+# on_engine_created(): the callbacks, oldest first, and the one hook they share while there are any.
+_created: list[Callable[[Engine], None]] = []
+_created_lock = threading.Lock()
+_created_hook: list[Any] = []  # [our classmethod, what DefaultDialect had before] while installed
+
+
+def on_engine_created(callback: Callable[[Engine], None]) -> Callable[[], None]:
+    """Call `callback(engine)` for every Engine create_engine() builds from now on; returns the undo.
+
+    The hook is SQLAlchemy's public `Dialect.engine_created(engine)` classmethod, which create_engine()
+    calls on the dialect class of every engine it builds, before returning it. We set it on DefaultDialect,
+    which every dialect inherits from and none of SQLAlchemy's own overrides (2.0.38, 2.1.9); a third-party
+    dialect that overrides it without calling its base is not seen. It catches engines of applications
+    that imported create_engine before we were called, where wrapping sqlalchemy.create_engine would not.
+    One hook serves every callback, oldest first; the last undo takes it off the class (unless another
+    layer set its own on top since: then ours stays in that chain and passes through).
+    """
+    with _created_lock:
+        if not _created_hook:
+            _install_created_hook()
+        _created.append(callback)
+
+    def undo() -> None:
+        with _created_lock:
+            for i, known in enumerate(_created):
+                if known is callback:
+                    del _created[i]
+                    break
+            if _created or not _created_hook:
+                return
+            ours, previous = _created_hook
+            _created_hook.clear()
+            if vars(DefaultDialect).get("engine_created") is not ours:
+                return
+            if previous is _ABSENT:
+                del DefaultDialect.engine_created
+            else:
+                DefaultDialect.engine_created = previous  # type: ignore[method-assign]
+
+    return undo
+
+
+def _install_created_hook() -> None:
+    previous = vars(DefaultDialect).get("engine_created", _ABSENT)
+    base: Any = inspect.getattr_static(DefaultDialect, "engine_created")  # the classmethod we chain to
+
+    def engine_created(cls: type[DefaultDialect], engine: Engine) -> None:
+        base.__func__(cls, engine)
+        for callback in tuple(_created):
+            callback(engine)
+
+    ours = classmethod(engine_created)
+    DefaultDialect.engine_created = ours  # type: ignore[assignment,method-assign]
+    _created_hook[:] = [ours, previous]
 
 
 # -- the default Exporter, for the module-level one-liners --------------------------------------------
@@ -305,6 +410,20 @@ def instrument(
         statements=statements,
         transactions=transactions,
     )
+
+
+def instrument_all(
+    exporter: Exporter | None = None,
+    *,
+    leak_threshold: float | None = None,
+    statements: bool = True,
+    transactions: bool = True,
+) -> Exporter:
+    """Instrument every Engine and AsyncEngine created from now on with `exporter` (default: the default
+    Exporter); `exporter.close()` stops it. Returns the Exporter. See Exporter.instrument_all."""
+    exporter = default_exporter() if exporter is None else exporter
+    exporter.instrument_all(leak_threshold=leak_threshold, statements=statements, transactions=transactions)
+    return exporter
 
 
 def uninstrument(engine: Engine | AsyncEngine) -> None:

@@ -3,7 +3,10 @@
 Two thin adapters over instrumentation/holders.py: an aiohttp middleware (aiohttp routes before middlewares run,
 so the template is known at once) and an ASGI middleware for Starlette and FastAPI (they route
 inside the app, after the middleware: the name is resolved at the request's first checkout, from
-`scope["route"]`, which Starlette sets when it matches; checked on Starlette 1.10 / FastAPI 0.165).
+`scope["route"]`, which FastAPI sets when it matches and Starlette since 1.7). The name is the whole
+template the URL matched: the prefixes of included and nested routers (FastAPI 0.137+ keeps them out
+of the route itself: compat.included_route_template) and the path of every Mount above it
+(`root_path`); checked on FastAPI 0.115.0-0.165.0 and Starlette 1.7.0-1.10.0 (docs/compatibility.md).
 The client chooses the method and the path, so neither may choose a name: a request no route matched
 is `(unmatched)` whatever its method, and a method is named as sent only when it is a standard one or
 one the matched route declares, else `OTHER`. Random paths and forged methods (WebDAV's, or any token
@@ -18,6 +21,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
+from .compat import included_route_template
 from .instrumentation.holders import holder, lazy_holder
 
 UNMATCHED = "(unmatched)"
@@ -65,7 +69,7 @@ class HolderMiddleware:
 
         def resolve() -> str | None:
             route = scope.get("route")
-            template = getattr(route, "path_format", None)
+            template = included_route_template(scope, route) or getattr(route, "path_format", None)
             if not isinstance(template, str):
                 return None  # not routed yet (or never): the fallback, until it is
             # Inside a Mount the route's template is relative to it; the mount's path went to root_path.

@@ -1,4 +1,4 @@
-"""`pool-exporter serve|demo`: flags override POOL_EXPORTER_* settings; a bad one exits 2 with one line."""
+"""`pool-exporter serve|demo|run`: flags override POOL_EXPORTER_* settings; a bad one exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", metavar="N", default="1", help="app processes (N > 1: multiprocess mode)")
     demo.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
     demo.add_argument("--app-port", help=argparse.SUPPRESS)
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a program with every SQLAlchemy engine it and its workers create instrumented",
+        description="Run CMD (after --) so that every Python process it starts instruments every engine it "
+        "creates. With --multiproc-dir (several workers), each writes that directory for `pool-exporter serve`. "
+        "Uses --multiproc-dir, --namespace, --names and --leak-threshold.",
+        usage=f"{PROG} run [settings] -- CMD [ARGS...]",
+    )
+    run.add_argument("program", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -137,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(settings.log_level, settings.log_format, settings.secrets())
         if args.command == "serve":
             return _serve(settings, startup.check(settings))
+        if args.command == "run":
+            return _run(settings, args.program)
         if settings.web_config_file is not None:
             raise SettingError(
                 "web_config_file",
@@ -159,6 +171,16 @@ def _serve(settings: Settings, files: startup.Startup) -> int:
     except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+
+
+def _run(settings: Settings, program: list[str]) -> int:
+    from .run import ProgramError, exec_program
+
+    try:
+        exec_program(settings, program)
+    except ProgramError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _demo(

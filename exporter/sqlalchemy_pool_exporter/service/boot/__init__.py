@@ -1,0 +1,1 @@
+"""`pool-exporter run` puts this folder first on PYTHONPATH: its sitecustomize.py runs in every Python process."""
