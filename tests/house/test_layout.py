@@ -98,6 +98,7 @@ PUBLIC = {
     "sqlalchemy_pool_exporter.web": ["make_app", "add_routes", "start_http_server", "Server"],
     "sqlalchemy_pool_exporter.otel": ["PoolMetricProducer", "producer"],
     "sqlalchemy_pool_exporter.flask": ["PoolExporter", "rule_holder"],
+    "sqlalchemy_pool_exporter.celery": ["instrument_celery", "uninstrument_celery", "task_holder"],
     "sqlalchemy_pool_exporter.plugin": ["PoolExporterPlugin"],
     "sqlalchemy_pool_exporter.instrumentation": ["PoolHandle", "PoolReading", "PoolStats", "holder"],
     "sqlalchemy_pool_exporter.exposition": ["PoolCollector", "Exposition", "MultiprocessWriter"],
