@@ -69,9 +69,10 @@ class PoolExporter:
         """Register on `app`: the holder hooks, and the engines of `db` (or the one given to the constructor)."""
         db = db if db is not None else self.db
         app.extensions[EXTENSION] = self
-        if self.holders:
+        before = app.before_request_funcs.setdefault(None, [])
+        if self.holders and _hold not in before:  # once per app: a second init_app() must not nest a holder
             # First of all before_request functions: an extension's hook that uses the pool is named too.
-            app.before_request_funcs.setdefault(None, []).insert(0, _hold)
+            before.insert(0, _hold)
             app.teardown_request(_release)
         if db is not None:
             self.instrument_db(app, db)

@@ -132,6 +132,14 @@ def test_no_holder_outlives_its_request(db_app: tuple[Flask, SQLAlchemy], regist
     assert checkouts(registry, PG_NAME) == {"none": 1, "GET /orders/<int:order_id>": 1}
 
 
+def test_init_app_twice_names_each_request_once(db_app: tuple[Flask, SQLAlchemy], exporter: Exporter) -> None:
+    app, db = db_app
+    PoolExporter(exporter=exporter).init_app(app, db)  # the same engines: the same handles
+    assert app.before_request_funcs[None].count(app.before_request_funcs[None][0]) == 1
+    assert len(app.teardown_request_funcs[None]) == 1
+    assert sorted(h.name for h in exporter.handles()) == [PG_NAME, "reports"]
+
+
 def test_init_app_before_flask_sqlalchemy_says_what_to_do(exporter: Exporter) -> None:
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = PG_SYNC_URL
