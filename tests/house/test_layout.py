@@ -64,7 +64,7 @@ def imports_of(module: str, path: Path) -> set[str]:
 
 def test_the_top_level_holds_the_public_face_and_the_vocabulary_only() -> None:
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert len(top) <= 16, top
+    assert len(top) <= 18, top
     folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
     assert folders == ["exposition", "instrumentation", "service", "sidecar", "web"]
     assert (PACKAGE / "web" / "config" / "__init__.py").exists()
@@ -97,6 +97,8 @@ PUBLIC = {
     "sqlalchemy_pool_exporter": sqlalchemy_pool_exporter.__all__,
     "sqlalchemy_pool_exporter.web": ["make_app", "add_routes", "start_http_server", "Server"],
     "sqlalchemy_pool_exporter.otel": ["PoolMetricProducer", "producer"],
+    "sqlalchemy_pool_exporter.flask": ["PoolExporter", "rule_holder"],
+    "sqlalchemy_pool_exporter.celery": ["instrument_celery", "uninstrument_celery", "task_holder"],
     "sqlalchemy_pool_exporter.plugin": ["PoolExporterPlugin"],
     "sqlalchemy_pool_exporter.instrumentation": ["PoolHandle", "PoolReading", "PoolStats", "holder"],
     "sqlalchemy_pool_exporter.exposition": ["PoolCollector", "Exposition", "MultiprocessWriter"],
@@ -110,6 +112,18 @@ PUBLIC = {
 def test_public_import_paths_keep_working(module: str) -> None:
     imported = importlib.import_module(module)
     assert [name for name in PUBLIC[module] if not hasattr(imported, name)] == []
+
+
+def test_the_package_imports_without_the_frameworks_its_adapters_serve() -> None:
+    """flask and celery are optional: only their own adapters import them."""
+    blocked = "import sys; sys.modules.update(flask=None, celery=None, flask_sqlalchemy=None); "
+    done = subprocess.run(
+        [sys.executable, "-c", blocked + "import sqlalchemy_pool_exporter, sqlalchemy_pool_exporter.web; print('ok')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
 
 
 def test_the_command_the_module_and_the_url_plugin_are_where_they_were() -> None:

@@ -1,9 +1,15 @@
-"""Who holds the pool: holder(), its inheritance by tasks, the per-holder series, their bound, the views."""
+"""Who holds the pool: holder(), its inheritance by tasks (not by threads or greenlets), the per-holder series,
+their bound, the views."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import json
+import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,7 +23,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 from sqlalchemy_pool_exporter import Exporter, holder, session_scope
 from sqlalchemy_pool_exporter.instrumentation import holders
 
-from ..conftest import poll_sync, sample, series
+from ..conftest import PG_URL, PYTHON, clean_env, poll_sync, sample, series
 
 
 def held(registry: CollectorRegistry, pool: str) -> dict[str, float]:
@@ -202,3 +208,103 @@ def test_pools_view_lists_current_checkouts_oldest_first(
     first.close()
     second.close()
     assert handle.snapshot()["checkouts_now"] == []
+
+
+# -- threads and greenlets: a holder is a ContextVar, and neither a thread nor a greenlet inherits one ------
+
+
+def test_threads_do_not_inherit_a_holder_unless_given_the_context(
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path
+) -> None:
+    engine = qp(tmp_path, sync_engines, pool_size=2, max_overflow=0)
+    exporter.instrument(engine, name="p")
+
+    def query() -> str | None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return holders.current_name()
+
+    with ThreadPoolExecutor(max_workers=1) as pool, holder("report"):
+        plain = threading.Thread(target=query)
+        plain.start()
+        plain.join()
+        # ThreadPoolExecutor does not copy the submitter's context: the thread starts with none of it...
+        assert pool.submit(query).result() is None
+        # ...unless the call runs in a copy of it.
+        assert pool.submit(contextvars.copy_context().run, query).result() == "report"
+        # The pool's thread does not keep the name for the next job.
+        assert pool.submit(query).result() is None
+    assert counter(registry, "checkouts", "p", "none") == 3
+    assert counter(registry, "checkouts", "p", "report") == 1
+
+
+GREENLETS = """
+from gevent import monkey
+
+monkey.patch_all()
+
+import contextvars
+import json
+import sys
+
+import gevent
+from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
+
+from sqlalchemy_pool_exporter import Exporter, holder
+from sqlalchemy_pool_exporter.instrumentation.holders import current_name
+
+registry = CollectorRegistry()
+exporter = Exporter(registry)
+# gevent's own pool of greenlets on one real PostgreSQL pool of 2: at most 2 hold a connection, the rest wait.
+engine = create_engine(sys.argv[1], pool_size=2, max_overflow=0, pool_timeout=30)
+exporter.instrument(engine, name="p")
+names = []
+
+
+def request(i):
+    with holder(f"route-{i % 3}"):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(0.02)"))
+        names.append(current_name())
+        child = gevent.spawn(current_name)  # a greenlet spawned inside starts with an empty context
+        copied = gevent.spawn(contextvars.copy_context().run, current_name)
+        return child.get(), copied.get()
+
+
+jobs = [gevent.spawn(request, i) for i in range(12)]
+answers = [job.get() for job in jobs]
+
+
+def value(name, **labels):
+    return registry.get_sample_value(name, labels)
+
+
+print(json.dumps({
+    "answers": answers,
+    "names": sorted(names),
+    "checkouts": {h: value("sqlalchemy_pool_holder_checkouts_total", pool="p", holder=h)
+                  for h in ("none", "route-0", "route-1", "route-2")},
+    "used": value("sqlalchemy_pool_connections", pool="p", state="used"),
+    "after": current_name(),
+}))
+engine.dispose()
+"""
+
+
+def test_each_gevent_greenlet_holds_under_its_own_name(tmp_path: Path) -> None:
+    """gevent (monkeypatched, as `gunicorn -k gevent` runs): one pool used from many greenlets at once."""
+    (tmp_path / "greenlets.py").write_text(GREENLETS)
+    done = subprocess.run(
+        [PYTHON, str(tmp_path / "greenlets.py"), PG_URL.replace("+asyncpg", "+psycopg")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["answers"] == [[None, f"route-{i % 3}"] for i in range(12)]
+    assert got["names"] == sorted(f"route-{i % 3}" for i in range(12))
+    assert got["checkouts"] == {"none": 0, "route-0": 4, "route-1": 4, "route-2": 4}
+    assert (got["used"], got["after"]) == (0, None)
