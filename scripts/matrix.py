@@ -85,9 +85,10 @@ class Declared:
     def read(cls) -> Declared:
         project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
         runtime = {_name(r): r for r in project["dependencies"]}
-        # Optional extras count as declared floors too (asyncpg is the `asyncpg` extra; tests/core/test_otel.py
-        # needs the `otel` one, and would skip without it).
-        for extra in ("asyncpg", "aiosqlite", "otel"):
+        # Optional extras count as declared floors too (asyncpg is the `asyncpg` extra, aiosqlite the `demo`
+        # one, PyYAML and bcrypt the `sidecar` one; tests/core/test_otel.py needs the `otel` one, and would
+        # skip without it).
+        for extra in ("asyncpg", "demo", "sidecar", "otel"):
             for r in project["optional-dependencies"].get(extra, []):
                 runtime.setdefault(_name(r), r)
         dev = {_name(r): r for r in project["optional-dependencies"]["dev"]}

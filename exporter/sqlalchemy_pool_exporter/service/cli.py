@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .. import logs, validation
 from .._version import __version__
+from ..errors import MissingExtra, require
 from . import startup
 from .settings import DEFAULT_PORT, SettingError, Settings, load
 
@@ -147,11 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:
         print(f"{PROG}: {exc.line()}", file=sys.stderr)
         return 2
+    except MissingExtra as exc:  # a setting or command that needs an extra not installed: one line naming it
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
 
 def _serve(settings: Settings, files: startup.Startup) -> int:
+    if settings.database_url is not None:
+        require("asyncpg", "sidecar", "the server view (--database-url)")
     from .commands import StartupError, run_serve
 
     try:
@@ -165,7 +172,9 @@ def _demo(
     settings: Settings, files: startup.Startup, duration: float | None, workers: int, args: argparse.Namespace
 ) -> int:
     from .commands import StartupError, run_demo, run_demo_worker
+    from .demo import async_url, require_driver
 
+    require_driver(async_url(settings.url(), Path(".")))
     try:
         if args.worker_process:
             return asyncio.run(run_demo_worker(settings, int(args.app_port)))
