@@ -33,6 +33,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("leak_threshold", "SECONDS", "warn about connections held longer (demo)"),
     ("max_holders", "N", "holder names a pool keeps apart, 1-1000 (demo; default 50)"),
     ("probe_interval", "SECONDS", "seconds between server-view polls (default 15)"),
+    ("server_view_databases", "NAMES", "databases the server view watches, a,b or * (default: the URL's)"),
     ("log_level", "LEVEL", "DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)"),
     ("log_format", "FORMAT", "text or json (default text)"),
     ("auth_token", "TOKEN", "require this bearer token, except on /healthz (prefer the env var)"),
