@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -92,10 +93,8 @@ async def two_databases() -> AsyncIterator[str]:
     admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
     try:
         if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", OTHER_DB):
-            try:
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):  # another run made it meanwhile
                 await admin.execute(f'CREATE DATABASE "{OTHER_DB}"')
-            except asyncpg.DuplicateDatabaseError:  # another run made it meanwhile
-                pass
     finally:
         await admin.close()
     name = f"pgview-dbs-{uuid.uuid4().hex[:8]}"
@@ -111,7 +110,7 @@ async def two_databases() -> AsyncIterator[str]:
 
 
 async def _mine(view: ServerView, name: str) -> tuple[dict[str, int], set[str]]:
-    """The view's connections of application `name` by database, and the databases it has an oldest-transaction age for."""
+    """The view's connections of application `name` by database; the databases it gives an oldest transaction for."""
     try:
         assert await view.poll() is True
         reading = view.reading
