@@ -5,7 +5,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check ".[asyncpg,aiosqlite]"
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check ".[sidecar,demo]"
 
 FROM python:3.12-slim
 LABEL org.opencontainers.image.title="sqlalchemy-pool-exporter" \

@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# `make test` leaves out the benchmark harness's smoke tests (minutes of subprocesses to show finite
-# numbers); `make test-bench` runs just those, and CI runs both. PYTEST_MARK= runs everything.
+# `make test` leaves out the `bench`-marked tests: the benchmark harness's smoke tests (minutes of
+# subprocesses to show finite numbers) and the fresh-venv install test (a minute of pip); `make test-bench`
+# runs just those, and CI runs both. PYTEST_MARK= runs everything.
 PYTEST_MARK ?= not bench
 
 .PHONY: setup services lint test test-bench matrix demo bench clean

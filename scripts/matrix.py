@@ -37,7 +37,10 @@ ASGI_FLOORS = {"fastapi": "0.115.0", "starlette": "1.7.0"}
 ASGI_TESTS = ["tests/core/test_middleware.py"]
 # What those tests import beyond the package (the rest of the dev extra is lint,
 # type checking and the dashboard tools, which `make test` covers on the latest set).
-TEST_DEPS = ("pytest", "pytest-asyncio", "pytest-timeout", "trustme", "asyncpg", "aiosqlite")
+TEST_DEPS = (
+    *("pytest", "pytest-asyncio", "pytest-timeout", "trustme"),
+    *("asyncpg", "aiosqlite", "psycopg", "psycopg2-binary"),
+)
 # Shown in the table, in this order.
 SHOWN = (
     "sqlalchemy",
@@ -93,9 +96,10 @@ class Declared:
     def read(cls) -> Declared:
         project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
         runtime = {_name(r): r for r in project["dependencies"]}
-        # Optional extras count as declared floors too (asyncpg is the `asyncpg` extra; tests/core/test_otel.py
-        # needs the `otel` one, and would skip without it).
-        for extra in ("asyncpg", "aiosqlite", "otel"):
+        # Optional extras count as declared floors too (asyncpg is the `asyncpg` extra, aiosqlite the `demo`
+        # one, PyYAML and bcrypt the `sidecar` one; tests/core/test_otel.py needs the `otel` one, and would
+        # skip without it).
+        for extra in ("asyncpg", "demo", "sidecar", "otel"):
             for r in project["optional-dependencies"].get(extra, []):
                 runtime.setdefault(_name(r), r)
         dev = {_name(r): r for r in project["optional-dependencies"]["dev"]}

@@ -7,14 +7,22 @@ an exception in the application. Tests run on the floors and the latest releases
 
 from __future__ import annotations
 
-import asyncio
 import operator
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from aiohttp import web
 from sqlalchemy.pool import Pool, QueuePool
+
+if TYPE_CHECKING:
+    # Types only: importing the package (instrument(), the ASGI pieces) loads no aiohttp module.
+    import asyncio
+
+    from aiohttp import web
+
+    RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # -- SQLAlchemy (checked on 2.0.x and 2.1.9) ---------------------------------------------------
 
@@ -130,10 +138,18 @@ def multiprocess_values() -> bool:
 #   3.9 and when `enabled` is True on later versions. That tells us "request done" (web/connections.py
 #   passes its logger through the public `AppRunner(access_log_class=...)`).
 # - `BaseRequest.protocol` is the RequestHandler serving the request.
+# - `@web.middleware` only sets `__middleware_version__ = 1` on the function; an app calls a
+#   middleware without it the old way, with a DeprecationWarning. `aiohttp_middleware` sets the same
+#   mark without importing aiohttp, so that the top-level middleware module does not load it
+#   (tests/house/test_install.py checks the mark is the decorator's).
 # Without the first hook the cap still holds, but every connection counts as busy (new ones beyond
 # the cap get the 503) and there is no head deadline: we could not tell when a head was complete.
 
-RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+def aiohttp_middleware(fn: F) -> F:
+    """What `aiohttp.web.middleware` does to `fn`, without importing aiohttp."""
+    fn.__middleware_version__ = 1  # type: ignore[attr-defined]
+    return fn
 
 
 def wrap_request_handler(server: Any, wrap: Callable[[RequestHandler], RequestHandler]) -> bool:

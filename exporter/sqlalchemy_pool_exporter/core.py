@@ -26,6 +26,7 @@ from . import catalog, validation
 from .errors import AlreadyInstrumented
 from .exposition.collector import PoolCollector
 from .exposition.writer import MultiprocessWriter, environment_dir
+from .instrumentation import appname
 from .instrumentation.handle import PoolHandle, handle_of
 from .instrumentation.holders import DEFAULT_MAX_HOLDERS
 from .labels import pool_name, safe_url
@@ -149,6 +150,7 @@ class Exporter:
                 statements=statements,
                 transactions=transactions,
                 detach=self._detach,
+                application_name=appname.default(explicit),
             )
             self._handles[sync] = handle
             self._by_name[handle.name] = handle

@@ -87,15 +87,17 @@ def _location(url: URL | str) -> tuple[URL, URL | None]:
 
 
 def pool_name(url: URL | str) -> str:
-    """`host:port/database` for server databases, `backend:/path` for file ones; never credentials."""
+    """`host:port/database` for server databases (`host:port` without one), `backend:/path` for file ones;
+    never credentials."""
     u, where = _location(url)
     backend = u.get_backend_name()
     if where is None:
         return backend
     if where.host:
         port = where.port or _DEFAULT_PORTS.get(backend)
-        host = f"{where.host}:{port}" if port else where.host
-        return f"{host}/{where.database or ''}"
+        host = f"[{where.host}]" if ":" in where.host else where.host  # IPv6: `[::1]:5432`, as in a URL
+        host = f"{host}:{port}" if port else host
+        return f"{host}/{where.database}" if where.database else host
     return f"{backend}:{where.database or 'memory'}"
 
 

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import hdrs, web
-
-from .compat import included_route_template
+from .compat import aiohttp_middleware, included_route_template
 from .instrumentation.holders import holder, lazy_holder
+
+if TYPE_CHECKING:  # importing the package loads no aiohttp: an ASGI app may not have it
+    from aiohttp import web
 
 UNMATCHED = "(unmatched)"
 OTHER_METHOD = "OTHER"
+# aiohttp's hdrs.METH_ANY: the method of a route added for any method.
+METH_ANY = "*"
 # RFC 9110's methods and PATCH: a request's method outside these (and its route's) is OTHER.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
@@ -35,7 +38,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-@web.middleware
+@aiohttp_middleware
 async def holder_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -47,7 +50,7 @@ async def holder_middleware(
     else:
         # A route's own method is the app's; a wildcard route's ("*") is whatever the client sent.
         method = route.method
-        if method == hdrs.METH_ANY:
+        if method == METH_ANY:
             method = request.method if request.method in METHODS else OTHER_METHOD
         name = f"{method} {resource.canonical}"
     with holder(name):

@@ -124,6 +124,36 @@ def pool_name(value: object) -> str:
     return encodable(value)[:MAX_POOL_NAME]
 
 
+# PostgreSQL's identifiers (a database name, an application_name) are at most NAMEDATALEN - 1 bytes.
+PG_NAME_BYTES = 63
+ALL_DATABASES = "*"
+MAX_DATABASES = 100
+
+
+def server_view_databases(value: object) -> tuple[str, ...] | None:
+    """The databases the server view watches: names separated by commas, `("*",)` for every database,
+    None (empty, unset) for the one the database URL connects to."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected database names separated by commas, or *, got {type(value).__name__}")
+    names = [part.strip() for part in value.split(",")]
+    if names == [""]:
+        return None
+    if ALL_DATABASES in names:
+        if len(names) > 1:
+            raise ValueError("* (every database) stands alone")
+        return (ALL_DATABASES,)
+    if len(names) > MAX_DATABASES:
+        raise ValueError(f"at most {MAX_DATABASES} databases")
+    for name in names:
+        if not name:
+            raise ValueError("an empty database name (two commas, or one at an end)")
+        if not name.isprintable() or len(encodable(name).encode()) > PG_NAME_BYTES:
+            raise ValueError(f"not a PostgreSQL database name (printable, at most {PG_NAME_BYTES} bytes): {name!r}")
+    return tuple(dict.fromkeys(names))
+
+
 # -- HTTP side ----------------------------------------------------------------------------------
 
 # Paths the exporter's own app serves besides the metrics endpoint.

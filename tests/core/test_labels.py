@@ -24,6 +24,11 @@ SECRET = "core-s3cret-pw"
         ("postgresql+asyncpg://postgres@127.0.0.1:5432/test", "127.0.0.1:5432/test"),
         ("postgresql+asyncpg://u:p@db.internal/app", "db.internal:5432/app"),
         ("postgresql://u@db:6543/app?sslmode=require", "db:6543/app"),
+        # No database (the server's default, the user's name): no trailing '/'.
+        ("postgresql+asyncpg://u:p@127.0.0.1", "127.0.0.1:5432"),
+        ("postgresql+asyncpg://u:p@127.0.0.1:5432/", "127.0.0.1:5432"),
+        ("mysql+pymysql://root@[::1]:3307", "[::1]:3307"),
+        ("postgresql://u@[fd00::2]/app", "[fd00::2]:5432/app"),
         ("mysql+aiomysql://root:pw@mysql/shop", "mysql:3306/shop"),
         ("sqlite+aiosqlite:///tmp/x.db", "sqlite:tmp/x.db"),
         ("sqlite://", "sqlite:memory"),

@@ -31,6 +31,8 @@ BAD = [
     (["serve"], {"POOL_EXPORTER_NAMES": "prometheus"}, "names"),
     (["serve", "--metrics-path", "healthz"], {}, "metrics_path"),
     (["serve", "--probe-interval", "0"], {}, "probe_interval"),
+    (["serve", "--server-view-databases", "app,*"], {}, "server_view_databases"),
+    (["serve"], {"POOL_EXPORTER_SERVER_VIEW_DATABASES": "app,,orders"}, "server_view_databases"),
     (["demo", "--duration", "soon"], {}, "duration"),
     (["demo", "--workers", "0"], {}, "workers"),
     (["serve"], {}, "multiproc_dir"),

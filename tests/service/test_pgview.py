@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
+from sqlalchemy_pool_exporter import validation
 from sqlalchemy_pool_exporter.service.pgview import ServerView
 from sqlalchemy_pool_exporter.web.app import make_app
 
@@ -80,3 +82,90 @@ async def test_unreachable_server_reports_up_zero() -> None:
         assert not any(name.startswith("sqlalchemy_server_connections") for name, _ in samples)
     finally:
         await view.stop()
+
+
+OTHER_DB = "pool_exporter_pgview_other"
+
+
+@pytest.fixture
+async def two_databases() -> AsyncIterator[str]:
+    """A session in `test` and one in another database of the same server, under one unique application_name."""
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", OTHER_DB):
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):  # another run made it meanwhile
+                await admin.execute(f'CREATE DATABASE "{OTHER_DB}"')
+    finally:
+        await admin.close()
+    name = f"pgview-dbs-{uuid.uuid4().hex[:8]}"
+    sessions = [
+        await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{db}", server_settings={"application_name": name})
+        for db in ("test", OTHER_DB)
+    ]
+    try:
+        yield name
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+async def _mine(view: ServerView, name: str) -> tuple[dict[str, int], set[str]]:
+    """The view's connections of application `name` by database; the databases it gives an oldest transaction for."""
+    try:
+        assert await view.poll() is True
+        reading = view.reading
+        assert reading is not None
+        mine = {db: n for (db, app, _), n in reading.connections.items() if app == name}
+        return mine, set(reading.oldest_transaction)
+    finally:
+        await view.stop()
+
+
+async def test_the_view_watches_the_urls_database_by_default(two_databases: str) -> None:
+    mine, oldest = await _mine(ServerView(make_url(PG_URL), interval=60), two_databases)
+    assert mine == {"test": 1}
+    assert oldest == {"test"}
+
+
+async def test_the_view_watches_the_databases_it_is_given(two_databases: str) -> None:
+    everything = ServerView(make_url(PG_URL), interval=60, databases=("*",))
+    assert (await _mine(everything, two_databases))[0] == {"test": 1, OTHER_DB: 1}
+    named = ServerView(make_url(PG_URL), interval=60, databases=(OTHER_DB, "no_such_db"))
+    mine, oldest = await _mine(named, two_databases)
+    assert mine == {OTHER_DB: 1}
+    assert oldest <= {OTHER_DB}
+
+
+@pytest.mark.parametrize(
+    ("given", "databases"),
+    [
+        (None, None),
+        ("", None),
+        (" ", None),
+        ("*", ("*",)),
+        (" * ", ("*",)),
+        ("app", ("app",)),
+        ("app, orders ,app", ("app", "orders")),
+        ("x" * 63, ("x" * 63,)),
+    ],
+)
+def test_server_view_databases_setting(given: str | None, databases: tuple[str, ...] | None) -> None:
+    assert validation.server_view_databases(given) == databases
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("app,*", "* (every database) stands alone"),
+        ("app,,orders", "an empty database name (two commas, or one at an end)"),
+        ("app,", "an empty database name (two commas, or one at an end)"),
+        ("x" * 64, "not a PostgreSQL database name (printable, at most 63 bytes): " + repr("x" * 64)),
+        ("é" * 32, "not a PostgreSQL database name (printable, at most 63 bytes): " + repr("é" * 32)),
+        ("a\nb", "not a PostgreSQL database name (printable, at most 63 bytes): 'a\\nb'"),
+        (",".join(f"d{i}" for i in range(101)), "at most 100 databases"),
+    ],
+)
+def test_bad_server_view_databases(given: str, problem: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        validation.server_view_databases(given)
+    assert str(caught.value) == problem

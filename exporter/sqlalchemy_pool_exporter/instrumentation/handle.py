@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from .. import metricnames, validation
 from ..labels import safe_url
-from . import dialect, holders, views
+from . import appname, dialect, holders, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
@@ -46,6 +46,7 @@ class PoolHandle:
         statements: bool,
         transactions: bool,
         detach: Callable[[PoolHandle], None],
+        application_name: str | None = None,
     ) -> None:
         self.name = name
         self.url = _printable_url(engine)
@@ -63,20 +64,25 @@ class PoolHandle:
         self._detach = detach
         self._statements_pending = False
         self.active = True
+        # What new PostgreSQL connections the app did not name are named (appname.py); None: left alone.
+        self.application_name: str | None = None
         try:
-            self._wire(engine, statements=statements, transactions=transactions)
+            self._wire(engine, statements=statements, transactions=transactions, application_name=application_name)
         except BaseException:
             self.active = False
             self.hooks.undo()
             raise
         self.leaks.start()
 
-    def _wire(self, engine: Engine, *, statements: bool, transactions: bool) -> None:
+    def _wire(self, engine: Engine, *, statements: bool, transactions: bool, application_name: str | None) -> None:
         hooks = self.hooks
         self.tap.install(engine)
         # Not through ConnectionEvents or DialectEvents: registering any of those costs every
         # transaction 1% (dialect) to 15% (connection) before a listener runs (dialect.py).
         dialect.wrap_connections(engine.dialect, self.stats, self.fail, hooks)
+        # After wrap_connections: it wraps the connect it finds, the class's; this one wraps that.
+        if application_name is not None and appname.install(engine.dialect, application_name, hooks, self.fail):
+            self.application_name = application_name
         if transactions:
             dialect.wrap_transactions(engine.dialect, self.stats, self.fail, hooks)
         # SQLAlchemy's own first-connect probe (server version, schema…) is not the app's work:

@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .. import logs, validation
 from .._version import __version__
+from ..errors import MissingExtra, require
 from . import startup
 from .settings import DEFAULT_PORT, SettingError, Settings, load
 
@@ -31,6 +33,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("leak_threshold", "SECONDS", "warn about connections held longer (demo)"),
     ("max_holders", "N", "holder names a pool keeps apart, 1-1000 (demo; default 50)"),
     ("probe_interval", "SECONDS", "seconds between server-view polls (default 15)"),
+    ("server_view_databases", "NAMES", "databases the server view watches, a,b or * (default: the URL's)"),
     ("log_level", "LEVEL", "DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)"),
     ("log_format", "FORMAT", "text or json (default text)"),
     ("auth_token", "TOKEN", "require this bearer token, except on /healthz (prefer the env var)"),
@@ -159,11 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:
         print(f"{PROG}: {exc.line()}", file=sys.stderr)
         return 2
+    except MissingExtra as exc:  # a setting or command that needs an extra not installed: one line naming it
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
 
 def _serve(settings: Settings, files: startup.Startup) -> int:
+    if settings.database_url is not None:
+        require("asyncpg", "sidecar", "the server view (--database-url)")
     from .commands import StartupError, run_serve
 
     try:
@@ -187,7 +195,9 @@ def _demo(
     settings: Settings, files: startup.Startup, duration: float | None, workers: int, args: argparse.Namespace
 ) -> int:
     from .commands import StartupError, run_demo, run_demo_worker
+    from .demo import async_url, require_driver
 
+    require_driver(async_url(settings.url(), Path(".")))
     try:
         if args.worker_process:
             return asyncio.run(run_demo_worker(settings, int(args.app_port)))

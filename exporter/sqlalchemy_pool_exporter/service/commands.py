@@ -362,7 +362,16 @@ async def run_serve(settings: Settings, startup: Startup) -> int:
         raise SettingError("database_url", f"the server view needs PostgreSQL, not {url.get_backend_name()}")
     registry = CollectorRegistry()
     sidecar = Sidecar(settings.multiproc_dir, namespace=settings.namespace) if settings.multiproc_dir else None
-    view = ServerView(url, namespace=settings.namespace, interval=settings.probe_interval) if url else None
+    view = (
+        ServerView(
+            url,
+            namespace=settings.namespace,
+            interval=settings.probe_interval,
+            databases=settings.server_view_databases,
+        )
+        if url
+        else None
+    )
     if sidecar is not None:
         # /metrics awaits sidecar.refresh, the merge it shares with /pools, / and /readyz, then renders
         # its result: nothing merges twice, and no render waits behind a merge.

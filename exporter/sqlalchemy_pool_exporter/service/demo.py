@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ..errors import require
 from ..middleware import holder_middleware
 from ..session import session_scope
 
@@ -67,6 +68,15 @@ def async_url(url: URL | str | None, workdir: Path) -> URL:
     if u.drivername == "sqlite":
         return u.set(drivername="sqlite+aiosqlite")
     return u
+
+
+def require_driver(url: URL) -> None:
+    """errors.MissingExtra naming the extra when the driver of `url` (from async_url) is not installed."""
+    driver = url.get_driver_name()
+    if driver == "aiosqlite":
+        require("aiosqlite", "demo", "pool-exporter demo on SQLite (its default database)")
+    elif driver == "asyncpg":
+        require("asyncpg", "asyncpg", "pool-exporter demo on PostgreSQL")
 
 
 def create_engine(url: URL) -> AsyncEngine:

@@ -21,30 +21,33 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from .. import catalog
+from .. import catalog, validation
 from ..labels import safe_url
 
 log = logging.getLogger("sqlalchemy_pool_exporter.pgview")
 
 APPLICATION_NAME = "pool-exporter"
 
-# Our own probe connection is left out, so the numbers are the applications' alone.
-_CONNECTIONS = text(
-    """
+# Our own probe connection is left out, so the numbers are the applications' alone. {databases} is
+# one of _DATABASES: by default only the database the URL names is watched, as other databases on a
+# shared server are other teams' business (and their application names, other teams' label values).
+_CONNECTIONS = """
     SELECT coalesce(datname, ''), coalesce(application_name, ''), coalesce(state, 'unknown'), count(*)
     FROM pg_stat_activity
-    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid(){databases}
     GROUP BY 1, 2, 3
     """
-)
-_OLDEST = text(
-    """
+_OLDEST = """
     SELECT coalesce(datname, ''), coalesce(max(extract(epoch FROM clock_timestamp() - xact_start)), 0)::float8
     FROM pg_stat_activity
-    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid(){databases}
     GROUP BY 1
     """
-)
+_DATABASES = {
+    "url": " AND datname = current_database()",  # the URL's database, or the server's default for its user
+    "all": "",
+    "named": " AND datname = ANY(:databases)",
+}
 _MAX = text("SELECT current_setting('max_connections')::int")
 
 
@@ -62,7 +65,8 @@ def probe_url(url: URL) -> URL:
 
 
 class ServerView(Collector):
-    """Polls pg_stat_activity every `interval` seconds (each poll bounded by `timeout`)."""
+    """Polls pg_stat_activity every `interval` seconds (each poll bounded by `timeout`), for the
+    `databases` named, `("*",)` for all, or by default (None) the one `url` connects to."""
 
     def __init__(
         self,
@@ -71,8 +75,20 @@ class ServerView(Collector):
         namespace: str = catalog.DEFAULT_NAMESPACE,
         interval: float = 15.0,
         timeout: float | None = None,
+        databases: tuple[str, ...] | None = None,
     ) -> None:
         self.url = probe_url(url)
+        self.databases = databases
+        self._params: dict[str, list[str]] = {}
+        if databases is None:
+            which = _DATABASES["url"]
+        elif databases == (validation.ALL_DATABASES,):
+            which = _DATABASES["all"]
+        else:
+            which = _DATABASES["named"]
+            self._params = {"databases": list(databases)}
+        self._connections = text(_CONNECTIONS.format(databases=which))
+        self._oldest = text(_OLDEST.format(databases=which))
         self.namespace = namespace
         self.interval = interval
         self.timeout = timeout if timeout is not None else min(interval, 10.0)
@@ -112,8 +128,8 @@ class ServerView(Collector):
 
     async def _query(self) -> ServerReading:
         async with self._get_engine().connect() as conn:
-            rows = (await conn.execute(_CONNECTIONS)).all()
-            oldest = (await conn.execute(_OLDEST)).all()
+            rows = (await conn.execute(self._connections, self._params)).all()
+            oldest = (await conn.execute(self._oldest, self._params)).all()
             max_connections = (await conn.execute(_MAX)).scalar_one()
             await conn.rollback()
         return ServerReading(

@@ -129,6 +129,11 @@ class Settings(BaseSettings):
         None, description="Warn about connections held longer than this many seconds (demo)."
     )
     probe_interval: float = Field(15.0, description="Seconds between server-view polls (and their timeout).")
+    server_view_databases: Annotated[tuple[str, ...] | None, NoDecode] = Field(
+        None,
+        description="Databases the server view watches: names separated by commas, * for all "
+        "(default: the database of database_url).",
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
     auth_token: SecretStr | None = Field(None, description="Require `Authorization: Bearer <token>` (not on /healthz).")
@@ -191,6 +196,11 @@ class Settings(BaseSettings):
     @classmethod
     def _probe_interval(cls, value: float) -> float:
         return validation.seconds("probe_interval", value, upper=3600)
+
+    @field_validator("server_view_databases", mode="before")
+    @classmethod
+    def _server_view_databases(cls, value: object) -> tuple[str, ...] | None:
+        return validation.server_view_databases(value)
 
     @field_validator("auth_token")
     @classmethod

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import validation
+from ..errors import require
 from ..web.config.file import WebConfigError, WebConfigFile
 from ..web.config.tls import EncryptedKey, TLSReloader, key_pair_problem, load_key_pair
 from .settings import SettingError, Settings
@@ -29,7 +30,8 @@ class Startup:
 
 
 def check(settings: Settings) -> Startup:
-    """Read and check what `settings` name on disk, each once; SettingError for the first problem."""
+    """Read and check what `settings` name on disk, each once; SettingError for the first problem
+    (errors.MissingExtra when a setting needs an extra that is not installed)."""
     if settings.multiproc_dir is not None:
         _check_writable_dir(settings.multiproc_dir)
     context = None
@@ -37,6 +39,7 @@ def check(settings: Settings) -> Startup:
         context = _ssl_context(settings.tls_cert, settings.tls_key)
     if settings.web_config_file is None:
         return Startup(ssl_context=context)
+    require("yaml", "sidecar", "the web config file (--web.config.file)")
     source = WebConfigFile(settings.web_config_file)
     try:
         config = source.current()
@@ -53,6 +56,8 @@ def check(settings: Settings) -> Startup:
     if config.users and (settings.auth_token is not None or settings.basic_auth_user is not None):
         other = "auth_token" if settings.auth_token is not None else "basic_auth_user"
         raise SettingError("web_config_file", f"{name} sets basic_auth_users, and {other} is set too: use one")
+    if config.users:
+        require("bcrypt", "sidecar", "basic_auth_users (the web config file)")
     return Startup(context, source, web_tls, tuple(config.notes))
 
 

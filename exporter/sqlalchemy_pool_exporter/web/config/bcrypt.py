@@ -17,8 +17,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping
 
-import bcrypt
-
 from ..auth import basic_credentials
 
 CACHE_SIZE = 100
@@ -128,6 +126,9 @@ class BcryptUsers:
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:
+    # The `sidecar` extra's; WebPolicy.current() refuses a file with users before a check gets here without it.
+    import bcrypt
+
     try:
         return bcrypt.checkpw(password, hashed)
     except ValueError:  # a NUL in the password, or a hash this bcrypt does not take

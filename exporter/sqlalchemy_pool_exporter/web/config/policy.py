@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ...errors import MissingExtra, require
 from ...logs import Throttle
 from ..auth import EXEMPT
 from .bcrypt import BcryptUsers
@@ -77,6 +78,11 @@ class WebPolicy:
             raise WebConfigError(f"{self.source.path} {now} tls_server_config: restart to turn TLS on or off")
         if config.users and self.other_auth:
             raise WebConfigError(f"{self.source.path} sets basic_auth_users, and auth_token or basic_auth_user is set")
+        if config.users:
+            try:
+                require("bcrypt", "sidecar", "basic_auth_users (the web config file)")
+            except MissingExtra as exc:
+                raise WebConfigError(f"{self.source.path}: {exc}") from None
         return config
 
     def install(self, app: web.Application) -> None:

@@ -6,11 +6,13 @@ a number written where a string goes is its text (`X-XSS-Protection: 1`), and a 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BeforeValidator
+
+from ...errors import MissingExtra, require
 
 
 class WebConfigError(ValueError):
@@ -21,22 +23,33 @@ class WebConfigError(ValueError):
 # 6.0.1-6.0.3's libyaml has no nesting limit, and 100,000 nested `[` crashed the process (SIGSEGV,
 # measured on 6.0.1). Its event parser keeps an explicit stack, so the depth is checked on events first.
 MAX_DEPTH = 32
-_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
-_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
 
 def load_yaml(raw: bytes) -> object:
-    """The document in `raw`; WebConfigError (with line and column) if it is not valid YAML."""
+    """The document in `raw`; WebConfigError (with line and column) if it is not valid YAML.
+
+    PyYAML is the `sidecar` extra's, imported here, at the first file read: without it, reading a
+    file is this one-line WebConfigError naming the extra, and nothing else of the package needs it.
+    """
+    try:
+        require("yaml", "sidecar", "the web config file (--web.config.file)")
+    except MissingExtra as exc:
+        raise WebConfigError(str(exc)) from None
+    import yaml
+
+    loader, strict_loader = _loaders()
+    opening = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+    closing = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
     try:
         depth = 0
-        for event in yaml.parse(raw, Loader=_Loader):
-            if isinstance(event, _OPEN):
+        for event in yaml.parse(raw, Loader=loader):
+            if isinstance(event, opening):
                 depth += 1
                 if depth > MAX_DEPTH:
                     raise WebConfigError(f"nested more than {MAX_DEPTH} deep{_where(event.start_mark)}")
-            elif isinstance(event, _CLOSE):
+            elif isinstance(event, closing):
                 depth -= 1
-        return yaml.load(raw, Loader=_StrictLoader)
+        return yaml.load(raw, Loader=strict_loader)
     except yaml.MarkedYAMLError as exc:
         raise WebConfigError(f"not valid YAML: {exc.problem or exc.context}{_where(exc.problem_mark)}") from None
     except yaml.YAMLError as exc:
@@ -49,29 +62,35 @@ def _where(mark: Any) -> str:
     return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
-# libyaml's parser where PyYAML has it (its wheels do): a 1 MiB file of users parses in 0.3 s, not 2.6 s.
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+@functools.cache
+def _loaders() -> tuple[Any, Any]:
+    """PyYAML's safe loader, and ours that also refuses a repeated key; made at the first file read."""
+    import yaml
 
+    # libyaml's parser where PyYAML has it (its wheels do): a 1 MiB file of users parses in 0.3 s, not 2.6 s.
+    loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-class _StrictLoader(_Loader):  # type: ignore[misc]
-    """A safe loader that also refuses a key given twice (the toolkit's strict decoding does too)."""
+    class StrictLoader(loader):  # type: ignore[misc]
+        """A safe loader that also refuses a key given twice (the toolkit's strict decoding does too)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            # A number is its text wherever a string goes (every mapping of the file has string keys):
-            # `1` and `"1"` are the same key, as in Go, not a second one that silently wins.
-            key = _number_as_text(self.construct_object(key_node, deep=deep))
-            try:
-                repeated = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable: construct_mapping below says so
-                repeated = False
-            if repeated:
-                problem = f"key {str(key)!r} given twice"
-                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                # A number is its text wherever a string goes (every mapping of the file has string keys):
+                # `1` and `"1"` are the same key, as in Go, not a second one that silently wins.
+                key = _number_as_text(self.construct_object(key_node, deep=deep))
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: construct_mapping below says so
+                    repeated = False
+                if repeated:
+                    problem = f"key {str(key)!r} given twice"
+                    raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+            return mapping
+
+    return loader, StrictLoader
 
 
 def _number_as_text(value: object) -> object:
