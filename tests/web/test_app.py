@@ -6,6 +6,7 @@ import gzip
 import json
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
@@ -18,6 +19,8 @@ from sqlalchemy_pool_exporter.web.readyz import Readiness, check_pool
 from ..conftest import metric as sample
 from ..conftest import samples_of as parse
 from ..conftest import serving
+
+pytestmark = pytest.mark.both_loops
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
