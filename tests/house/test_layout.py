@@ -95,6 +95,8 @@ def test_subpackage_modules_import_concrete_modules_not_facades() -> None:
 
 PUBLIC = {
     "sqlalchemy_pool_exporter": sqlalchemy_pool_exporter.__all__,
+    # Named as well as through __all__: the README's FastAPI recipe imports it from the top level.
+    "sqlalchemy_pool_exporter.asgi": ["metrics_app", "MetricsApp"],
     "sqlalchemy_pool_exporter.web": ["make_app", "add_routes", "start_http_server", "Server"],
     "sqlalchemy_pool_exporter.otel": ["PoolMetricProducer", "producer"],
     "sqlalchemy_pool_exporter.plugin": ["PoolExporterPlugin"],
@@ -110,6 +112,11 @@ PUBLIC = {
 def test_public_import_paths_keep_working(module: str) -> None:
     imported = importlib.import_module(module)
     assert [name for name in PUBLIC[module] if not hasattr(imported, name)] == []
+
+
+def test_the_top_level_names_what_the_readme_imports_from_it() -> None:
+    wanted = {"instrument", "Exporter", "HolderMiddleware", "session_scope", "metrics_app"}
+    assert wanted - set(sqlalchemy_pool_exporter.__all__) == set()
 
 
 def test_the_command_the_module_and_the_url_plugin_are_where_they_were() -> None:

@@ -1,8 +1,8 @@
 """The HTTP side: an aiohttp app (or routes on the user's app) serving /metrics, /healthz, /readyz, /pools and /.
 
-/metrics reuses prometheus_client's exposition: `choose_encoder` for text/OpenMetrics negotiation,
-aiohttp's own compression for gzip (as prometheus_client.aiohttp does); our pool collectors render
-through exposition/render.py, in the same format, at a fraction of the cost.
+/metrics is exposition/response.py's, the one response every server of ours gives (the ASGI app's
+too): text/OpenMetrics negotiation, gzip, `name[]`; our pool collectors render through
+exposition/render.py, in the same format as prometheus_client, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ import html
 import json
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.web import ContentCoding
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest, gzip_accepted
 
 from .. import _version, validation
 from ..core import Exporter, default_exporter
 from ..errors import Unavailable
-from ..exposition.render import Exposition
+from ..exposition.response import MetricsPage, Reply
 from ..instrumentation import views
 from .auth import Auth
 from .connections import TLS, AcceptErrors, Guard, listen_backlog, request_error_logger, within_fd_limit
@@ -68,35 +65,6 @@ async def _no_pools() -> list[dict[str, Any]]:
 
 # -- handlers -----------------------------------------------------------------------------------
 
-_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
-
-
-def negotiate(accept: str) -> tuple[Callable[[Any], bytes], str]:
-    """prometheus_client's `choose_encoder`, made safe for any Accept header.
-
-    It raises on a `version=` that is not dotted numbers (`abc`, `1.x`) and copies the version it
-    accepted into our Content-Type. A media range with such a version is skipped, and anything else
-    going wrong means the classic text format, which is what Prometheus falls back to as well.
-    """
-    ranges = [r for r in accept.split(",") if _sane_media_range(r)]
-    try:
-        encoder, content_type = choose_encoder(",".join(ranges))
-    except Exception:
-        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-    if not (content_type.isascii() and content_type.isprintable()):
-        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-    return encoder, content_type
-
-
-def _sane_media_range(media_range: str) -> bool:
-    if not (media_range.isascii() and media_range.isprintable()):
-        return False
-    for param in media_range.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key == "version" and not _VERSION.fullmatch(value):
-            return False
-    return True
-
 
 def metrics_handler(
     registry: CollectorRegistry,
@@ -105,36 +73,25 @@ def metrics_handler(
     exporters: Sequence[Exporter] = (),
     refresh: Refresh | None = None,
 ) -> Handler:
-    """Render the registry as the client asked; in `offload` mode, off the event loop.
-
-    Off the loop, scrapes that arrive while a render of the same kind is running share its result,
-    so a burst of scrapers costs one render, not one each. `refresh` is awaited before each render
-    (the sidecar's merge, which its collector then yields).
-    """
-    inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
-    exposition = Exposition(registry, [e.collector for e in exporters if e.registry is registry])
-
-    async def render(encoder: Callable[[Any], bytes], content_type: str, names: tuple[str, ...]) -> bytes:
-        if not offload:
-            return exposition.render(encoder, names)
-        key = (content_type, names)
-        future = inflight.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().run_in_executor(executor, exposition.render, encoder, names)
-            inflight[key] = future
-            future.add_done_callback(lambda _: inflight.pop(key, None))
-        return await asyncio.shield(future)
+    """/metrics as exposition/response.py answers it; in `offload` mode rendered off the event loop
+    (equal scrapes meanwhile share one render). `refresh` is awaited before each render (the
+    sidecar's merge, which its collector then yields)."""
+    page = MetricsPage(registry, [e.collector for e in exporters if e.registry is registry])
 
     async def metrics(request: web.Request) -> web.Response:
-        if refresh is not None:
-            await refresh()
-        encoder, content_type = negotiate(",".join(request.headers.getall("Accept", [])))
-        body = await render(encoder, content_type, tuple(request.query.getall("name[]", [])))
-        response = web.Response(body=body, headers={"Content-Type": content_type})
-        # gzip only, as prometheus_client's own servers do (aiohttp alone would pick deflate first).
-        if gzip_accepted(request.headers.get("Accept-Encoding", "")):
-            response.enable_compression(ContentCoding.gzip)
-        return response
+        plan = page.plan(
+            request.method,
+            request.rel_url.raw_query_string,
+            ",".join(request.headers.getall("Accept", [])),
+            ",".join(request.headers.getall("Accept-Encoding", [])),
+        )
+        if isinstance(plan, Reply):
+            reply = plan
+        else:
+            if refresh is not None:
+                await refresh()
+            reply = await page.render_shared(plan, executor) if offload else page.render(plan)
+        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
     return metrics
 
@@ -265,7 +222,8 @@ def add_routes(
     exporters = [exporter] if exporter is not None else []
     guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
     metrics = metrics_handler(registry, executor, offload, exporters, refresh)
-    app.router.add_get(metrics_path, guard(unavailable_as_503(metrics)))
+    # Every method: the response decides (405 for all but GET and HEAD, as the ASGI app answers).
+    app.router.add_route("*", metrics_path, guard(unavailable_as_503(metrics)))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", guard(readyz_handler(readiness)))
     app.router.add_get("/pools", guard(unavailable_as_503(pools_handler(pools))))
