@@ -97,7 +97,7 @@ PUBLIC = {
     "sqlalchemy_pool_exporter": sqlalchemy_pool_exporter.__all__,
     # Named as well as through __all__: the README's FastAPI recipe imports it from the top level.
     "sqlalchemy_pool_exporter.asgi": ["metrics_app", "MetricsApp"],
-    "sqlalchemy_pool_exporter.web": ["make_app", "add_routes", "start_http_server", "Server"],
+    "sqlalchemy_pool_exporter.web": ["make_app", "add_routes", "start_http_server", "Server", "PortInUse"],
     "sqlalchemy_pool_exporter.otel": ["PoolMetricProducer", "producer"],
     "sqlalchemy_pool_exporter.plugin": ["PoolExporterPlugin"],
     "sqlalchemy_pool_exporter.instrumentation": ["PoolHandle", "PoolReading", "PoolStats", "holder"],

@@ -8,6 +8,7 @@ exposition/render.py, in the same format as prometheus_client, at a fraction of 
 from __future__ import annotations
 
 import asyncio
+import errno
 import html
 import json
 import logging
@@ -351,6 +352,21 @@ class Server:
             accept_errors.uninstall(asyncio.get_running_loop())
 
 
+class PortInUse(OSError):
+    """start_http_server() found its port taken: most often by another worker of the same app."""
+
+
+def port_in_use(host: str, port: int) -> PortInUse:
+    """The one clear error for a taken port, naming the usual cause and what to do instead."""
+    return PortInUse(
+        errno.EADDRINUSE,
+        f"cannot serve /metrics on {host}:{port}: the address is already in use. With several workers "
+        "(uvicorn --workers N, gunicorn -w N) each worker opening this port fails after the first: set "
+        "PROMETHEUS_MULTIPROC_DIR and run `pool-exporter serve` beside them (the sidecar), or mount "
+        "metrics_app() in the app (each worker then answers for itself only); see the README, Several workers",
+    )
+
+
 async def start_http_server(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -362,7 +378,11 @@ async def start_http_server(
     request_head_timeout: float | None = 5.0,
     max_connections: int | None = 200,
 ) -> Server:
-    """The one-liner for a single-process asyncio app: serve `exporter`'s pools (default Exporter's) from its loop."""
+    """The one-liner for a single-process asyncio app: serve `exporter`'s pools (default Exporter's) from its loop.
+
+    A port already in use raises PortInUse (an OSError) with one message that says why it usually
+    is (several workers each opening it) and what to do; no chained traceback.
+    """
     app = make_app(exporter, metrics_path=metrics_path, auth=auth)
     server = Server(
         app,
@@ -372,5 +392,10 @@ async def start_http_server(
         request_head_timeout=request_head_timeout,
         max_connections=max_connections,
     )
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise port_in_use(host, port) from None
     return server
