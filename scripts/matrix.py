@@ -39,7 +39,7 @@ ASGI_TESTS = ["tests/core/test_middleware.py"]
 # type checking and the dashboard tools, which `make test` covers on the latest set).
 TEST_DEPS = (
     *("pytest", "pytest-asyncio", "pytest-timeout", "trustme"),
-    *("asyncpg", "aiosqlite", "psycopg", "psycopg2-binary"),
+    *("asyncpg", "aiosqlite", "psycopg", "psycopg2-binary", "uvloop"),
 )
 # Shown in the table, in this order.
 SHOWN = (

@@ -1,6 +1,10 @@
 """For every test: holder attribution (process-wide once any holder is set) starts off again, and so
 does the root logger that an in-process `main()` configures.
 
+Tests marked `both_loops` run twice, under asyncio's own event loop and under uvloop (uvicorn's
+default whenever it is installed; its transports are not asyncio.Transport subclasses); every other
+async test runs once, under asyncio's.
+
 For any test that asks: a fresh registry and an Exporter of it; engines on the local PostgreSQL (asyncpg)
 and SQLite, disposed after the test; a real aiohttp server on 127.0.0.1. Tests import the plain helpers
 below with `from ..conftest import ...`; tests/reliability has its own throwaway cluster and servers.
@@ -24,6 +28,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +45,15 @@ from sqlalchemy_pool_exporter.web.app import Server
 
 # A scraped page's samples, by (name, sorted labels).
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+# Every async test takes one of these; `both_loops` ones take both (pytest-asyncio >= 1.4's hook).
+ONE_LOOP: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+BOTH_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {**ONE_LOOP, "uvloop": uvloop.new_event_loop}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    return BOTH_LOOPS if item.get_closest_marker("both_loops") is not None else ONE_LOOP
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Prometheus metrics for SQLAlchemy connection pools, connections, transactions and sessions."""
 
 from ._version import __version__
+from .asgi import metrics_app
 from .catalog import CATALOG, DEFAULT_NAMESPACE, LEAN_BUCKETS
 from .core import Exporter, default_exporter, handle_for, handles, instrument, instrument_all, uninstrument
 from .errors import AlreadyInstrumented
@@ -28,6 +29,7 @@ __all__ = [
     "holder_middleware",
     "instrument",
     "instrument_all",
+    "metrics_app",
     "pool_name",
     "safe_url",
     "session_dependency",

@@ -95,7 +95,9 @@ def test_subpackage_modules_import_concrete_modules_not_facades() -> None:
 
 PUBLIC = {
     "sqlalchemy_pool_exporter": sqlalchemy_pool_exporter.__all__,
-    "sqlalchemy_pool_exporter.web": ["make_app", "add_routes", "start_http_server", "Server"],
+    # Named as well as through __all__: the README's FastAPI recipe imports it from the top level.
+    "sqlalchemy_pool_exporter.asgi": ["metrics_app", "MetricsApp"],
+    "sqlalchemy_pool_exporter.web": ["make_app", "add_routes", "start_http_server", "Server", "PortInUse"],
     "sqlalchemy_pool_exporter.otel": ["PoolMetricProducer", "producer"],
     "sqlalchemy_pool_exporter.flask": ["PoolExporter", "rule_holder"],
     "sqlalchemy_pool_exporter.celery": ["instrument_celery", "uninstrument_celery", "task_holder"],
@@ -124,6 +126,11 @@ def test_the_package_imports_without_the_frameworks_its_adapters_serve() -> None
         timeout=60,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
+
+
+def test_the_top_level_names_what_the_readme_imports_from_it() -> None:
+    wanted = {"instrument", "Exporter", "HolderMiddleware", "session_scope", "metrics_app"}
+    assert wanted - set(sqlalchemy_pool_exporter.__all__) == set()
 
 
 def test_the_command_the_module_and_the_url_plugin_are_where_they_were() -> None:

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 
 import aiohttp
+import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 import sqlalchemy_pool_exporter as pool_exporter
 from sqlalchemy_pool_exporter import Exporter
-from sqlalchemy_pool_exporter.web.app import add_routes, make_app
+from sqlalchemy_pool_exporter.web.app import PortInUse, add_routes, make_app, start_http_server
 from sqlalchemy_pool_exporter.web.readyz import Readiness, check_pool
 
 from ..conftest import metric as sample
 from ..conftest import samples_of as parse
 from ..conftest import serving
+
+pytestmark = pytest.mark.both_loops
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
@@ -190,3 +194,25 @@ async def test_password_never_in_pools_or_index(
     finally:
         pool_exporter.uninstrument(engine)
         await engine.dispose()
+
+
+async def test_a_port_already_in_use_is_one_clear_error(registry: CollectorRegistry, exporter: Exporter) -> None:
+    """A second start_http_server() on a port the first holds (what a second worker does): one message
+    naming the cause and the sidecar, no chained traceback; the first keeps serving."""
+    first = await start_http_server("127.0.0.1", 0, exporter)
+    try:
+        with pytest.raises(PortInUse) as caught:
+            await start_http_server("127.0.0.1", first.port, exporter)
+        assert caught.value.errno == errno.EADDRINUSE
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+        assert str(caught.value) == (
+            f"[Errno {errno.EADDRINUSE}] cannot serve /metrics on 127.0.0.1:{first.port}: the address is already "
+            "in use. With several workers (uvicorn --workers N, gunicorn -w N) each worker opening this port fails "
+            "after the first: set PROMETHEUS_MULTIPROC_DIR and run `pool-exporter serve` beside them (the sidecar), "
+            "or mount metrics_app() in the app (each worker then answers for itself only); see the README, "
+            "Several workers"
+        )
+        async with aiohttp.ClientSession() as c, c.get(f"{first.url}/healthz") as r:
+            assert r.status == 200
+    finally:
+        await first.stop()

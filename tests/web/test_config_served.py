@@ -1,7 +1,8 @@
 """The web config file served: mTLS with a real ssl client, bcrypt users, reload without restart, headers.
 
-Each test runs our real Server with the file's TLS (TLSReloader) and policy (WebPolicy) over real
-sockets on 127.0.0.1; the file and the certificates are changed on disk while it runs.
+Each test runs our real Server (the TLS ones under asyncio's loop and uvloop's) with the file's TLS
+(TLSReloader) and policy (WebPolicy) over real sockets on 127.0.0.1; the file and the certificates
+are changed on disk while it runs.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def tls_server(app: aiohttp.web.Application, config: Path, *, other_auth: bool =
     return Server(app, "127.0.0.1", 0, tls=TLSReloader(source))
 
 
+@pytest.mark.both_loops
 async def test_mtls_require_and_verify_client_cert(registry: CollectorRegistry, pki: PKI) -> None:
     """RequireAndVerifyClientCert: no certificate or one from another CA gets no response; ours gets 200."""
     pki.issue_server()
@@ -171,6 +173,7 @@ async def test_mtls_require_and_verify_client_cert(registry: CollectorRegistry, 
         await server.stop()
 
 
+@pytest.mark.both_loops
 async def test_verify_client_cert_if_given(registry: CollectorRegistry, pki: PKI) -> None:
     pki.issue_server()
     text = TLS_BLOCK + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: client-ca.pem\n"
@@ -185,6 +188,7 @@ async def test_verify_client_cert_if_given(registry: CollectorRegistry, pki: PKI
         await server.stop()
 
 
+@pytest.mark.both_loops
 async def test_client_allowed_sans(registry: CollectorRegistry, pki: PKI, caplog: pytest.LogCaptureFixture) -> None:
     """Only a verified certificate with a listed DNS, e-mail or IP SAN gets in (IPs compared as addresses)."""
     pki.issue_server()
@@ -204,6 +208,7 @@ async def test_client_allowed_sans(registry: CollectorRegistry, pki: PKI, caplog
     assert refused == ["refused a TLS connection: the client certificate has none of client_allowed_sans"]
 
 
+@pytest.mark.both_loops
 async def test_rotation_is_picked_up_without_restart(registry: CollectorRegistry, pki: PKI) -> None:
     """Certificates replaced on disk (atomically, then in place), then the client auth policy changed:
     each new connection sees the change, on the same running server."""
@@ -237,6 +242,7 @@ async def test_rotation_is_picked_up_without_restart(registry: CollectorRegistry
         await server.stop()
 
 
+@pytest.mark.both_loops
 async def test_a_broken_tls_file_refuses_connections_until_fixed(
     registry: CollectorRegistry, pki: PKI, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,5 +1,6 @@
 """Serving: the aiohttp app and routes, our HTTP connections, auth and /readyz; config/ is the web config file."""
 
+from .app import PortInUse as PortInUse
 from .app import Server as Server
 from .app import add_routes as add_routes
 from .app import make_app as make_app

@@ -1,31 +1,29 @@
 """The HTTP side: an aiohttp app (or routes on the user's app) serving /metrics, /healthz, /readyz, /pools and /.
 
-/metrics reuses prometheus_client's exposition: `choose_encoder` for text/OpenMetrics negotiation,
-aiohttp's own compression for gzip (as prometheus_client.aiohttp does); our pool collectors render
-through exposition/render.py, in the same format, at a fraction of the cost.
+/metrics is exposition/response.py's, the one response every server of ours gives (the ASGI app's
+too): text/OpenMetrics negotiation, gzip, `name[]`; our pool collectors render through
+exposition/render.py, in the same format as prometheus_client, at a fraction of the cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import html
 import json
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.web import ContentCoding
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest, gzip_accepted
 
 from .. import _version, validation
 from ..core import Exporter, default_exporter
 from ..errors import Unavailable
-from ..exposition.render import Exposition
+from ..exposition.response import MetricsPage, Reply
 from ..instrumentation import views
 from .auth import Auth
 from .connections import TLS, AcceptErrors, Guard, listen_backlog, request_error_logger, within_fd_limit
@@ -68,35 +66,6 @@ async def _no_pools() -> list[dict[str, Any]]:
 
 # -- handlers -----------------------------------------------------------------------------------
 
-_VERSION = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6}){0,3}")
-
-
-def negotiate(accept: str) -> tuple[Callable[[Any], bytes], str]:
-    """prometheus_client's `choose_encoder`, made safe for any Accept header.
-
-    It raises on a `version=` that is not dotted numbers (`abc`, `1.x`) and copies the version it
-    accepted into our Content-Type. A media range with such a version is skipped, and anything else
-    going wrong means the classic text format, which is what Prometheus falls back to as well.
-    """
-    ranges = [r for r in accept.split(",") if _sane_media_range(r)]
-    try:
-        encoder, content_type = choose_encoder(",".join(ranges))
-    except Exception:
-        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-    if not (content_type.isascii() and content_type.isprintable()):
-        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-    return encoder, content_type
-
-
-def _sane_media_range(media_range: str) -> bool:
-    if not (media_range.isascii() and media_range.isprintable()):
-        return False
-    for param in media_range.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key == "version" and not _VERSION.fullmatch(value):
-            return False
-    return True
-
 
 def metrics_handler(
     registry: CollectorRegistry,
@@ -105,36 +74,25 @@ def metrics_handler(
     exporters: Sequence[Exporter] = (),
     refresh: Refresh | None = None,
 ) -> Handler:
-    """Render the registry as the client asked; in `offload` mode, off the event loop.
-
-    Off the loop, scrapes that arrive while a render of the same kind is running share its result,
-    so a burst of scrapers costs one render, not one each. `refresh` is awaited before each render
-    (the sidecar's merge, which its collector then yields).
-    """
-    inflight: dict[tuple[str, tuple[str, ...]], asyncio.Future[bytes]] = {}
-    exposition = Exposition(registry, [e.collector for e in exporters if e.registry is registry])
-
-    async def render(encoder: Callable[[Any], bytes], content_type: str, names: tuple[str, ...]) -> bytes:
-        if not offload:
-            return exposition.render(encoder, names)
-        key = (content_type, names)
-        future = inflight.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().run_in_executor(executor, exposition.render, encoder, names)
-            inflight[key] = future
-            future.add_done_callback(lambda _: inflight.pop(key, None))
-        return await asyncio.shield(future)
+    """/metrics as exposition/response.py answers it; in `offload` mode rendered off the event loop
+    (equal scrapes meanwhile share one render). `refresh` is awaited before each render (the
+    sidecar's merge, which its collector then yields)."""
+    page = MetricsPage(registry, [e.collector for e in exporters if e.registry is registry])
 
     async def metrics(request: web.Request) -> web.Response:
-        if refresh is not None:
-            await refresh()
-        encoder, content_type = negotiate(",".join(request.headers.getall("Accept", [])))
-        body = await render(encoder, content_type, tuple(request.query.getall("name[]", [])))
-        response = web.Response(body=body, headers={"Content-Type": content_type})
-        # gzip only, as prometheus_client's own servers do (aiohttp alone would pick deflate first).
-        if gzip_accepted(request.headers.get("Accept-Encoding", "")):
-            response.enable_compression(ContentCoding.gzip)
-        return response
+        plan = page.plan(
+            request.method,
+            request.rel_url.raw_query_string,
+            ",".join(request.headers.getall("Accept", [])),
+            ",".join(request.headers.getall("Accept-Encoding", [])),
+        )
+        if isinstance(plan, Reply):
+            reply = plan
+        else:
+            if refresh is not None:
+                await refresh()
+            reply = await page.render_shared(plan, executor) if offload else page.render(plan)
+        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
     return metrics
 
@@ -265,7 +223,8 @@ def add_routes(
     exporters = [exporter] if exporter is not None else []
     guard: Callable[[Any], Any] = auth.protect if auth is not None and auth.enabled else (lambda h: h)
     metrics = metrics_handler(registry, executor, offload, exporters, refresh)
-    app.router.add_get(metrics_path, guard(unavailable_as_503(metrics)))
+    # Every method: the response decides (405 for all but GET and HEAD, as the ASGI app answers).
+    app.router.add_route("*", metrics_path, guard(unavailable_as_503(metrics)))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", guard(readyz_handler(readiness)))
     app.router.add_get("/pools", guard(unavailable_as_503(pools_handler(pools))))
@@ -393,6 +352,21 @@ class Server:
             accept_errors.uninstall(asyncio.get_running_loop())
 
 
+class PortInUse(OSError):
+    """start_http_server() found its port taken: most often by another worker of the same app."""
+
+
+def port_in_use(host: str, port: int) -> PortInUse:
+    """The one clear error for a taken port, naming the usual cause and what to do instead."""
+    return PortInUse(
+        errno.EADDRINUSE,
+        f"cannot serve /metrics on {host}:{port}: the address is already in use. With several workers "
+        "(uvicorn --workers N, gunicorn -w N) each worker opening this port fails after the first: set "
+        "PROMETHEUS_MULTIPROC_DIR and run `pool-exporter serve` beside them (the sidecar), or mount "
+        "metrics_app() in the app (each worker then answers for itself only); see the README, Several workers",
+    )
+
+
 async def start_http_server(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -404,7 +378,11 @@ async def start_http_server(
     request_head_timeout: float | None = 5.0,
     max_connections: int | None = 200,
 ) -> Server:
-    """The one-liner for a single-process asyncio app: serve `exporter`'s pools (default Exporter's) from its loop."""
+    """The one-liner for a single-process asyncio app: serve `exporter`'s pools (default Exporter's) from its loop.
+
+    A port already in use raises PortInUse (an OSError) with one message that says why it usually
+    is (several workers each opening it) and what to do; no chained traceback.
+    """
     app = make_app(exporter, metrics_path=metrics_path, auth=auth)
     server = Server(
         app,
@@ -414,5 +392,10 @@ async def start_http_server(
         request_head_timeout=request_head_timeout,
         max_connections=max_connections,
     )
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise port_in_use(host, port) from None
     return server

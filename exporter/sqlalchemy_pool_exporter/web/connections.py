@@ -18,6 +18,10 @@ Decided, in `Guard` (the listening socket's protocol factory):
   that never start one held every descriptor of a `ulimit -n 256` server (it could not read its own
   web config file). Refused at the cap, a TLS connection is just closed: a 503 in clear text means
   nothing to a TLS client, and a handshake to send it would cost what the cap is there to bound.
+
+Any event loop: a transport is taken for what it does, not its class. uvloop's (uvicorn's default
+loop whenever uvloop is installed) are not asyncio.Transport subclasses, nor even BaseTransport
+ones; an isinstance check refused every connection under it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import ssl
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -44,6 +48,16 @@ log = logging.getLogger("sqlalchemy_pool_exporter.web")
 
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
 _ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# What we and aiohttp's protocol call on a connection's transport.
+_STREAM_METHODS = ("write", "close", "abort", "get_extra_info", "is_closing", "pause_reading", "resume_reading")
+
+
+def stream_transport(transport: object) -> asyncio.Transport | None:
+    """`transport` if it behaves as a stream transport, whatever its class (uvloop's are no asyncio.Transport)."""
+    if all(callable(getattr(transport, method, None)) for method in _STREAM_METHODS):
+        return cast(asyncio.Transport, transport)
+    return None
+
 
 # -- connections ----------------------------------------------------------------------------------
 
@@ -189,10 +203,16 @@ class _Connection(asyncio.Protocol):
         self._handshaking = False
         self._early: list[bytes] = []
         self._early_eof = False
+        # TLS bytes read before start_tls() took the transport over (uvloop reads at once, asyncio not).
+        self._raw: list[bytes] = []
+        self._tls_begun = False
         self._lost = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = stream_transport(base)
+        if transport is None:  # a datagram or pipe transport: nothing an HTTP server can serve
+            base.close()
+            return
         self.transport = transport
         if not self.guard._admit(self):
             if self.guard.tls is None:
@@ -217,16 +237,25 @@ class _Connection(asyncio.Protocol):
             self.guard._refused(f"no usable TLS configuration: {exc}")
             self._drop(raw)
             return
+        loop = asyncio.get_running_loop()
+        upgrade = loop.create_task(
+            loop.start_tls(raw, self, tls.context, server_side=True, ssl_handshake_timeout=self.guard.head_timeout)
+        )
+        # Runs right after the task's first step (call_soon is FIFO), which paused reading and made the TLS
+        # protocol the transport's: before its connection_made() and the resumed reading.
+        loop.call_soon(self._begun, raw)
         try:
-            transport = await asyncio.get_running_loop().start_tls(
-                raw, self, tls.context, server_side=True, ssl_handshake_timeout=self.guard.head_timeout
-            )
+            transport = await upgrade
+        except asyncio.CancelledError:
+            upgrade.cancel()
+            raise
         except Exception:
             # The client's doing (no certificate, a stalled handshake...); start_tls closed it. asyncio
             # calls no connection_lost() for a connection lost mid-handshake: we forget it here.
             self._drop(raw)
             return
-        if self._lost or not isinstance(transport, asyncio.Transport):
+        transport = stream_transport(transport)
+        if self._lost or transport is None:
             self._drop(raw)
             return
         if tls.accepts is not None and not tls.accepts(transport.get_extra_info("peercert")):
@@ -241,6 +270,25 @@ class _Connection(asyncio.Protocol):
             self.data_received(data)
         if self._early_eof:
             self.eof_received()
+
+    def _begun(self, raw: asyncio.Transport) -> None:
+        """From now on what reaches us is decrypted; the TLS bytes we read before go to the TLS protocol
+        (its buffer keeps them for the handshake it starts next)."""
+        self._tls_begun = True
+        data, self._raw = b"".join(self._raw), []
+        protocol = raw.get_protocol()
+        if not data or protocol is self or raw.is_closing():
+            return
+        if isinstance(protocol, asyncio.Protocol):
+            protocol.data_received(data)
+            return
+        view = memoryview(data)  # asyncio's and uvloop's SSLProtocol are buffered protocols
+        while view:
+            buffer = protocol.get_buffer(len(view))  # type: ignore[attr-defined]
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            protocol.buffer_updated(n)  # type: ignore[attr-defined]
+            view = view[n:]
 
     def _open(self, transport: asyncio.Transport) -> None:
         """Hand the (admitted, now plain or decrypted) connection to aiohttp."""
@@ -257,6 +305,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._handshaking:
+            if not self._tls_begun:  # the ClientHello, read before start_tls(): kept for it, no more read until then
+                self._raw.append(data)
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                return
             self._early.append(data)
             return
         if not self.admitted:
