@@ -98,6 +98,19 @@ def seconds(name: str, value: object, *, upper: float | None = None) -> float:
     return number
 
 
+def probability(name: str, value: object) -> float:
+    """A probability strictly between 0 and 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 < number < 1.0:
+        raise ValueError(f"{name} must be a number between 0 and 1 (both excluded), got {value!r}")
+    return number
+
+
 def leak_threshold(value: object) -> float | None:
     """None (off) or a finite, positive number of seconds."""
     return None if value is None else seconds("leak_threshold", value)

@@ -58,8 +58,78 @@ def pool_row(source: PoolSource, reading: PoolReading | None) -> dict[str, Any]:
         row.setdefault("idle", None)
     for key, labels, count in samples.counters(source.stats):
         _put(row, catalog.BY_KEY[key], labels, count)
+    if reading is not None and reading.server is not None:
+        row["server"], row["database"], row["driver"] = reading.server
+    advice = reading.advice if reading is not None else None
+    if advice is not None:
+        row["advice"] = {
+            "window_seconds": round(advice.seconds, 3),
+            "rate": advice.rate,
+            "mean_hold": advice.mean_hold,
+            "offered_load": advice.offered_load,
+            "advised_size": advice.advised_size,
+            "wait_probability": advice.wait_probability,
+            "opened": advice.opened,
+        }
+    row["sizing"] = sizing(row)
     row["checkouts_now"] = checkouts_now(source.stats)
     return row
+
+
+def sizing(row: dict[str, Any]) -> str | None:
+    """The advice in words, from a row's fields (in-process and in the sidecar); None without advice."""
+    advised, load = row.get("advised_size"), row.get("offered_load")
+    if advised is None or load is None:
+        return None
+    advice = row.get("advice") or {}
+    size, most = row.get("size"), row.get("max")
+    target = advice.get("wait_probability")
+    odds = f"at most {target:.0%} of checkouts wait" if target is not None else "few checkouts wait"
+    text = f"{load:.2f} connections busy on average"
+    if advice:
+        text += (
+            f" ({advice['rate']:.1f} checkouts/s x {advice['mean_hold'] * 1000:.0f} ms held,"
+            f" over {advice['window_seconds']:.0f} s)"
+        )
+    n = int(advised)
+    text += f": {n} connection{'' if n == 1 else 's'} so that {odds} (Erlang C)."
+    if size is None:
+        return text
+    overflow = f" + max_overflow {most - size}" if most is not None else " + unlimited overflow"
+    text += f" Configured: pool_size {size}{overflow}."
+    opened = advice.get("opened")
+    churn = f" {opened} connection{' was' if opened == 1 else 's were'} opened in the window." if opened else ""
+    if most is not None and advised > most:
+        return text + f" Too small: callers wait; raise pool_size to {int(advised)}.{churn}"
+    if advised > size:
+        below = " pool_size is below the load: overflow connections open and close all day;"
+        return text + f"{below} raise it to {int(advised)}.{churn}"
+    return text + f" Enough.{churn}"
+
+
+def sizing_table(rows: list[dict[str, Any]]) -> Table:
+    """The advice of each pool that has some, with the numbers behind it."""
+    head = ("pool", "checkouts/s", "mean hold (s)", "offered load", "advised size", "pool_size", "max",
+            "opened in window", "advice")  # fmt: skip
+    body = []
+    for row in rows:
+        if row.get("sizing") is None:
+            continue
+        advice = row.get("advice") or {}
+        body.append(
+            (
+                row["name"],
+                advice.get("rate"),
+                advice.get("mean_hold"),
+                row.get("offered_load"),
+                row.get("advised_size"),
+                row.get("size"),
+                row.get("max"),
+                advice.get("opened"),
+                row["sizing"],
+            )
+        )
+    return head, body
 
 
 def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str, Any]]:
@@ -107,6 +177,8 @@ def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[s
             labels = tuple(s.labels.get(label, "") for label in family.labelnames[1:])
             value: float = int(s.value) if float(s.value).is_integer() else s.value
             _put(row, family.spec, labels, value)
+    for row in rows.values():
+        row["sizing"] = sizing(row)
     return [rows[name] for name in sorted(rows)]
 
 
