@@ -79,10 +79,18 @@ class Window:
         read between two steps (the collector, the fast renderer, the writer, /pools) sees the same numbers.
         """
         now = perf_counter() if now is None else now
-        ring = self.ring
+        if self.ring and now - self.ring[-1].at < self.step:
+            return self.latest
+        return self.add(snapshot(stats, now))
+
+    def add(self, snap: Snapshot) -> Advice | None:
+        """Take `snap` into the ring (if a step after the newest) and return the advice up to it."""
+        ring, now = self.ring, snap.at
         if ring and now - ring[-1].at < self.step:
             return self.latest
-        ring.append(snapshot(stats, now))
+        if ring and (snap.checkouts < ring[-1].checkouts or snap.hold_sum < ring[-1].hold_sum):
+            ring.clear()  # the counters went back (merged files of workers that are gone): start over
+        ring.append(snap)
         # Keep the newest snapshot at or before the window's start, so the window is covered whole.
         start = now - self.seconds
         while len(ring) > 2 and ring[1].at <= start:

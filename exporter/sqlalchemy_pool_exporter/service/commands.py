@@ -370,6 +370,8 @@ async def run_serve(settings: Settings, startup: Startup) -> int:
     if view is not None:
         registry.register(view)
         await view.start()
+        if sidecar is not None:
+            sidecar.server_limit = view.server_limit  # /pools: this pod's share of the server's limit
     auth = auth_from(settings)
     app = web.make_app(
         registry=registry,
