@@ -31,6 +31,8 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("leak_threshold", "SECONDS", "warn about connections held longer (demo)"),
     ("max_holders", "N", "holder names a pool keeps apart, 1-1000 (demo; default 50)"),
     ("probe_interval", "SECONDS", "seconds between server-view polls (default 15)"),
+    ("advice_window", "SECONDS", "seconds of traffic the pool size advice is measured over (default 300)"),
+    ("advice_wait_probability", "P", "probability of waiting the advised pool size keeps under (default 0.01; demo)"),
     ("log_level", "LEVEL", "DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)"),
     ("log_format", "FORMAT", "text or json (default text)"),
     ("auth_token", "TOKEN", "require this bearer token, except on /healthz (prefer the env var)"),

@@ -175,6 +175,8 @@ def _demo_exporter(settings: Settings, multiprocess_dir: Path | None) -> Exporte
         buckets=settings.bucket_bounds(),
         max_holders=settings.max_holders,
         multiprocess_dir=multiprocess_dir,
+        advice_window=settings.advice_window,
+        advice_wait_probability=settings.advice_wait_probability,
     )
 
 
@@ -361,7 +363,11 @@ async def run_serve(settings: Settings, startup: Startup) -> int:
     if url is not None and url.get_backend_name() != "postgresql":
         raise SettingError("database_url", f"the server view needs PostgreSQL, not {url.get_backend_name()}")
     registry = CollectorRegistry()
-    sidecar = Sidecar(settings.multiproc_dir, namespace=settings.namespace) if settings.multiproc_dir else None
+    sidecar = (
+        Sidecar(settings.multiproc_dir, namespace=settings.namespace, advice_window=settings.advice_window)
+        if settings.multiproc_dir
+        else None
+    )
     view = ServerView(url, namespace=settings.namespace, interval=settings.probe_interval) if url else None
     if sidecar is not None:
         # /metrics awaits sidecar.refresh, the merge it shares with /pools, / and /readyz, then renders

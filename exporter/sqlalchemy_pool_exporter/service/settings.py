@@ -129,6 +129,10 @@ class Settings(BaseSettings):
         None, description="Warn about connections held longer than this many seconds (demo)."
     )
     probe_interval: float = Field(15.0, description="Seconds between server-view polls (and their timeout).")
+    advice_window: float = Field(300.0, description="Seconds of traffic the pool size advice is measured over.")
+    advice_wait_probability: float = Field(
+        0.01, description="Probability of waiting for a connection the advised pool size keeps under (Erlang C)."
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
     auth_token: SecretStr | None = Field(None, description="Require `Authorization: Bearer <token>` (not on /healthz).")
@@ -191,6 +195,16 @@ class Settings(BaseSettings):
     @classmethod
     def _probe_interval(cls, value: float) -> float:
         return validation.seconds("probe_interval", value, upper=3600)
+
+    @field_validator("advice_window", mode="before")
+    @classmethod
+    def _advice_window(cls, value: object) -> float:
+        return validation.seconds("advice_window", value, upper=86400)
+
+    @field_validator("advice_wait_probability", mode="before")
+    @classmethod
+    def _advice_wait_probability(cls, value: object) -> float:
+        return validation.probability("advice_wait_probability", value)
 
     @field_validator("auth_token")
     @classmethod
