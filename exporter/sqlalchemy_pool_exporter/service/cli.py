@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -91,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", metavar="N", default="1", help="app processes (N > 1: multiprocess mode)")
     demo.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
     demo.add_argument("--app-port", help=argparse.SUPPRESS)
+    advise = sub.add_parser(
+        "advise",
+        help="pool_size and max_overflow per pool, and the fleet's connection budget, from Prometheus' history",
+        description="Read a Prometheus server's history of the pool exporter's metrics and print, per pool and "
+        "instance, the pool_size and max_overflow for the busiest window in the range (Erlang C), and every "
+        "server's connection budget.",
+    )
+    advise.add_argument("--prometheus", metavar="URL", required=True, help="Prometheus' base URL (http or https)")
+    advise.add_argument("--range", metavar="DURATION", default="7d", help="history to read (default 7d)")
+    advise.add_argument(
+        "--wait-probability", metavar="P", default="0.01", help="probability of waiting to size for (default 0.01)"
+    )
+    advise.add_argument(
+        "--until", metavar="UNIX_TIME", help="end of the range, in seconds since the epoch (default now)"
+    )
+    advise.add_argument("--json", action="store_true", help="JSON instead of a table, for scripts")
     return parser
 
 
@@ -131,6 +148,8 @@ def listen_address(values: list[str], host: str | None, port: str | None) -> dic
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "advise":  # reads no POOL_EXPORTER_* setting: everything is on its command line
+        return _advise(args)
     try:
         overrides = {name: getattr(args, name) for name, _, _ in FLAGS}
         if args.listen_address is not None:
@@ -179,3 +198,34 @@ def _demo(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from .advise import AdviseError, advise, as_json, as_table, prometheus_query
+
+    try:
+        base, shown = _prometheus_url(args.prometheus)
+        range_ = validation.prometheus_duration("range", args.range)
+        p = validation.probability("wait_probability", args.wait_probability)
+        until = None if args.until is None else validation.seconds("until", args.until)
+    except ValueError as exc:
+        print(f"{PROG} advise: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = advise(prometheus_query(base, until), shown, range_, p)
+    except AdviseError as exc:
+        print(f"{PROG} advise: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(as_json(result) + "\n" if args.json else as_table(result))
+    return 0
+
+
+def _prometheus_url(value: str) -> tuple[str, str]:
+    """The URL to query, and how to show it: credentials in it are never printed."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--prometheus must be an http:// or https:// URL, got {value[:80]!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("--prometheus takes Prometheus' base URL, without a query or fragment")
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return value, shown
