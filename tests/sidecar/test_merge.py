@@ -10,8 +10,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from sqlalchemy_pool_exporter.instrumentation import views
 from sqlalchemy_pool_exporter.sidecar.merge import JOURNAL, Sidecar
 from sqlalchemy_pool_exporter.web.app import make_app
 
@@ -151,6 +153,34 @@ async def test_the_busiest_worker_reads_saturated_beside_an_idle_one(workers: Wo
             assert sample(got, "sqlalchemy_pool_worker_utilization_max", pool="app") == 0.0
             assert sample(got, "sqlalchemy_pool_connections", pool="app", state="used") == 0.0
             workers.stop(idle)
+    finally:
+        sidecar.close()
+
+
+def test_the_sidecar_samples_the_pods_traffic_from_the_merged_counters(workers: Workers) -> None:
+    a = workers.start(commits=3, held=2)
+    b = workers.start(commits=4, held=0)
+    sidecar = Sidecar(workers.directory, advice_window=30)
+    try:
+        metrics = sidecar.merge()
+        registry = CollectorRegistry()
+        registry.register(sidecar.view)
+        text = generate_latest(registry).decode()
+        got = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        [(pool, (checkouts, held, created))] = views.advice_counters(metrics, "sqlalchemy").items()
+        assert pool == "app"
+        assert checkouts == 9.0 == got[("sqlalchemy_pool_checkouts_total", (("pool", "app"),))]
+        assert held == got[("sqlalchemy_pool_use_seconds_sum", (("pool", "app"),))]
+        assert created == got[("sqlalchemy_pool_connections_created_total", (("pool", "app"),))]
+        # The first merge is the window's first snapshot: no advice of its own yet.
+        assert sidecar._windows["app"].latest is None
+        assert len(sidecar._windows["app"].ring) == 1
+        workers.stop(a)
+        workers.stop(b)
     finally:
         sidecar.close()
 

@@ -240,17 +240,19 @@ def advice_counters(metrics: Iterable[Metric], namespace: str) -> dict[str, list
 
     What the sidecar's own advice window samples (the pod's traffic, all workers summed).
     """
-    wanted: dict[str, tuple[int, str]] = {}
+    # Our own metrics have the same name in both namings: the pool label tells which wrote a sample.
+    wanted: dict[str, list[tuple[int, str]]] = {}
     for names in NAMES:
         v = view(namespace, names)
         for i, (key, suffix) in enumerate((("checkouts", ""), ("use", "_sum"), ("created", ""))):
-            wanted[v.by_key[key].name + suffix] = (i, v.pool_label)
+            wanted.setdefault(v.by_key[key].name + suffix, []).append((i, v.pool_label))
     out: dict[str, list[float]] = {}
     for metric in metrics:
         for s in metric.samples:
-            found = wanted.get(s.name)
-            if found is not None and found[1] in s.labels:
-                out.setdefault(s.labels[found[1]], [0.0, 0.0, 0.0])[found[0]] += float(s.value)
+            for i, label in wanted.get(s.name, ()):
+                if label in s.labels:
+                    out.setdefault(s.labels[label], [0.0, 0.0, 0.0])[i] += float(s.value)
+                    break
     return out
 
 

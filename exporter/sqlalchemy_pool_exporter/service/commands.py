@@ -258,7 +258,7 @@ async def _run_demo_workers(
         )
         for _ in range(workers)
     ]
-    sidecar = Sidecar(directory, namespace=settings.namespace)
+    sidecar = Sidecar(directory, namespace=settings.namespace, advice_window=settings.advice_window)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(sidecar.view)
     app = web.make_app(
