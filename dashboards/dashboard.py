@@ -210,6 +210,84 @@ SATURATION = Row(
 )
 
 
+# The fleet's connection budget per server (the recording rules of alerts.yml, inlined so the panel works
+# without them): every pool's max added up over every job and instance that names the server, and the
+# server's limit from the sidecar's server view. Summed over every job (the budget is everyone's), shown
+# for the servers the selected pools use.
+SELECTED_SERVERS = f"and on (server) max by (server) (sqlalchemy_pool_info{{{POOL}}})"
+FLEET_MAX = (
+    "sum by (server) (sqlalchemy_pool_max_connections * on (job, instance, pool) group_left (server)"
+    f" max by (job, instance, pool, server) (sqlalchemy_pool_info)) {SELECTED_SERVERS}"
+)
+SERVER_LIMIT = (
+    "min by (server) ((sqlalchemy_server_max_connections - sqlalchemy_server_reserved_connections)"
+    f" * on (job, instance) group_left (server) sqlalchemy_server_info) {SELECTED_SERVERS}"
+)
+
+SIZING = Row(
+    "Sizing",
+    (
+        Panel(
+            "Offered load and advised size vs configured",
+            "short",
+            (
+                Query(f"max by (pool) (sqlalchemy_pool_offered_load{{{POOL}}})", "{{pool}} offered load"),
+                Query(f"max by (pool) (sqlalchemy_pool_advised_size{{{POOL}}})", "{{pool}} advised size"),
+                Query(f"max by (pool) (sqlalchemy_pool_size{{{POOL}}})", "{{pool}} pool_size"),
+                Query(f"max by (pool) (sqlalchemy_pool_max_connections{{{POOL}}})", "{{pool}} max"),
+            ),
+            "Connections busy on average over the advice window (checkout rate x mean hold) and the smallest "
+            "pool Erlang C keeps under the wait target, against pool_size and pool_size + max_overflow of the "
+            "busiest instance. With a sidecar, pool_size and max are its workers' sums and the advised size is "
+            "per worker.",
+            w=12,
+            reference=(" pool_size", " max"),
+        ),
+        Panel(
+            "Overflow churn",
+            "short",
+            (
+                Query(
+                    f"60 * sum by (pool) (rate(sqlalchemy_pool_connections_created_total{{{POOL}}}[{RATE}]))",
+                    "{{pool}} opened / min",
+                ),
+            ),
+            "Connections opened per minute: a pool_size below the steady load opens and closes overflow "
+            "connections all day (raise pool_size to the advised size).",
+            w=12,
+        ),
+        Panel(
+            "Busiest worker",
+            "percentunit",
+            (
+                Query(
+                    f"max by (instance, pool) (sqlalchemy_pool_worker_utilization_max{{{POOL}}})",
+                    "{{pool}} @ {{instance}}",
+                ),
+            ),
+            "used / (pool_size + max_overflow) of the busiest live worker: a sum over workers hides one at "
+            "15/15 beside an idle one. The saturation alert reads this.",
+            w=12,
+            max=1,
+            thresholds=((0, "green"), (0.9, "red")),
+        ),
+        Panel(
+            "Fleet connections vs server limit",
+            "short",
+            (
+                Query(FLEET_MAX, "{{server}} pools' max, every instance"),
+                Query(SERVER_LIMIT, "{{server}} limit"),
+            ),
+            "pool_size + max_overflow of every pool on each server, over every worker, pod and application, "
+            "against max_connections minus the reserved connections (the sidecar's server view). Above the "
+            "limit, a burst or a deploy fails with 'too many clients'.",
+            w=12,
+            reference=(" limit",),
+        ),
+    ),
+)
+
+
 def per_holder(counter: str, checkouts: str = "sqlalchemy_pool_holder_checkouts_total") -> str:
     """Mean seconds per checkout by holder: a holder counter's rate over the rate of its checkouts."""
     return (
@@ -496,7 +574,7 @@ SERVER = Row(
     ),
 )
 
-ROWS: tuple[Row, ...] = (STATS, SATURATION, HOLDERS, LATENCY, ERRORS, TRANSACTIONS, SERVER)
+ROWS: tuple[Row, ...] = (STATS, SATURATION, SIZING, HOLDERS, LATENCY, ERRORS, TRANSACTIONS, SERVER)
 
 
 def _variables() -> list[Any]:

@@ -214,6 +214,52 @@ CATALOG: tuple[MetricSpec, ...] = (
         column="oldest checkout (s)",
         unit="s",
     ),
+    # The busiest worker: in multiprocess mode the gauges above are summed over workers, so one worker at
+    # 15/15 beside an idle one reads 50%; these merge as the max over live workers (in-process: this one).
+    _gauge(
+        "worker_utilization",
+        "pool_worker_utilization_max",
+        "Used / (pool_size + max_overflow) of the busiest live worker (this process in-process).",
+        mp="livemax",
+        field="worker_utilization_max",
+        unit="",  # a ratio; OpenTelemetry's "1" would add `_ratio` to the name
+    ),
+    _gauge(
+        "worker_pending",
+        "pool_worker_pending_requests_max",
+        "Callers waiting for a connection right now in the busiest live worker (this process in-process).",
+        mp="livemax",
+        field="worker_pending_max",
+        unit="{request}",
+    ),
+    # Sizing (instrumentation/advice.py, erlang.py): from the checkout and hold-time counters over the
+    # advice window, sampled at scrape or flush, never on the hot path. Absent until the window saw a checkout.
+    _gauge(
+        "offered_load",
+        "pool_offered_load",
+        "Connections busy on average over the advice window: checkout rate x mean hold (Erlangs).",
+        field="offered_load",
+        column="offered load",
+    ),
+    _gauge(
+        "advised_size",
+        "pool_advised_size",
+        "Smallest pool for which Erlang C gives a probability of waiting at most the advice target "
+        "(the busiest worker's in multiprocess mode).",
+        mp="livemax",
+        field="advised_size",
+        column="advised size",
+    ),
+    # Which server the pool connects to, so Prometheus can add up every pool's max per server (the fleet's
+    # connection budget). Never the user or the password. Not for file databases (SQLite).
+    MetricSpec(
+        "info",
+        "pool_info",
+        "gauge",
+        "The server (host:port), database and driver the pool connects to; always 1.",
+        ("server", "database", "driver"),
+        mp_mode="livemax",
+    ),
     # Events.
     _counter(
         "checkouts",
@@ -423,6 +469,22 @@ SERVER_CATALOG: tuple[MetricSpec, ...] = (
         pool_label=False,
     ),
     MetricSpec("max_connections", "server_max_connections", "gauge", "The server's max_connections.", pool_label=False),
+    MetricSpec(
+        "reserved_connections",
+        "server_reserved_connections",
+        "gauge",
+        "Connections of max_connections kept for superusers and reserved roles "
+        "(superuser_reserved_connections + reserved_connections).",
+        pool_label=False,
+    ),
+    MetricSpec(
+        "info",
+        "server_info",
+        "gauge",
+        "The server (host:port) the server view polls, as pool_info names it; always 1.",
+        ("server",),
+        pool_label=False,
+    ),
     MetricSpec(
         "oldest_transaction",
         "server_oldest_transaction_seconds",

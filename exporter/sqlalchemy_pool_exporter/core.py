@@ -27,6 +27,7 @@ from .errors import AlreadyInstrumented
 from .exposition.collector import PoolCollector
 from .exposition.writer import MultiprocessWriter, environment_dir
 from .instrumentation import appname
+from .instrumentation.advice import DEFAULT_WAIT_PROBABILITY, DEFAULT_WINDOW, MAX_WINDOW
 from .instrumentation.handle import PoolHandle, handle_of
 from .instrumentation.holders import DEFAULT_MAX_HOLDERS
 from .labels import pool_name, safe_url
@@ -54,6 +55,9 @@ class Exporter:
     in multiprocess mode for that same directory (PROMETHEUS_MULTIPROC_DIR set before it was
     imported). `buckets` are the histogram bounds by set (`wait`, `use`, `create`, `statement`) for
     every engine; with names="semconv", `statement` defaults to the conventions' bounds.
+    `advice_window` (seconds) and `advice_wait_probability` set the pool size advice
+    (`pool_offered_load`, `pool_advised_size`): the window the load is measured over, and the
+    probability of waiting for a connection the advised size keeps under (Erlang C).
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class Exporter:
         buckets: Mapping[str, Sequence[float]] | None = None,
         max_holders: int = DEFAULT_MAX_HOLDERS,
         multiprocess_interval: float = 1.0,
+        advice_window: float = DEFAULT_WINDOW,
+        advice_wait_probability: float = DEFAULT_WAIT_PROBABILITY,
     ) -> None:
         self.registry = REGISTRY if registry is None else registry
         self.namespace = validation.namespace(namespace)
@@ -75,6 +81,8 @@ class Exporter:
         self.max_holders = validation.max_holders(max_holders)
         self.multiprocess_dir = Path(multiprocess_dir) if multiprocess_dir else None
         self._interval = validation.seconds("multiprocess_interval", multiprocess_interval)
+        self.advice_window = validation.seconds("advice_window", advice_window, upper=MAX_WINDOW)
+        self.advice_wait_probability = validation.probability("advice_wait_probability", advice_wait_probability)
         self._lock = threading.RLock()
         # Held weakly by engine: a dropped engine takes its handle (and its series) with it.
         self._handles: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()
@@ -151,6 +159,8 @@ class Exporter:
                 transactions=transactions,
                 detach=self._detach,
                 application_name=appname.default(explicit),
+                advice_window=self.advice_window,
+                advice_wait_probability=self.advice_wait_probability,
             )
             self._handles[sync] = handle
             self._by_name[handle.name] = handle

@@ -101,6 +101,20 @@ def pool_name(url: URL | str) -> str:
     return f"{backend}:{where.database or 'memory'}"
 
 
+def server_labels(url: URL | str) -> tuple[str, str, str] | None:
+    """(server `host:port`, database, driver) of a URL that names a server, for `pool_info`; never credentials.
+
+    None for file and in-memory databases (SQLite): no server, no connection budget.
+    """
+    u, where = _location(url)
+    if where is None or not where.host:
+        return None
+    backend = u.get_backend_name()
+    port = where.port or _DEFAULT_PORTS.get(backend)
+    host = f"[{where.host}]" if ":" in where.host else where.host
+    return (f"{host}:{port}" if port else host), where.database or "", u.drivername
+
+
 def safe_url(url: URL | str) -> str:
     """The URL with its password masked, and every query value but known harmless ones, for logs and pages."""
     u, where = _location(url)

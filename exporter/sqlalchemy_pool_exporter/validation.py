@@ -10,6 +10,7 @@ import ipaddress
 import itertools
 import math
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -96,6 +97,30 @@ def seconds(name: str, value: object, *, upper: float | None = None) -> float:
     if upper is not None and number > upper:
         raise ValueError(f"{name} must be at most {upper:g} seconds, got {value!r}")
     return number
+
+
+def probability(name: str, value: object) -> float:
+    """A probability strictly between 0 and 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 < number < 1.0:
+        raise ValueError(f"{name} must be a number between 0 and 1 (both excluded), got {value!r}")
+    return number
+
+
+_PROMETHEUS_DURATION = re.compile(r"(?:[0-9]+(?:ms|s|m|h|d|w|y))+", re.ASCII)
+
+
+def prometheus_duration(name: str, value: object) -> str:
+    """A Prometheus duration (`7d`, `1h30m`), as a range selector takes it."""
+    ok = isinstance(value, str) and _PROMETHEUS_DURATION.fullmatch(value) is not None
+    if not ok or not any(c in "123456789" for c in str(value)):  # 0d is no range
+        raise ValueError(f"{name} must be a Prometheus duration such as 7d, 12h or 1h30m, got {str(value)[:40]!r}")
+    return str(value)
 
 
 def leak_threshold(value: object) -> float | None:

@@ -11,7 +11,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from sqlalchemy_pool_exporter import Exporter, pool_name, safe_url
+from sqlalchemy_pool_exporter import Exporter, labels, pool_name, safe_url
 
 from ..conftest import PG_NAME, PG_URL, PgEngineFactory, poll
 
@@ -75,3 +75,21 @@ async def test_a_password_never_shows_in_label_handle_or_logs(
     assert SECRET not in generate_latest(registry).decode()
     assert SECRET not in json.dumps(handle.snapshot())
     assert SECRET not in repr(handle.status_fields())
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql+asyncpg://app:s3cret@db.example:6432/orders", ("db.example:6432", "orders", "postgresql+asyncpg")),
+        ("postgresql://app:s3cret@db.example/orders", ("db.example:5432", "orders", "postgresql")),
+        ("mysql+pymysql://root:pw@127.0.0.1/test", ("127.0.0.1:3306", "test", "mysql+pymysql")),
+        ("postgresql://u:p@ss@host:5432/db", ("host:5432", "db", "postgresql")),  # an unescaped @ in the password
+        ("postgresql://u:secret@[::1]:5432/db", ("[::1]:5432", "db", "postgresql")),
+        ("sqlite:///tmp/app.db", None),
+        ("sqlite://", None),
+    ],
+)
+def test_server_labels_name_the_server_never_the_credentials(url: str, expected: tuple[str, str, str] | None) -> None:
+    found = labels.server_labels(url)
+    assert found == expected
+    assert found is None or not any(secret in "".join(found) for secret in ("s3cret", "pw", "ss@", "secret"))

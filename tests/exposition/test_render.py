@@ -40,7 +40,8 @@ Encoder = Callable[[Any], bytes]
 ENCODERS: dict[str, Encoder] = {"text": generate_latest, "openmetrics": openmetrics.generate_latest}
 HOSTILE = 'a"b\\c\nd ü名 {x} %s %d %% }{'
 # Ages of the oldest checkout and waiter move between two renders; every other sample must be equal.
-AGES = ("_oldest_checkout_seconds", "_oldest_pending_seconds")
+# Time-dependent: ages, and the offered load (the busy time of connections still out grows by the read).
+AGES = ("_oldest_checkout_seconds", "_oldest_pending_seconds", "_offered_load", "_advised_size")
 
 Families = dict[str, tuple[str, str, list[tuple[str, dict[str, str], float]]]]
 

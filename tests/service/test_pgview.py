@@ -15,7 +15,7 @@ from sqlalchemy_pool_exporter import validation
 from sqlalchemy_pool_exporter.service.pgview import ServerView
 from sqlalchemy_pool_exporter.web.app import make_app
 
-from ..conftest import PG_URL, scrape, serving
+from ..conftest import PG_HOST, PG_PORT, PG_URL, scrape, serving
 from ..conftest import metric as sample
 
 pytestmark = pytest.mark.postgres
@@ -169,3 +169,26 @@ def test_bad_server_view_databases(given: str, problem: str) -> None:
     with pytest.raises(ValueError) as caught:
         validation.server_view_databases(given)
     assert str(caught.value) == problem
+async def test_reserved_connections_and_the_server_the_pools_name() -> None:
+    conn = await asyncpg.connect(PG_URL.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        superuser = int(await conn.fetchval("SHOW superuser_reserved_connections"))
+        reserved = await conn.fetchval("SELECT current_setting('reserved_connections', true)")  # PostgreSQL 16+
+        max_connections = int(await conn.fetchval("SHOW max_connections"))
+    finally:
+        await conn.close()
+    view = ServerView(make_url(PG_URL), interval=60)
+    registry = CollectorRegistry()
+    registry.register(view)
+    try:
+        assert await view.poll() is True
+        assert view.reading is not None
+        assert view.reading.reserved_connections == superuser + int(reserved or 0)
+        assert view.limit() == max_connections - superuser - int(reserved or 0)
+        async with serving(make_app(registry=registry)) as server:
+            samples = await scrape(f"{server.url}/metrics")
+        assert sample(samples, "sqlalchemy_server_reserved_connections") == float(superuser + int(reserved or 0))
+        # As pool_info names the server of an engine on the same URL: host:port, never the user.
+        assert sample(samples, "sqlalchemy_server_info", server=f"{PG_HOST}:{PG_PORT}") == 1.0
+    finally:
+        await view.stop()

@@ -8,9 +8,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from sqlalchemy_pool_exporter.instrumentation import views
 from sqlalchemy_pool_exporter.sidecar.merge import JOURNAL, Sidecar
 from sqlalchemy_pool_exporter.web.app import make_app
 
@@ -118,8 +121,117 @@ async def test_sigkilled_worker_drops_live_gauges_and_keeps_counters(workers: Wo
                     # Every catalog field with a series in the directory, as in-process /pools.
                     "invalidations": {"hard": 0, "soft": 0},
                     "savepoints": {"release": 0, "rollback": 0},
+                    # No live worker: no size advice to put in words.
+                    "workers": 0,
+                    "sizing": None,
                 }
             ]
+    finally:
+        sidecar.close()
+
+
+async def test_the_busiest_worker_reads_saturated_beside_an_idle_one(workers: Workers) -> None:
+    busy = workers.start(commits=2, held=5)  # pool_size=5, max_overflow=0: all five held
+    idle = workers.start(commits=2, held=0)
+    sidecar = Sidecar(workers.directory)
+    try:
+        registry = CollectorRegistry()
+        registry.register(sidecar)
+        async with serving(make_app(registry=registry, pools=sidecar.pools)) as server:
+            got = await scrape(f"{server.url}/metrics")
+            # Summed over the workers the pool reads half used; its busiest worker is full.
+            assert sample(got, "sqlalchemy_pool_connections", pool="app", state="used") == 5.0
+            assert sample(got, "sqlalchemy_pool_max_connections", pool="app") == 10.0
+            assert sample(got, "sqlalchemy_pool_worker_utilization_max", pool="app") == 1.0
+            assert sample(got, "sqlalchemy_pool_worker_pending_requests_max", pool="app") == 0.0
+            async with aiohttp.ClientSession() as session, session.get(f"{server.url}/pools") as resp:
+                rows = (await resp.json())["pools"]
+            assert rows[0]["worker_utilization_max"] == 1
+            assert rows[0]["workers"] == 2
+            workers.stop(busy)  # the busiest is gone: the idle one is the busiest now
+            got = await scrape(f"{server.url}/metrics")
+            assert sample(got, "sqlalchemy_pool_worker_utilization_max", pool="app") == 0.0
+            assert sample(got, "sqlalchemy_pool_connections", pool="app", state="used") == 0.0
+            workers.stop(idle)
+    finally:
+        sidecar.close()
+
+
+def test_the_sidecar_samples_the_pods_traffic_from_the_merged_counters(workers: Workers) -> None:
+    a = workers.start(commits=3, held=2)
+    b = workers.start(commits=4, held=0)
+    sidecar = Sidecar(workers.directory, advice_window=30)
+    try:
+        metrics = sidecar.merge()
+        registry = CollectorRegistry()
+        registry.register(sidecar.view)
+        text = generate_latest(registry).decode()
+        got = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        [(pool, (checkouts, held, created))] = views.advice_counters(metrics, "sqlalchemy").items()
+        assert pool == "app"
+        assert checkouts == 9.0 == got[("sqlalchemy_pool_checkouts_total", (("pool", "app"),))]
+        assert held == got[("sqlalchemy_pool_use_seconds_sum", (("pool", "app"),))]
+        assert created == got[("sqlalchemy_pool_connections_created_total", (("pool", "app"),))]
+        # The first merge is the window's first snapshot: no advice of its own yet.
+        assert sidecar._windows["app"].latest is None
+        assert len(sidecar._windows["app"].ring) == 1
+        workers.stop(a)
+        workers.stop(b)
+    finally:
+        sidecar.close()
+
+
+BUDGET_WORKER = """
+import sys
+from sqlalchemy import create_engine
+import sqlalchemy_pool_exporter as pool_exporter
+from sqlalchemy_pool_exporter import default_exporter
+
+# Never connects: pool_info and the pool's size come from the URL and the pool's configuration.
+engine = create_engine("postgresql+asyncpg://app:s3cret@db.example:5432/orders", pool_size=15, max_overflow=30)
+pool_exporter.instrument(engine, name="orders")
+default_exporter().flush()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_the_pods_share_of_the_servers_limit(workers: Workers, tmp_path: Path) -> None:
+    workers.script.write_text(BUDGET_WORKER)
+    procs = [workers.start(commits=0, held=0) for _ in range(4)]
+    sidecar = Sidecar(workers.directory)
+    sidecar.server_limit = lambda: ("db.example:5432", 97)  # what the server view says: 100 - 3 reserved
+    try:
+        registry = CollectorRegistry()
+        registry.register(sidecar)
+        async with serving(make_app(registry=registry, pools=sidecar.pools)) as server:
+            got = await scrape(f"{server.url}/metrics")
+            labels = {"pool": "orders", "server": "db.example:5432", "database": "orders"}
+            assert sample(got, "sqlalchemy_pool_info", **labels, driver="postgresql+asyncpg") == 1.0
+            assert sample(got, "sqlalchemy_pool_max_connections", pool="orders") == 180.0
+            async with aiohttp.ClientSession() as session, session.get(f"{server.url}/pools") as resp:
+                body = await resp.text()
+            assert "s3cret" not in body and "app:" not in body
+            row = json.loads(body)["pools"][0]
+            assert row["server"] == "db.example:5432"
+            assert row["server_budget"] == {
+                "server": "db.example:5432",
+                "limit": 97,
+                "pools": ["orders"],
+                "max_connections": 180,
+                "unlimited_pools": 0,
+                "share": 180 / 97,
+            }
+            async with aiohttp.ClientSession() as session, session.get(f"{server.url}/") as resp:
+                page = await resp.text()
+            assert "<h2>Connection budget</h2>" in page
+            assert "<td>db.example:5432</td><td>97</td><td>1</td><td>180</td><td>1.856</td>" in page
+        for proc in procs:
+            workers.stop(proc)
     finally:
         sidecar.close()
 

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from .. import metricnames, validation
-from ..labels import safe_url
-from . import appname, dialect, holders, views
+from ..labels import safe_url, server_labels
+from . import advice, appname, dialect, holders, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
@@ -47,6 +47,8 @@ class PoolHandle:
         transactions: bool,
         detach: Callable[[PoolHandle], None],
         application_name: str | None = None,
+        advice_window: float = advice.DEFAULT_WINDOW,
+        advice_wait_probability: float = advice.DEFAULT_WAIT_PROBABILITY,
     ) -> None:
         self.name = name
         self.url = _printable_url(engine)
@@ -56,6 +58,8 @@ class PoolHandle:
         self.options = {"leak_threshold": leak_threshold, "statements": statements, "transactions": transactions}
         self.stats = PoolStats(buckets, max_holders)
         self.stats.transactions = transactions
+        self.stats.window.configure(advice_window, advice_wait_probability)
+        self.server = server_labels(engine.url)
         self.fail = Failures(name, self.stats)
         self.leaks = LeakTracker(name, self.stats, leak_threshold, self.fail)
         self.hooks = Hooks()
@@ -141,7 +145,7 @@ class PoolHandle:
         engine = self._engine()
         if engine is None:
             return None
-        return read_pool(engine.pool, self.stats)
+        return read_pool(engine.pool, self.stats, self.server)
 
     def check_leaks(self) -> int:
         """Warn once for each connection held longer than the leak threshold; return how many."""

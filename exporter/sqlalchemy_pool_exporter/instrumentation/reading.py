@@ -9,6 +9,7 @@ from sqlalchemy.pool import NullPool, Pool, QueuePool
 
 from .. import compat
 from . import holders
+from .advice import Advice
 from .stats import PoolStats
 
 perf_counter = time.perf_counter
@@ -29,6 +30,10 @@ class PoolReading(NamedTuple):
     oldest_checkout: float
     # Connections held now by holder name; None until a holder was ever set in the process.
     holders: tuple[tuple[str, int], ...] | None = None
+    # The advice window's numbers (advice.py); None until it saw a checkout.
+    advice: Advice | None = None
+    # (server, database, driver) the pool connects to (labels.server_labels); None for file databases.
+    server: tuple[str, str, str] | None = None
 
 
 class PoolSource(Protocol):
@@ -50,9 +55,10 @@ class PoolSource(Protocol):
     def fail(self, where: str, exc: BaseException) -> None: ...
 
 
-def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
+def read_pool(pool: Pool, stats: PoolStats, server: tuple[str, str, str] | None = None) -> PoolReading:
     """Read live state where it lives: QueuePool counts itself; other pools through our checkouts."""
     now = perf_counter()
+    advice = stats.window.advice(stats, now)
     held_by = _held_by_holder(stats) if holders.ATTRIBUTING[0] else None
     pending = len(stats.waiting)
     oldest_pending = stats.oldest_pending(now)
@@ -74,6 +80,8 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
             oldest_pending=oldest_pending,
             oldest_checkout=oldest_checkout,
             holders=held_by,
+            advice=advice,
+            server=server,
         )
     return PoolReading(
         type(pool).__name__,
@@ -87,6 +95,8 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
         oldest_pending=oldest_pending,
         oldest_checkout=oldest_checkout,
         holders=held_by,
+        advice=advice,
+        server=server,
     )
 
 

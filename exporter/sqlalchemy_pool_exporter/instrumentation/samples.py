@@ -38,6 +38,15 @@ def gauges(r: PoolReading) -> Iterator[tuple[str, Labels, float]]:
     if r.holders is not None:
         for name, held in r.holders:
             yield "holder_connections", (name,), held
+    # One process's own numbers; the multiprocess merge keeps the busiest live worker's.
+    if r.max:
+        yield "worker_utilization", (), r.used / r.max
+    yield "worker_pending", (), r.pending
+    if r.advice is not None:
+        yield "offered_load", (), r.advice.offered_load
+        yield "advised_size", (), r.advice.advised_size
+    if r.server is not None:
+        yield "info", r.server, 1
 
 
 def counters(s: PoolStats) -> Iterator[tuple[str, Labels, float]]:

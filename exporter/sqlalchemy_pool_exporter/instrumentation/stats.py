@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client.utils import floatToGoString
 
+from .advice import Window
 from .holders import DEFAULT_MAX_HOLDERS, Holders, Slot
 
 if TYPE_CHECKING:
@@ -97,6 +98,9 @@ class PoolStats:
         # ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names them.
         self.waiting: list[float] = []
         self.checked_out: dict[Any, tuple[float, Any, traceback.StackSummary | None, Slot | None]] = {}
+        # The advice window (advice.py): read at scrape or flush only, from the counters above.
+        self.window = Window()
+        self.window.start(self)
 
     @property
     def checkouts(self) -> dict[Any, Checkout]:

@@ -7,6 +7,7 @@ the catalog with a `field` shows in every view, and a `column` adds it to the / 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -58,8 +59,121 @@ def pool_row(source: PoolSource, reading: PoolReading | None) -> dict[str, Any]:
         row.setdefault("idle", None)
     for key, labels, count in samples.counters(source.stats):
         _put(row, catalog.BY_KEY[key], labels, count)
+    if reading is not None and reading.server is not None:
+        row["server"], row["database"], row["driver"] = reading.server
+    advice = reading.advice if reading is not None else None
+    if advice is not None:
+        row["advice"] = {
+            "window_seconds": round(advice.seconds, 3),
+            "rate": advice.rate,
+            "mean_hold": advice.mean_hold,
+            "offered_load": advice.offered_load,
+            "advised_size": advice.advised_size,
+            "wait_probability": advice.wait_probability,
+            "opened": advice.opened,
+        }
+    row["sizing"] = sizing(row)
     row["checkouts_now"] = checkouts_now(source.stats)
     return row
+
+
+def sizing(row: dict[str, Any]) -> str | None:
+    """The advice in words, from a row's fields (in-process and in the sidecar); None without advice.
+
+    In the sidecar `size` and `max` are the pod's sums over its `workers` and the advised size is the
+    busiest worker's: the configuration per worker is the sum divided by the workers, when it divides.
+    """
+    advised, load = row.get("advised_size"), row.get("offered_load")
+    # In the sidecar these come from files: anything but finite numbers says nothing.
+    if not (isinstance(advised, int | float) and isinstance(load, int | float)):
+        return None
+    if not (math.isfinite(advised) and math.isfinite(load)):
+        return None
+    for key in ("size", "max", "workers"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, int) and value >= 0):
+            return None
+    advice = row.get("advice") or {}
+    target = advice.get("wait_probability")
+    odds = f"at most {target:.0%} of checkouts wait" if target is not None else "few checkouts wait"
+    text = f"{load:.2f} connections busy on average"
+    if "rate" in advice:
+        text += (
+            f" ({advice['rate']:.1f} checkouts/s x {advice['mean_hold'] * 1000:.0f} ms held,"
+            f" over {advice['window_seconds']:.0f} s)"
+        )
+    n = int(advised)
+    per = " per worker (the busiest)" if row.get("workers") else ""
+    text += f": {n} connection{'' if n == 1 else 's'}{per} so that {odds} (Erlang C)."
+    opened = advice.get("opened")
+    churn = f" {opened} connection{' was' if opened == 1 else 's were'} opened in the window." if opened else ""
+    size, most, workers = row.get("size"), row.get("max"), row.get("workers")
+    if size is None:
+        return text + churn
+    if workers:
+        if size % workers or (most is not None and most % workers):
+            return text + f" Configured: pool_size {size} in all over {workers} workers.{churn}"
+        size, most = size // workers, (most // workers if most is not None else None)
+    overflow = f" + max_overflow {most - size}" if most is not None else " + unlimited overflow"
+    text += f" Configured: pool_size {size}{overflow}{' per worker' if workers else ''}."
+    if most is not None and advised > most:
+        return text + f" Too small: callers wait; raise pool_size to {n}.{churn}"
+    if advised > size:
+        below = " pool_size is below the load: overflow connections open and close all day;"
+        return text + f"{below} raise it to {n}.{churn}"
+    return text + f" Enough.{churn}"
+
+
+def budget(rows: list[dict[str, Any]], server: str, limit: int) -> dict[str, Any]:
+    """This process's (or pod's) share of `server`'s connection limit: the max of every pool on it, added up."""
+    on = [row for row in rows if row.get("server") == server]
+    most = [row.get("max") for row in on]
+    known = [m for m in most if isinstance(m, int)]
+    total = sum(known)
+    return {
+        "server": server,
+        "limit": limit,
+        "pools": [row["name"] for row in on],
+        "max_connections": total,
+        "unlimited_pools": len(most) - len(known),  # pools with unlimited overflow: no bound to add up
+        "share": total / limit if limit > 0 else None,
+    }
+
+
+def budget_table(rows: list[dict[str, Any]]) -> Table:
+    """The server budget rows attach (the sidecar's, which sees the server)."""
+    head = ("server", "server limit", "pools here", "their max connections", "share of the limit")
+    seen = {}
+    for row in rows:
+        b = row.get("server_budget")
+        if b is not None:
+            seen[b["server"]] = (b["server"], b["limit"], len(b["pools"]), b["max_connections"], b["share"])
+    return head, list(seen.values())
+
+
+def sizing_table(rows: list[dict[str, Any]]) -> Table:
+    """The advice of each pool that has some, with the numbers behind it."""
+    head = ("pool", "checkouts/s", "mean hold (s)", "offered load", "advised size", "pool_size", "max",
+            "opened in window", "advice")  # fmt: skip
+    body = []
+    for row in rows:
+        if row.get("sizing") is None:
+            continue
+        advice = row.get("advice") or {}
+        body.append(
+            (
+                row["name"],
+                advice.get("rate"),
+                advice.get("mean_hold"),
+                row.get("offered_load"),
+                row.get("advised_size"),
+                row.get("size"),
+                row.get("max"),
+                advice.get("opened"),
+                row["sizing"],
+            )
+        )
+    return head, body
 
 
 def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str, Any]]:
@@ -89,8 +203,10 @@ def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[s
     """
     # Our own metrics have the same name in both: the pool label tells which naming wrote a sample.
     by_sample: dict[str, list[tuple[Family, str]]] = {}
+    infos: dict[str, list[str]] = {}  # pool_info's name -> the pool label in each naming
     for names in NAMES:
         v = view(namespace, names)
+        infos.setdefault(v.by_key["info"].name, []).append(v.pool_label)
         for family in v.families:
             spec = family.spec
             if spec.pool_label and spec.field is not None and spec.kind != "histogram":
@@ -98,6 +214,13 @@ def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[s
     rows: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         for s in metric.samples:
+            label = next((p for p in infos.get(s.name, ()) if p in s.labels), None)
+            if label is not None and s.value:
+                # The server the pool connects to (a live worker's pool_info reads 1, a gone one's 0).
+                info = rows.setdefault(s.labels[label], {"name": s.labels[label]})
+                for key in ("server", "database", "driver"):
+                    info[key] = s.labels.get(key, "")
+                continue
             found = [(f, s.labels[label]) for f, label in by_sample.get(s.name, ()) if label in s.labels]
             if not found:
                 continue
@@ -107,7 +230,30 @@ def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[s
             labels = tuple(s.labels.get(label, "") for label in family.labelnames[1:])
             value: float = int(s.value) if float(s.value).is_integer() else s.value
             _put(row, family.spec, labels, value)
+    for row in rows.values():
+        row["sizing"] = sizing(row)
     return [rows[name] for name in sorted(rows)]
+
+
+def advice_counters(metrics: Iterable[Metric], namespace: str) -> dict[str, list[float]]:
+    """[checkouts, seconds held, connections opened] per pool, from merged metrics in either naming.
+
+    What the sidecar's own advice window samples (the pod's traffic, all workers summed).
+    """
+    # Our own metrics have the same name in both namings: the pool label tells which wrote a sample.
+    wanted: dict[str, list[tuple[int, str]]] = {}
+    for names in NAMES:
+        v = view(namespace, names)
+        for i, (key, suffix) in enumerate((("checkouts", ""), ("use", "_sum"), ("created", ""))):
+            wanted.setdefault(v.by_key[key].name + suffix, []).append((i, v.pool_label))
+    out: dict[str, list[float]] = {}
+    for metric in metrics:
+        for s in metric.samples:
+            for i, label in wanted.get(s.name, ()):
+                if label in s.labels:
+                    out.setdefault(s.labels[label], [0.0, 0.0, 0.0])[i] += float(s.value)
+                    break
+    return out
 
 
 Table = tuple[tuple[str, ...], list[tuple[Any, ...]]]

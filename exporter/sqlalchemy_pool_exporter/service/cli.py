@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -34,6 +35,8 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("max_holders", "N", "holder names a pool keeps apart, 1-1000 (demo; default 50)"),
     ("probe_interval", "SECONDS", "seconds between server-view polls (default 15)"),
     ("server_view_databases", "NAMES", "databases the server view watches, a,b or * (default: the URL's)"),
+    ("advice_window", "SECONDS", "seconds of traffic the pool size advice is measured over (default 300)"),
+    ("advice_wait_probability", "P", "probability of waiting the advised pool size keeps under (default 0.01; demo)"),
     ("log_level", "LEVEL", "DEBUG, INFO, WARNING, ERROR, CRITICAL (default INFO)"),
     ("log_format", "FORMAT", "text or json (default text)"),
     ("auth_token", "TOKEN", "require this bearer token, except on /healthz (prefer the env var)"),
@@ -102,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
         usage=f"{PROG} run [settings] -- CMD [ARGS...]",
     )
     run.add_argument("program", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    advise = sub.add_parser(
+        "advise",
+        help="pool_size and max_overflow per pool, and the fleet's connection budget, from Prometheus' history",
+        description="Read a Prometheus server's history of the pool exporter's metrics and print, per pool and "
+        "instance, the pool_size and max_overflow for the busiest window in the range (Erlang C), and every "
+        "server's connection budget.",
+    )
+    advise.add_argument("--prometheus", metavar="URL", required=True, help="Prometheus' base URL (http or https)")
+    advise.add_argument("--range", metavar="DURATION", default="7d", help="history to read (default 7d)")
+    advise.add_argument(
+        "--wait-probability", metavar="P", default="0.01", help="probability of waiting to size for (default 0.01)"
+    )
+    advise.add_argument(
+        "--until", metavar="UNIX_TIME", help="end of the range, in seconds since the epoch (default now)"
+    )
+    advise.add_argument("--json", action="store_true", help="JSON instead of a table, for scripts")
     return parser
 
 
@@ -142,6 +161,8 @@ def listen_address(values: list[str], host: str | None, port: str | None) -> dic
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "advise":  # reads no POOL_EXPORTER_* setting: everything is on its command line
+        return _advise(args)
     try:
         overrides = {name: getattr(args, name) for name, _, _ in FLAGS}
         if args.listen_address is not None:
@@ -209,3 +230,34 @@ def _demo(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _advise(args: argparse.Namespace) -> int:
+    from .advise import AdviseError, advise, as_json, as_table, prometheus_query
+
+    try:
+        base, shown = _prometheus_url(args.prometheus)
+        range_ = validation.prometheus_duration("range", args.range)
+        p = validation.probability("wait_probability", args.wait_probability)
+        until = None if args.until is None else validation.seconds("until", args.until)
+    except ValueError as exc:
+        print(f"{PROG} advise: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = advise(prometheus_query(base, until), shown, range_, p)
+    except AdviseError as exc:
+        print(f"{PROG} advise: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(as_json(result) + "\n" if args.json else as_table(result))
+    return 0
+
+
+def _prometheus_url(value: str) -> tuple[str, str]:
+    """The URL to query, and how to show it: credentials in it are never printed."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--prometheus must be an http:// or https:// URL, got {value[:80]!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("--prometheus takes Prometheus' base URL, without a query or fragment")
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return value, shown

@@ -175,6 +175,8 @@ def _demo_exporter(settings: Settings, multiprocess_dir: Path | None) -> Exporte
         buckets=settings.bucket_bounds(),
         max_holders=settings.max_holders,
         multiprocess_dir=multiprocess_dir,
+        advice_window=settings.advice_window,
+        advice_wait_probability=settings.advice_wait_probability,
     )
 
 
@@ -256,7 +258,7 @@ async def _run_demo_workers(
         )
         for _ in range(workers)
     ]
-    sidecar = Sidecar(directory, namespace=settings.namespace)
+    sidecar = Sidecar(directory, namespace=settings.namespace, advice_window=settings.advice_window)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(sidecar.view)
     app = web.make_app(
@@ -361,7 +363,11 @@ async def run_serve(settings: Settings, startup: Startup) -> int:
     if url is not None and url.get_backend_name() != "postgresql":
         raise SettingError("database_url", f"the server view needs PostgreSQL, not {url.get_backend_name()}")
     registry = CollectorRegistry()
-    sidecar = Sidecar(settings.multiproc_dir, namespace=settings.namespace) if settings.multiproc_dir else None
+    sidecar = (
+        Sidecar(settings.multiproc_dir, namespace=settings.namespace, advice_window=settings.advice_window)
+        if settings.multiproc_dir
+        else None
+    )
     view = (
         ServerView(
             url,
@@ -379,6 +385,8 @@ async def run_serve(settings: Settings, startup: Startup) -> int:
     if view is not None:
         registry.register(view)
         await view.start()
+        if sidecar is not None:
+            sidecar.server_limit = view.server_limit  # /pools: this pod's share of the server's limit
     auth = auth_from(settings)
     app = web.make_app(
         registry=registry,

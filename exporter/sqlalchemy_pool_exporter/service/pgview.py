@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from .. import catalog, validation
-from ..labels import safe_url
+from ..labels import safe_url, server_labels
 
 log = logging.getLogger("sqlalchemy_pool_exporter.pgview")
 
@@ -49,6 +49,12 @@ _DATABASES = {
     "named": " AND datname = ANY(:databases)",
 }
 _MAX = text("SELECT current_setting('max_connections')::int")
+# Connections of max_connections an application cannot have: superusers' always, reserved_connections'
+# (pg_use_reserved_connections members) from PostgreSQL 16; missing_ok gives NULL before 16.
+_RESERVED = text(
+    "SELECT current_setting('superuser_reserved_connections')::int"
+    " + coalesce(current_setting('reserved_connections', true)::int, 0)"
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class ServerReading:
     oldest_transaction: dict[str, float] = field(default_factory=dict)
     max_connections: int = 0
     probe_seconds: float = 0.0
+    reserved_connections: int = 0
 
 
 def probe_url(url: URL) -> URL:
@@ -89,6 +96,9 @@ class ServerView(Collector):
             self._params = {"databases": list(databases)}
         self._connections = text(_CONNECTIONS.format(databases=which))
         self._oldest = text(_OLDEST.format(databases=which))
+        # The server as pool_info names it (host:port), so Prometheus can set the pools' sum against its limit.
+        found = server_labels(url)
+        self.server = found[0] if found is not None else None
         self.namespace = namespace
         self.interval = interval
         self.timeout = timeout if timeout is not None else min(interval, 10.0)
@@ -122,7 +132,11 @@ class ServerView(Collector):
             log.info("server view: probing %s works again", safe_url(self.url))
         self._failing = False
         self.reading = ServerReading(
-            reading.connections, reading.oldest_transaction, reading.max_connections, time.perf_counter() - started
+            reading.connections,
+            reading.oldest_transaction,
+            reading.max_connections,
+            time.perf_counter() - started,
+            reading.reserved_connections,
         )
         return True
 
@@ -131,11 +145,13 @@ class ServerView(Collector):
             rows = (await conn.execute(self._connections, self._params)).all()
             oldest = (await conn.execute(self._oldest, self._params)).all()
             max_connections = (await conn.execute(_MAX)).scalar_one()
+            reserved = (await conn.execute(_RESERVED)).scalar_one()
             await conn.rollback()
         return ServerReading(
             connections={(r[0], r[1], r[2]): int(r[3]) for r in rows},
             oldest_transaction={r[0]: float(r[1]) for r in oldest},
             max_connections=int(max_connections),
+            reserved_connections=int(reserved),
         )
 
     async def start(self) -> None:
@@ -186,3 +202,20 @@ class ServerView(Collector):
         probe = family("probe_seconds")
         probe.add_metric([], reading.probe_seconds)
         yield probe
+        reserved = family("reserved_connections")
+        reserved.add_metric([], reading.reserved_connections)
+        yield reserved
+        if self.server is not None:
+            info = family("info")
+            info.add_metric([self.server], 1)
+            yield info
+
+    def limit(self) -> int | None:
+        """Connections the server allows applications (max_connections minus the reserved); None: no reading."""
+        reading = self.reading
+        return None if reading is None else reading.max_connections - reading.reserved_connections
+
+    def server_limit(self) -> tuple[str, int] | None:
+        """(server, limit) for the sidecar's /pools; None without a reading or a server name."""
+        limit = self.limit()
+        return None if limit is None or self.server is None else (self.server, limit)

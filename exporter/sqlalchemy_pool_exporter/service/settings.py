@@ -134,6 +134,10 @@ class Settings(BaseSettings):
         description="Databases the server view watches: names separated by commas, * for all "
         "(default: the database of database_url).",
     )
+    advice_window: float = Field(300.0, description="Seconds of traffic the pool size advice is measured over.")
+    advice_wait_probability: float = Field(
+        0.01, description="Probability of waiting for a connection the advised pool size keeps under (Erlang C)."
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON.")
     auth_token: SecretStr | None = Field(None, description="Require `Authorization: Bearer <token>` (not on /healthz).")
@@ -201,6 +205,15 @@ class Settings(BaseSettings):
     @classmethod
     def _server_view_databases(cls, value: object) -> tuple[str, ...] | None:
         return validation.server_view_databases(value)
+    @field_validator("advice_window", mode="before")
+    @classmethod
+    def _advice_window(cls, value: object) -> float:
+        return validation.seconds("advice_window", value, upper=86400)
+
+    @field_validator("advice_wait_probability", mode="before")
+    @classmethod
+    def _advice_wait_probability(cls, value: object) -> float:
+        return validation.probability("advice_wait_probability", value)
 
     @field_validator("auth_token")
     @classmethod

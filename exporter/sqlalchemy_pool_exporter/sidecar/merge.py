@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import math
 import os
 import re
 import threading
@@ -40,7 +41,7 @@ from prometheus_client.registry import Collector
 
 from .. import catalog
 from ..exposition.writer import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
-from ..instrumentation import views
+from ..instrumentation import advice, views
 from ..metricnames import NAMES, view
 from . import mpfile
 from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
@@ -57,6 +58,8 @@ DEFAULT_STALE_AFTER = 10 * DEFAULT_INTERVAL
 DEFAULT_DEADLINE = 5.0
 # How long waiters give a merge past its deadline to report its own reason (it checks between steps).
 _GRACE = 0.5
+# Pools whose traffic the sidecar follows for /pools' words; more (a hostile file's names) get none.
+MAX_WINDOWS = 1000
 
 _DB_FILE = re.compile(r"^(?P<kind>counter|histogram|summary|gauge_[a-z]+)_(?P<pid>\d+)\.db$", re.ASCII)
 _ALIVE_FILE = re.compile(r"^pool_exporter_(?P<pid>\d+)" + re.escape(ALIVE_SUFFIX) + "$", re.ASCII)
@@ -139,6 +142,7 @@ class Sidecar(Collector):
         stale_after: float = DEFAULT_STALE_AFTER,
         same_pid_namespace: bool | None = None,
         deadline: float = DEFAULT_DEADLINE,
+        advice_window: float = advice.DEFAULT_WINDOW,
     ) -> None:
         self.directory = Path(directory)
         self.namespace = namespace
@@ -160,6 +164,13 @@ class Sidecar(Collector):
         self.files = 0
         self.merges = 0
         self.latest: list[Metric] = []  # the last merge's result
+        # The pod's traffic per pool, sampled at each merge from the merged counters (advice.py): the
+        # rate, mean hold and connections opened behind the workers' advice, for /pools and /.
+        self.advice_window = advice_window
+        self._windows: dict[str, advice.Window] = {}
+        # (server as pool_info names it, connections it allows applications), from the server view when
+        # the sidecar has one: /pools then shows this pod's share of that limit.
+        self.server_limit: Callable[[], tuple[str, int] | None] | None = None
         self.failure: str | None = None  # why the last merge failed, None when it worked
         self.view = LatestMerge(self)
         self._claimed = _claimed(namespace)
@@ -204,7 +215,27 @@ class Sidecar(Collector):
             log.info("merging %s works again", self.directory)
         self.failure = None
         self.latest = metrics
+        try:
+            self._sample(metrics)
+        except Exception:  # the files are untrusted: a value we cannot use costs the words, not the merge
+            self.errors += 1
+            log.exception("sampling the advice window of %s failed", self.directory)
         return metrics
+
+    def _sample(self, metrics: list[Metric]) -> None:
+        now = time.monotonic()
+        counters = views.advice_counters(metrics, self.namespace)
+        for gone in set(self._windows) - set(counters):
+            del self._windows[gone]
+        for pool, (checkouts, held, created) in counters.items():
+            if not (math.isfinite(checkouts) and math.isfinite(held) and math.isfinite(created)):
+                continue  # a file said NaN or Inf: no words for that pool
+            window = self._windows.get(pool)
+            if window is None:
+                if len(self._windows) >= MAX_WINDOWS:
+                    continue
+                window = self._windows[pool] = advice.Window(self.advice_window)
+            window.add(advice.Snapshot(now, int(checkouts), held, int(created)))
 
     def _merge(self, budget: Budget) -> list[Metric]:
         self.merges += 1
@@ -392,7 +423,26 @@ class Sidecar(Collector):
 
     async def pools(self) -> list[dict[str, Any]]:
         """Per-pool numbers rebuilt from the merged metrics, for /pools and / in sidecar mode."""
-        return views.pools_from_metrics(await self.refresh(), self.namespace)
+        rows = views.pools_from_metrics(await self.refresh(), self.namespace)
+        for row in rows:
+            row["workers"] = self.live_workers
+            window = self._windows.get(row["name"])
+            found = window.latest if window is not None else None
+            if found is not None:
+                row["advice"] = {
+                    "window_seconds": round(found.seconds, 3),
+                    "rate": found.rate,
+                    "mean_hold": found.mean_hold,
+                    "opened": found.opened,
+                }
+            row["sizing"] = views.sizing(row)
+        found_limit = self.server_limit() if self.server_limit is not None else None
+        if found_limit is not None:
+            share = views.budget(rows, *found_limit)
+            for row in rows:
+                if row.get("server") == found_limit[0]:
+                    row["server_budget"] = share
+        return rows
 
     def checks(self) -> dict[str, Callable[[], Any]]:
         async def directory() -> None:

@@ -164,6 +164,8 @@ def index_handler(pools: PoolsSource, metrics_path: str) -> Callable[[web.Reques
 td:first-child,th:first-child{{text-align:left}}</style></head>
 <body><h1>SQLAlchemy pool exporter {html.escape(_version.__version__)}</h1>
 <table><tr>{head}</tr>{body}{empty}</table>
+{_section("What should the pool size be?", views.sizing_table(rows))}
+{_section("Connection budget", views.budget_table(rows))}
 {_section("Who holds the pool", views.holder_table(rows))}
 {_section("Checked out now, oldest first", views.checkout_table(rows))}
 <p><a href="{html.escape(metrics_path)}">metrics</a> · <a href="/pools">pools (JSON)</a> ·
