@@ -40,9 +40,9 @@ def series_per_pool(
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, 201),  # 90 of them: 5 operations x 18 statement-histogram series
-        ({"statements": False}, 111),
-        ({"statements": False, "buckets": LEAN_BUCKETS}, 56),  # the lean profile
+        ({}, 220),  # 90 of them: 5 operations x 18 statement-histogram series
+        ({"statements": False}, 130),  # 3 transaction outcomes x (1 count + 18 histogram series)
+        ({"statements": False, "buckets": LEAN_BUCKETS}, 64),  # the lean profile
         ({"statements": False, "transactions": False, "buckets": LEAN_BUCKETS}, 38),
     ],
 )
