@@ -45,10 +45,14 @@ RETURN_CONN = "_return_conn"
 #        Session.close() with the transaction open: how an ORM read ends)
 # The pool's reset on return calls do_rollback itself (`_ConnectionFairy._reset`), no Transaction in
 # between. So the frame ROLLBACK_DEPTH calls above the dialect wrapper tells the two apart: one C call
-# and one identity test, on the rollback/close path only. Checked on 2.0.38, 2.0.59 and 2.1.9, and at
-# import below: each link must still name the next. If one does not (a refactored SQLAlchemy),
-# TRANSACTION_ENDS is False and every transaction ended without COMMIT counts as `rollback`, as
-# before `close` existed: the rollback ratio then includes closed reads again.
+# and one identity test, on the rollback/close path only. Checked on SQLAlchemy 2.0.38, 2.0.59 and 2.1.9
+# (Python 3.11.7, 3.12.1, 3.13.0: sys._getframe skips the same frames), and at import below: each link
+# must still name the next. If one does not (a refactored SQLAlchemy), TRANSACTION_ENDS is False and
+# every transaction ended without COMMIT counts as `rollback`, as before `close` existed: the rollback
+# ratio then includes closed reads again.
+# A COMMIT that raises sends no ROLLBACK (the transaction is deactivated first); `_commit_impl` hands the
+# error to `_handle_dbapi_exception`, which asks `dialect.is_disconnect(error, connection, None)` about
+# any DBAPI error: the wrapper there sees `_commit_impl` one frame above its caller (commit_failed).
 ROLLBACK_DEPTH = 4
 
 
