@@ -31,7 +31,7 @@ CACHE = ROOT / ".matrix"
 TESTS = [f"tests/{room}" for room in ("core", "instrumentation", "exposition", "sidecar", "web", "service")]
 # What those tests import beyond the package (the rest of the dev extra is lint,
 # type checking and the dashboard tools, which `make test` covers on the latest set).
-TEST_DEPS = ("pytest", "pytest-asyncio", "pytest-timeout", "trustme", "asyncpg", "aiosqlite", "psycopg")
+TEST_DEPS = ("pytest", "pytest-asyncio", "pytest-timeout", "trustme", "asyncpg", "aiosqlite")
 # Shown in the table, in this order.
 SHOWN = (
     "sqlalchemy",
