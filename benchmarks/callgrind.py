@@ -6,7 +6,9 @@ then calls os.getppid() right before and right after the N timed cycles. Callgri
 `--dump-before=getppid`, so the second dump holds exactly the N cycles: no start-up run to
 subtract, no import noise.
 
-KIND is `pool` or `engine` (one pool cycle), `tx` (one SQLite transaction without I/O), `e2e<C>`
+KIND is `pool` or `engine` (one pool cycle), `tx` (one SQLite transaction without I/O, committed),
+`close` (the same ended by closing the connection, as an ORM read ends) or `rollback` (ended by
+`rollback()`), `e2e<C>`
 (one asyncpg transaction at concurrency C, e.g. `e2e1`, `e2e16`) or `render<P>` (one /metrics render
 of P busy pools; VARIANT is ignored). The last two take a list, `e2e1,16,64` or `render1,20,500`:
 one window of N cycles per size in one process, each set up and warmed up with instrumentation off,
@@ -141,7 +143,7 @@ def _instrument(on: bool = True) -> None:
 
 
 def _child(variant: str, kind: str, cycles: int) -> None:
-    from .pool_cycle import engine_cycles, make_engine, pool_cycles, transaction_cycles
+    from .pool_cycle import close_cycles, engine_cycles, make_engine, pool_cycles, rollback_cycles, transaction_cycles
     from .variants import BY_NAME, inside
 
     if kind.startswith("render"):
@@ -151,7 +153,13 @@ def _child(variant: str, kind: str, cycles: int) -> None:
         if kind.startswith("e2e"):
             asyncio.run(_child_e2e(BY_NAME[variant], sizes(kind), cycles))
         else:
-            loops = {"pool": pool_cycles, "engine": engine_cycles, "tx": transaction_cycles}
+            loops = {
+                "pool": pool_cycles,
+                "engine": engine_cycles,
+                "tx": transaction_cycles,
+                "close": close_cycles,
+                "rollback": rollback_cycles,
+            }
             _child_cycles(BY_NAME[variant], loops[kind], make_engine, cycles)
 
 

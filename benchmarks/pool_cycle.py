@@ -53,6 +53,28 @@ def transaction_cycles(engine: Engine, n: int) -> float:
     return (perf_counter_ns() - t0) / n / 1000
 
 
+def close_cycles(engine: Engine, n: int) -> float:
+    """µs per `engine.connect()`: `SELECT 1`; close with the transaction open: how an ORM read ends.
+
+    The transaction ends through `Connection.close()` (SQLAlchemy's ROLLBACK, outcome `close`).
+    """
+    t0 = perf_counter_ns()
+    for _ in range(n):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    return (perf_counter_ns() - t0) / n / 1000
+
+
+def rollback_cycles(engine: Engine, n: int) -> float:
+    """µs per `engine.connect()`: `SELECT 1`; `rollback()`; close: the application's own rollback."""
+    t0 = perf_counter_ns()
+    for _ in range(n):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            conn.rollback()
+    return (perf_counter_ns() - t0) / n / 1000
+
+
 def run(variants: list[Variant], *, rounds: int, cycles: int) -> dict[str, dict[str, Summary]]:
     engines = {v.name: make_engine(v) for v in variants}
     for engine in engines.values():  # warm up every code path before the first timed round

@@ -466,7 +466,9 @@ TRANSACTIONS = Row(
                     "{{pool}} {{outcome}}",
                 ),
             ),
-            "Commits and rollbacks per second, Core and ORM alike.",
+            "Per second, Core and ORM alike: commit; rollback, the application's (rollback(), an exception out "
+            "of begin()); close, ended without either (Session.close() after a read, Connection.close(), the "
+            "pool's reset on return), which SQLAlchemy also ends with a ROLLBACK.",
         ),
         Panel(
             "Rollback ratio",
@@ -478,7 +480,8 @@ TRANSACTIONS = Row(
                     "{{pool}}",
                 ),
             ),
-            "Share of transactions that ended in ROLLBACK.",
+            "Share of transactions the application rolled back. Closed transactions (ORM reads) count in the "
+            "total, not as rollbacks.",
             max=1,
             thresholds=((0, "green"), (0.1, "red")),
         ),
@@ -486,7 +489,7 @@ TRANSACTIONS = Row(
             "Transaction time (p50/p95/p99)",
             "s",
             quantiles("sqlalchemy_transaction_seconds", "pool, outcome", "{{pool}} {{outcome}}"),
-            "BEGIN to COMMIT/ROLLBACK, by outcome.",
+            "BEGIN to COMMIT, ROLLBACK or close, by outcome.",
             log=True,
         ),
         Panel(

@@ -337,7 +337,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter(
         "transactions",
         "transactions_total",
-        "Transactions ended, by outcome (commit or rollback).",
+        "Transactions ended, by outcome: commit, rollback (by the application) or close (without either).",
         ("outcome",),
         field="transactions",
         unit="{transaction}",
@@ -345,7 +345,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     _histogram(
         "transaction_seconds",
         "transaction_seconds",
-        "Transaction time from BEGIN to COMMIT/ROLLBACK.",
+        "Transaction time from BEGIN to COMMIT, ROLLBACK or close, by outcome.",
         "use",
         ("outcome",),
     ),
@@ -455,7 +455,10 @@ BY_KEY: dict[str, MetricSpec] = {spec.key: spec for spec in CATALOG}
 
 # Values of `state` on pool_connections, each its own field of the pool views.
 CONNECTION_STATES: tuple[str, ...] = ("used", "idle")
-TRANSACTION_OUTCOMES: tuple[str, ...] = ("commit", "rollback")
+# `rollback`: the application rolled back (rollback(), or an exception left a begin() block); `close`:
+# the transaction was closed without COMMIT or ROLLBACK (Session.close() after a read, Connection.close(),
+# the pool's reset on return), which SQLAlchemy also ends with a ROLLBACK (instrumentation/dialect.py).
+TRANSACTION_OUTCOMES: tuple[str, ...] = ("commit", "rollback", "close")
 
 # The sidecar's PostgreSQL server view (pg_stat_activity); no `pool` label.
 SERVER_CATALOG: tuple[MetricSpec, ...] = (

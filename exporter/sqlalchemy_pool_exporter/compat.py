@@ -10,8 +10,10 @@ from __future__ import annotations
 import operator
 import threading
 from collections.abc import Awaitable, Callable, Iterable
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy.engine.base import Connection, RootTransaction
 from sqlalchemy.pool import Pool, QueuePool
 
 if TYPE_CHECKING:
@@ -39,6 +41,92 @@ record_fairy_ref: Callable[[Any], Any] = operator.attrgetter("fairy_ref")
 # right after the `checkin` event), on every pool class. instrumentation/pool.py wraps it per pool instance,
 # instead of listening to `checkin`, whose dispatch costs more than our whole return path.
 RETURN_CONN = "_return_conn"
+
+
+# How a transaction ended without COMMIT: the application rolled it back, or it was closed.
+# `Connection._rollback_impl` is where SQLAlchemy calls `dialect.do_rollback` for a Connection's
+# transaction, and it gets there from `RootTransaction._close_impl`, which one of two methods called:
+#   do_rollback <- Connection._rollback_impl <- RootTransaction._connection_rollback_impl
+#     <- RootTransaction._close_impl <- RootTransaction._do_rollback  (Connection.rollback(),
+#        Transaction.rollback(), an exception leaving a begin() block, Session.rollback())
+#                                    <- RootTransaction._do_close     (Connection.close() or
+#        Session.close() with the transaction open: how an ORM read ends)
+# The pool's reset on return calls do_rollback itself (`_ConnectionFairy._reset`), no Transaction in
+# between. So the frame ROLLBACK_DEPTH calls above the dialect wrapper tells the two apart: one C call
+# and one identity test, on the rollback/close path only. Checked on SQLAlchemy 2.0.38, 2.0.59 and 2.1.9
+# (Python 3.11.7, 3.12.1, 3.13.0: sys._getframe skips the same frames), and at import below: each link
+# must still name the next. If one does not (a refactored SQLAlchemy), TRANSACTION_ENDS is False and
+# every transaction ended without COMMIT counts as `rollback`, as before `close` existed: the rollback
+# ratio then includes closed reads again.
+# A COMMIT that raises sends no ROLLBACK (the transaction is deactivated first); `_commit_impl` hands the
+# error to `_handle_dbapi_exception`, which asks `dialect.is_disconnect(error, connection, None)` about
+# any DBAPI error: the wrapper there sees `_commit_impl` one frame above its caller (commit_failed).
+ROLLBACK_DEPTH = 4
+
+
+def _method_code(cls: type, name: str) -> CodeType | None:
+    code = getattr(vars(cls).get(name), "__code__", None)
+    return code if isinstance(code, CodeType) else None
+
+
+def transaction_ends(
+    root: type = RootTransaction, connection: type = Connection
+) -> tuple[CodeType | None, CodeType | None, CodeType | None, CodeType | None]:
+    """The code of _do_rollback, _do_close, Connection._rollback_impl and _commit_impl; all None
+    unless each link of the chain above still names the next."""
+    rollback, close = _method_code(root, "_do_rollback"), _method_code(root, "_do_close")
+    close_impl = _method_code(root, "_close_impl")
+    connection_rollback = _method_code(root, "_connection_rollback_impl")
+    rollback_impl, commit_impl = _method_code(connection, "_rollback_impl"), _method_code(connection, "_commit_impl")
+    chain = (
+        (rollback, "_close_impl"),
+        (close, "_close_impl"),
+        (close_impl, "_connection_rollback_impl"),
+        (connection_rollback, "_rollback_impl"),
+        (rollback_impl, "do_rollback"),
+        (commit_impl, "do_commit"),
+    )
+    if all(code is not None and callee in code.co_names for code, callee in chain):
+        return rollback, close, rollback_impl, commit_impl
+    return None, None, None, None
+
+
+EXPLICIT_ROLLBACK, TRANSACTION_CLOSE, _ROLLBACK_IMPL, _COMMIT_IMPL = transaction_ends()
+TRANSACTION_ENDS = EXPLICIT_ROLLBACK is not None
+# Wrappers another layer stacks on ours put frames between Connection._rollback_impl and us; the
+# slow path below looks this many frames up for it.
+_STACKED = 4
+
+
+def rolled_back(caller: FrameType | None) -> bool:
+    """Whether the do_rollback called from `caller` is the application's rollback (False: a close).
+
+    The slow path of the dialect wrapper, when the frame ROLLBACK_DEPTH up is neither method:
+    another layer's wrapper stacked on ours, or no Transaction at all (the pool's reset on return
+    of a connection dropped with its transaction open: a close).
+    """
+    if not TRANSACTION_ENDS:
+        return True
+    frame = caller
+    for _ in range(_STACKED):
+        if frame is None:
+            return False
+        if frame.f_code is _ROLLBACK_IMPL:
+            for _ in range(ROLLBACK_DEPTH - 1):
+                frame = frame.f_back
+                if frame is None:
+                    return False
+            return frame.f_code is EXPLICIT_ROLLBACK
+        frame = frame.f_back
+    return False
+
+
+def commit_failed(caller: FrameType | None) -> bool:
+    """Whether `caller`, SQLAlchemy's `_handle_dbapi_exception` asking `is_disconnect` about an error
+    with no cursor, is handling a failed COMMIT (`Connection._commit_impl` calls it so)."""
+    if _COMMIT_IMPL is None or caller is None or caller.f_back is None:
+        return False
+    return caller.f_back.f_code is _COMMIT_IMPL
 
 
 def max_overflow(pool: QueuePool) -> int | None:

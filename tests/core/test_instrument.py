@@ -43,7 +43,7 @@ async def test_instrument_twice_returns_the_same_handle(
         await conn.execute(text("SELECT 1"))
     # Listeners were attached once: one checkout counted once.
     assert sample(registry, "sqlalchemy_pool_checkouts_total", pool=PG_NAME) == 1
-    assert sample(registry, "sqlalchemy_transactions_total", pool=PG_NAME, outcome="rollback") == 1
+    assert sample(registry, "sqlalchemy_transactions_total", pool=PG_NAME, outcome="close") == 1
 
 
 async def test_uninstrument_removes_listeners_wrapper_and_series_and_is_idempotent(

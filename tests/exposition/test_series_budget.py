@@ -40,9 +40,9 @@ def series_per_pool(
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, 203),  # 90 of them: 5 operations x 18 statement-histogram series
-        ({"statements": False}, 113),
-        ({"statements": False, "buckets": LEAN_BUCKETS}, 58),  # the lean profile
+        ({}, 222),  # 90 of them: 5 operations x 18 statement-histogram series
+        ({"statements": False}, 132),  # 3 transaction outcomes x (1 count + 18 histogram series)
+        ({"statements": False, "buckets": LEAN_BUCKETS}, 66),  # the lean profile
         ({"statements": False, "transactions": False, "buckets": LEAN_BUCKETS}, 40),
     ],
 )

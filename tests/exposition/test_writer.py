@@ -120,7 +120,8 @@ def test_counters_sum_live_gauges_follow_live_workers(
     assert value(registry, "sqlalchemy_pool_max_connections") == 3 * 5
     assert value(registry, "sqlalchemy_pool_timeout_seconds") == 30
     assert value(registry, "sqlalchemy_pool_pending_requests") == 0
-    assert value(registry, "sqlalchemy_transactions_total", outcome="rollback") == sum(n for n, _ in PLAN)
+    assert value(registry, "sqlalchemy_transactions_total", outcome="close") == sum(n for n, _ in PLAN)
+    assert value(registry, "sqlalchemy_transactions_total", outcome="rollback") == 0
     assert value(registry, "sqlalchemy_statement_seconds_count", operation="select") == sum(n for n, _ in PLAN)
     assert registry.get_sample_value("sqlalchemy_exporter_build_info", {"version": _version()}) == 1
     rows = views.pools_from_metrics(registry.collect(), "sqlalchemy")
@@ -191,7 +192,8 @@ def test_semconv_names_in_the_files_and_in_the_sidecar_pool_view(
     assert semconv("db_client_operation_duration_seconds_bucket", le="0.0001", **op) is None
     # Metrics the conventions do not define keep our names, with the conventions' pool label.
     assert semconv("sqlalchemy_pool_checkouts_total") == total_checkouts
-    assert semconv("sqlalchemy_transactions_total", outcome="rollback") == selects
+    assert semconv("sqlalchemy_transactions_total", outcome="close") == selects
+    assert semconv("sqlalchemy_transactions_total", outcome="rollback") == 0
     assert registry.get_sample_value("sqlalchemy_pool_checkouts_total", {"pool": "shared"}) is None
     assert registry.get_sample_value("sqlalchemy_exporter_build_info", {"version": _version()}) == 1
 
@@ -199,7 +201,7 @@ def test_semconv_names_in_the_files_and_in_the_sidecar_pool_view(
     assert [{k: row[k] for k in ("name", "used", "idle", "size", "max", "checkouts", "timeouts")} for row in rows] == [
         {"name": "shared", "used": 3, "idle": 1, "size": 15, "max": 15, "checkouts": total_checkouts, "timeouts": 0}
     ]
-    assert rows[0]["transactions"] == {"rollback": selects, "commit": 0}
+    assert rows[0]["transactions"] == {"close": selects, "rollback": 0, "commit": 0}
 
 
 def test_a_running_worker_flushes_on_its_own(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncpg
@@ -11,12 +14,13 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Integer, create_engine, event, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.base import Connection, RootTransaction
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sqlalchemy_pool_exporter import Exporter
+from sqlalchemy_pool_exporter import Exporter, compat, session_scope
 
-from ..conftest import PG_NAME, PgEngineFactory, sample
+from ..conftest import PG_NAME, PG_URL, PgEngineFactory, sample
 
 TABLE = f"core_tx_{os.getpid()}"
 
@@ -62,12 +66,18 @@ async def test_core_commits_and_rollbacks(
         async with engine.begin() as conn:
             await conn.execute(text("SELECT 1"))
             raise ValueError("app error")
+    # Closed with the transaction open: SQLAlchemy sends ROLLBACK, but nobody rolled back.
+    for _ in range(3):
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
 
     assert tx(registry, "commit") == 7
     assert tx(registry, "rollback") == 5
+    assert tx(registry, "close") == 3
     assert sample(registry, "sqlalchemy_transaction_seconds_count", pool=PG_NAME, outcome="commit") == 7
     assert sample(registry, "sqlalchemy_transaction_seconds_count", pool=PG_NAME, outcome="rollback") == 5
-    assert ops(registry) == {"select": 12}
+    assert sample(registry, "sqlalchemy_transaction_seconds_count", pool=PG_NAME, outcome="close") == 3
+    assert ops(registry) == {"select": 15}
 
 
 async def test_savepoints_release_and_rollback(
@@ -90,6 +100,7 @@ async def test_savepoints_release_and_rollback(
     # Savepoints are not transactions: one outer commit.
     assert tx(registry, "commit") == 1
     assert tx(registry, "rollback") == 0
+    assert tx(registry, "close") == 0
 
 
 async def test_statements_by_operation(
@@ -144,8 +155,10 @@ async def test_statement_errors_are_counted_by_the_class_handle_error_sees(
     assert sample(registry, "sqlalchemy_statement_errors_total", pool=PG_NAME, error="Error") is None
     assert sample(registry, "sqlalchemy_pool_disconnects_total", pool=PG_NAME) == 0
     assert sample(registry, "sqlalchemy_exporter_errors_total", pool=PG_NAME) == 0
-    # The failed ones are rolled back.
-    assert tx(registry, "rollback") == 3
+    # PostgreSQL rolls the failed ones back, but the application did not (no rollback(), no begin()
+    # block): they end as the connection closes.
+    assert tx(registry, "rollback") == 0
+    assert tx(registry, "close") == 3
 
 
 async def test_connect_errors_by_exception_class(
@@ -202,8 +215,9 @@ def test_sync_orm_session_commits_and_rollbacks(
         assert session.scalar(select(Item.n).where(Item.id == 6)) == 6
 
     assert tx(registry, "commit", name) == 7
-    # The read-only session's transaction ends in a rollback when it closes.
-    assert tx(registry, "rollback", name) == 3 + 1
+    assert tx(registry, "rollback", name) == 3
+    # The read-only session's transaction ends with a ROLLBACK when it closes: a close, not a rollback.
+    assert tx(registry, "close", name) == 1
     assert ops(registry, name) == {"insert": 7 + 3, "select": 1}
 
 
@@ -235,6 +249,7 @@ async def test_async_orm_session_commits_and_rollbacks(
 
         assert tx(registry, "commit") == 8
         assert tx(registry, "rollback") == 3
+        assert tx(registry, "close") == 0
         assert ops(registry) == {"insert": 7 + 3, "select": 2, "update": 1, "delete": 1}
         assert sample(registry, "sqlalchemy_pool_connections", pool=PG_NAME, state="used") == 0
     finally:
@@ -257,3 +272,230 @@ async def test_connect_error_from_the_server_names_the_driver_class(
     assert (
         sample(registry, "sqlalchemy_pool_connect_errors_total", pool=handle.name, error="InvalidCatalogNameError") == 1
     )
+
+
+# -- how transactions end: commit, rollback (the application's) or close -----------------------------
+
+PG_SYNC_URL = PG_URL.replace("+asyncpg", "+psycopg")
+
+
+class Note(Base):
+    __tablename__ = f"core_notes_{os.getpid()}"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+
+
+class Failed(Exception):
+    """A request that fails in the application."""
+
+
+def outcomes(registry: CollectorRegistry, pool: str = PG_NAME) -> dict[str, float | None]:
+    return {outcome: tx(registry, outcome, pool) for outcome in ("commit", "rollback", "close")}
+
+
+def timed(registry: CollectorRegistry, pool: str = PG_NAME) -> dict[str, float | None]:
+    return {
+        outcome: sample(registry, "sqlalchemy_transaction_seconds_count", pool=pool, outcome=outcome)
+        for outcome in ("commit", "rollback", "close")
+    }
+
+
+# A unique constraint checked at COMMIT: the COMMIT itself fails.
+DEFERRED = f"core_deferred_{os.getpid()}"
+
+
+async def test_a_read_heavy_orm_workload_without_errors_never_rolls_back(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
+    engine, _ = pg_engine(pool_size=4, max_overflow=0)
+    async with engine.begin() as conn:
+        await conn.run_sync(Note.metadata.drop_all, tables=[Note.__table__])
+        await conn.run_sync(Note.metadata.create_all, tables=[Note.__table__])
+        await conn.execute(Note.__table__.insert(), [{"id": i, "n": i} for i in range(10)])
+    exporter.instrument(engine)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def read(i: int) -> int | None:
+        async with sessions() as session:  # the ORM read: its transaction ends as the session closes
+            return await session.scalar(select(Note.n).where(Note.id == i % 10))
+
+    async def write(i: int) -> None:
+        async with sessions() as session, session.begin():
+            (await session.get_one(Note, i)).n += 1
+
+    try:
+        results = await asyncio.gather(*(read(i) for i in range(60)), *(write(i) for i in range(4)))
+        assert results[:60] == [i % 10 for i in range(60)]
+        assert outcomes(registry) == {"commit": 4, "rollback": 0, "close": 60}
+        assert timed(registry) == {"commit": 4, "rollback": 0, "close": 60}
+        assert sample(registry, "sqlalchemy_exporter_errors_total", pool=PG_NAME) == 0
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(Note.metadata.drop_all, tables=[Note.__table__])
+
+
+async def test_each_failed_request_is_one_rollback(
+    pg_engine: PgEngineFactory, registry: CollectorRegistry, exporter: Exporter
+) -> None:
+    """rollback() or an exception out of begin(), through every API: rollback = the failures, exactly."""
+    engine, _ = pg_engine(pool_size=2, max_overflow=0)
+    async with engine.begin() as conn:
+        await conn.run_sync(Note.metadata.drop_all, tables=[Note.__table__])
+        await conn.run_sync(Note.metadata.create_all, tables=[Note.__table__])
+        await conn.execute(text(f"DROP TABLE IF EXISTS {DEFERRED}"))
+        await conn.execute(text(f"CREATE TABLE {DEFERRED} (id int, UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)"))
+    exporter.instrument(engine)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    failed = 0
+    try:
+        for i in range(3):  # an exception inside session.begin()
+            with pytest.raises(Failed):
+                async with sessions() as session, session.begin():
+                    session.add(Note(id=1000 + i, n=0))
+                    await session.flush()
+                    raise Failed
+            failed += 1
+        for i in range(2):  # the application's own rollback()
+            async with sessions() as session:
+                session.add(Note(id=2000 + i, n=0))
+                await session.flush()
+                await session.rollback()
+            failed += 1
+        async with sessions() as session, session.begin():  # a successful write, then its duplicate
+            session.add(Note(id=1, n=1))
+        with pytest.raises(sa_exc.IntegrityError):  # the flush inside commit() fails: the session rolls back
+            async with sessions() as session:
+                session.add(Note(id=1, n=2))
+                await session.commit()
+        failed += 1
+        with pytest.raises(Failed):  # session_scope rolls back on any exception
+            async with session_scope(sessions) as session:
+                await session.scalar(select(Note.n))
+                raise Failed
+        failed += 1
+        with pytest.raises(Failed):  # Core: an exception leaves engine.begin()
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT 1"))
+                raise Failed
+        failed += 1
+        with pytest.raises(sa_exc.IntegrityError):  # the COMMIT itself fails; SQLAlchemy sends no ROLLBACK
+            async with engine.begin() as conn:
+                await conn.execute(text(f"INSERT INTO {DEFERRED} VALUES (1), (1)"))
+        failed += 1
+        for _ in range(5):  # reads, which only close
+            async with sessions() as session:
+                await session.scalar(select(Note.n).where(Note.id == 1))
+
+        assert failed == 9
+        assert outcomes(registry) == {"commit": 1, "rollback": failed, "close": 5}
+        assert timed(registry) == {"commit": 1, "rollback": failed, "close": 5}
+        assert sample(registry, "sqlalchemy_exporter_errors_total", pool=PG_NAME) == 0
+        assert sample(registry, "sqlalchemy_pool_connections", pool=PG_NAME, state="used") == 0
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(Note.metadata.drop_all, tables=[Note.__table__])
+            await conn.execute(text(f"DROP TABLE IF EXISTS {DEFERRED}"))
+
+
+def test_a_sync_driver_from_threads_counts_each_outcome_exactly(
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine]
+) -> None:
+    """psycopg, eight threads sharing the pool: reads close, failures roll back, writes commit."""
+    engine = create_engine(PG_SYNC_URL, pool_size=4, max_overflow=0)
+    sync_engines.append(engine)
+    Note.metadata.drop_all(engine, tables=[Note.__table__])
+    Note.metadata.create_all(engine, tables=[Note.__table__])
+    name = exporter.instrument(engine).name
+
+    def request(i: int) -> None:
+        kind = i % 4
+        if kind in (0, 1):  # half are reads
+            with Session(engine) as session:
+                assert session.scalar(select(Note.n).where(Note.id == -1)) is None
+        elif kind == 2:  # a write
+            with Session(engine) as session, session.begin():
+                session.add(Note(id=i, n=i))
+        elif i % 8 == 3:  # a failure inside begin()
+            with pytest.raises(Failed), Session(engine) as session, session.begin():
+                session.add(Note(id=i, n=i))
+                session.flush()
+                raise Failed
+        else:  # an explicit rollback
+            with Session(engine) as session:
+                session.add(Note(id=i, n=i))
+                session.flush()
+                session.rollback()
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(request, range(400)))
+        assert outcomes(registry, name) == {"commit": 100, "rollback": 100, "close": 200}
+        assert timed(registry, name) == {"commit": 100, "rollback": 100, "close": 200}
+        assert sample(registry, "sqlalchemy_exporter_errors_total", pool=name) == 0
+    finally:
+        Note.metadata.drop_all(engine, tables=[Note.__table__])
+
+
+def test_outcomes_are_per_engine_and_survive_a_stacked_wrapper(
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine]
+) -> None:
+    """An engine not instrumented counts nothing; another layer's wrapper on top of ours changes nothing;
+    a connection dropped with its transaction open closes when the pool resets it."""
+    ours, theirs = create_engine("sqlite://"), create_engine("sqlite://")
+    sync_engines.extend((ours, theirs))
+    name = exporter.instrument(ours, name="ours").name
+    for engine in (ours, theirs):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))  # close
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            conn.rollback()  # rollback
+    assert outcomes(registry, name) == {"commit": 0, "rollback": 1, "close": 1}
+
+    # A tracer stacked on our do_rollback: the wrapper looks past its frame.
+    stacked = ours.dialect.do_rollback
+    calls: list[object] = []
+
+    def tracer(dbapi_connection: object) -> None:
+        calls.append(dbapi_connection)
+        stacked(dbapi_connection)
+
+    ours.dialect.do_rollback = tracer  # type: ignore[method-assign]
+    with ours.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        conn.rollback()
+    with ours.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    with pytest.raises(Failed), ours.begin() as conn:
+        conn.execute(text("SELECT 1"))
+        raise Failed
+    assert outcomes(registry, name) == {"commit": 0, "rollback": 3, "close": 2}
+    # ROLLBACK three times, plus the pool's reset on the two returns whose transaction was already over.
+    assert len(calls) == 3 + 2
+
+    # Dropped unclosed with a transaction open: the pool's reset on return ends it.
+    conn = ours.connect()
+    conn.execute(text("SELECT 1"))
+    del conn
+    gc.collect()
+    assert outcomes(registry, name) == {"commit": 0, "rollback": 3, "close": 3}
+    assert sample(registry, "sqlalchemy_exporter_errors_total", pool=name) == 0
+
+
+def test_without_the_transaction_chain_every_end_without_commit_is_a_rollback() -> None:
+    """compat.transaction_ends checks each link; a SQLAlchemy that reshaped one gets the old count."""
+    assert compat.TRANSACTION_ENDS
+    assert compat.transaction_ends() == (
+        RootTransaction._do_rollback.__code__,
+        RootTransaction._do_close.__code__,
+        Connection._rollback_impl.__code__,
+        Connection._commit_impl.__code__,
+    )
+
+    class Reshaped(RootTransaction):
+        __slots__ = ()
+
+        def _close_impl(self, try_deactivate: bool = False) -> None:  # reaches ROLLBACK some other way
+            self.connection.rollback()
+
+    assert compat.transaction_ends(root=Reshaped) == (None, None, None, None)

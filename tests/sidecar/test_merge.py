@@ -109,7 +109,7 @@ async def test_sigkilled_worker_drops_live_gauges_and_keeps_counters(workers: Wo
             assert pools == [
                 {
                     "name": "app",
-                    "transactions": {"commit": 8, "rollback": 0},
+                    "transactions": {"commit": 8, "rollback": 0, "close": 0},
                     "checkouts": 11,
                     "timeouts": 0,
                     "connections_created": 3,

@@ -12,11 +12,12 @@ back what was there (usually nothing, uncovering the class's own methods).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from types import SimpleNamespace
+from types import CodeType, SimpleNamespace
 from typing import Any
 
 from .. import compat
@@ -46,7 +47,7 @@ _NO_RECORD = (AttributeError, NotImplementedError)
 
 
 def end_transaction(stats: PoolStats, record: Any, outcome: str) -> None:
-    """Record the transaction open on `record`, if any, as ended with `outcome`."""
+    """Record the transaction open on `record`, if any, as ended with `outcome` (the rare paths)."""
     started = stats.open_transactions.pop(record, None)
     if started is not None:
         stats.transaction_histogram(outcome).observe(perf_counter() - started)
@@ -63,11 +64,16 @@ def owner_of(obj: Any, name: str) -> Any:
 
 
 def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) -> None:
-    """Time BEGIN → COMMIT/ROLLBACK and count savepoints on this dialect instance.
+    """Time BEGIN → COMMIT, ROLLBACK or close, and count savepoints, on this dialect instance.
 
     The start of each open transaction is kept by pool record in `stats.open_transactions`. The pool's
     reset-on-return calls do_rollback on every checkin, transaction or not: when no transaction is
     open in the pool, that path is one frame and one truth test of a dict (docs/performance.md).
+
+    SQLAlchemy sends ROLLBACK both when the application rolls back and when a transaction is closed
+    without COMMIT (every ORM read ends so). Which one it is, the caller four frames up tells
+    (compat.py): `rollback` for RootTransaction._do_rollback, `close` for anything else. The commit
+    path pays nothing for it; a rollback or close with a transaction open pays one sys._getframe().
     """
     b, c, r = (owner_of(dialect, name) for name in ("do_begin", "do_commit", "do_rollback"))
     rs, rts = owner_of(dialect, "do_release_savepoint"), owner_of(dialect, "do_rollback_to_savepoint")
@@ -76,7 +82,11 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     open_tx = stats.open_transactions
     record_of = compat.fairy_record
     commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
-    commit_counts, rollback_counts, bounds = commits.counts, rollbacks.counts, commits.bounds
+    closes = stats.transaction_histogram("close")
+    commit_counts, rollback_counts, close_counts = commits.counts, rollbacks.counts, closes.counts
+    bounds = commits.bounds
+    getframe, depth, rolled_back = sys._getframe, compat.ROLLBACK_DEPTH, compat.rolled_back
+    explicit, closed = compat.EXPLICIT_ROLLBACK, compat.TRANSACTION_CLOSE
 
     def begin(dbapi_connection: Any) -> None:
         if on[0]:
@@ -109,8 +119,17 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                     started = open_tx.pop(record_of(dbapi_connection), None)
                     if started is not None and on[0]:
                         took = perf_counter() - started
-                        rollback_counts[bisect_left(bounds, took)] += 1  # rollbacks.observe(took), inlined
-                        rollbacks.sum += took
+                        ended: CodeType | None
+                        try:
+                            ended = getframe(depth).f_code  # who ended it (compat.py): rollback() or close()
+                        except ValueError:  # fewer frames than that: no Transaction asked
+                            ended = None
+                        if ended is closed or (ended is not explicit and not rolled_back(getframe(1))):
+                            close_counts[bisect_left(bounds, took)] += 1  # closes.observe(took), inlined
+                            closes.sum += took
+                        else:
+                            rollback_counts[bisect_left(bounds, took)] += 1  # rollbacks.observe(took), inlined
+                            rollbacks.sum += took
                 except _NO_RECORD:
                     pass
                 except Exception as exc:
@@ -207,8 +226,19 @@ def wrap_connections(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) -
         dropped: bool = d.is_disconnect(dialect, error, connection, cursor)
         # SQLAlchemy asks with connection=None about failures to connect, which are not drops:
         # those are counted by error class where they surface, in the pool's connect().
-        if dropped and connection is not None and on[0]:
-            stats.disconnects += 1
+        if connection is not None and on[0]:
+            if dropped:
+                stats.disconnects += 1
+            # A COMMIT that raised ended its transaction (the database rolled it back), and nothing
+            # else will: SQLAlchemy sends no ROLLBACK for it, and the pool's reset would count a close.
+            # SQLAlchemy asks here about every DBAPI error; one without a cursor may be the COMMIT's.
+            if cursor is None and stats.open_transactions and compat.commit_failed(sys._getframe(1)):
+                try:
+                    end_transaction(stats, compat.fairy_record(connection), "rollback")
+                except _NO_RECORD:
+                    pass
+                except Exception as exc:
+                    fail("commit", exc)
         return dropped
 
     hooks.patch(dialect, "connect", timed_connect)

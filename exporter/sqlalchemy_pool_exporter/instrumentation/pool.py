@@ -275,7 +275,8 @@ class PoolTap:
     def _on_invalidate(self, dbapi_connection: Any, record: Any, exception: BaseException | None) -> None:
         self.stats.invalidations["hard"] += 1
         try:
-            # No ROLLBACK is sent on a connection being thrown away; the server rolls it back.
+            # No ROLLBACK is sent on a connection being thrown away; the server rolls it back. A rollback,
+            # not a close: a transaction lost to a disconnect or a cancelled task failed with its request.
             dialect.end_transaction(self.stats, record, "rollback")
         except Exception as exc:
             self.fail("invalidate", exc)
