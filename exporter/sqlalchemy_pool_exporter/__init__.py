@@ -11,6 +11,7 @@ from .instrumentation.reading import PoolReading
 from .labels import pool_name, safe_url
 from .middleware import HolderMiddleware, holder_middleware
 from .session import session_dependency, session_scope
+from .wsgi import wsgi_metrics_app
 
 __all__ = [
     "CATALOG",
@@ -35,4 +36,5 @@ __all__ = [
     "session_dependency",
     "session_scope",
     "uninstrument",
+    "wsgi_metrics_app",
 ]

@@ -9,6 +9,12 @@ is named as sent only when it is standard or the rule declares it, else `OTHER` 
 
 Given Flask-SQLAlchemy's extension (`db=`), every engine it made for the app is instrumented: the
 default one under its default pool name (`host:port/database`), each bind under its bind key.
+
+`metrics_path="/metrics"` (and `pools_path="/pools"`) serve wsgi.py's apps as views of the app, the
+same bytes as every other server of ours, named by no holder. Off by default: served from the app,
+the page answers whoever reaches the app, behind the app's own auth only (its before_request hooks
+do run for it), and under `gunicorn -w N` each worker answers for itself only, so counters would
+jump between scrapes; with several workers, use the sidecar (README, Several workers).
 Imports flask only here: `import sqlalchemy_pool_exporter` works without it.
 """
 
@@ -16,17 +22,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, g, request
+from flask import Flask, Response, g, request
+from flask.typing import ResponseReturnValue
 
+from . import validation
 from .core import Exporter, default_exporter
 from .instrumentation.handle import PoolHandle
 from .instrumentation.holders import holder
 from .middleware import METHODS, OTHER_METHOD, UNMATCHED
+from .wsgi import WSGIMetrics, WSGIPools, wsgi_metrics_app, wsgi_pools_app
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 EXTENSION = "sqlalchemy_pool_exporter"
+# Our views' endpoints start with this: no holder is named for them.
+OURS = f"{EXTENSION}."
 _HELD = "_sqlalchemy_pool_exporter_holder"
 
 
@@ -46,7 +57,8 @@ class PoolExporter:
     `exporter` defaults to the default Exporter (prometheus_client.REGISTRY; it writes
     PROMETHEUS_MULTIPROC_DIR for the sidecar when that is set). `holders=False` leaves requests unnamed.
     Keyword arguments of `Exporter.instrument()` (`leak_threshold`, `statements`, `transactions`,
-    `buckets`) apply to every engine of `db`.
+    `buckets`) apply to every engine of `db`. `metrics_path` and `pools_path` (None: not served)
+    serve /metrics and /pools as views of the app.
     """
 
     def __init__(
@@ -56,11 +68,15 @@ class PoolExporter:
         db: Any = None,
         exporter: Exporter | None = None,
         holders: bool = True,
+        metrics_path: str | None = None,
+        pools_path: str | None = None,
         **instrument_options: Any,
     ) -> None:
         self.db = db
         self.exporter = exporter
         self.holders = holders
+        self.metrics_path = None if metrics_path is None else validation.metrics_path(metrics_path)
+        self.pools_path = pools_path
         self.instrument_options = instrument_options
         if app is not None:
             self.init_app(app)
@@ -76,6 +92,13 @@ class PoolExporter:
             app.teardown_request(_release)
         if db is not None:
             self.instrument_db(app, db)
+        exporter = self.exporter if self.exporter is not None else default_exporter()
+        if self.metrics_path is not None:
+            app.add_url_rule(
+                self.metrics_path, f"{OURS}metrics", _view(wsgi_metrics_app(exporter)), methods=["GET", "HEAD"]
+            )
+        if self.pools_path is not None:
+            app.add_url_rule(self.pools_path, f"{OURS}pools", _view(wsgi_pools_app(exporter)), methods=["GET", "HEAD"])
 
     def instrument_db(self, app: Flask, db: Any) -> dict[str | None, PoolHandle]:
         """Instrument every engine Flask-SQLAlchemy made for `app` (`db.engines`, binds included), by bind key."""
@@ -94,7 +117,19 @@ class PoolExporter:
         }
 
 
+def _view(served: WSGIMetrics | WSGIPools) -> Any:
+    """A Flask view answering with the WSGI app `served` (its status, headers and bytes as they are)."""
+
+    def view() -> ResponseReturnValue:
+        return Response.from_app(served, request.environ, buffered=True)
+
+    return view
+
+
 def _hold() -> None:
+    endpoint = request.endpoint
+    if endpoint is not None and endpoint.startswith(OURS):
+        return
     held = holder(rule_holder())
     held.__enter__()
     setattr(g, _HELD, held)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterator
 
 import pytest
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, Response, request
 from flask_sqlalchemy import SQLAlchemy
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from sqlalchemy_pool_exporter import Exporter, session_scope
+from sqlalchemy_pool_exporter import Exporter, session_scope, wsgi_metrics_app
 from sqlalchemy_pool_exporter.flask import PoolExporter
+from sqlalchemy_pool_exporter.instrumentation.holders import current_name
 
-from ..conftest import PG_NAME, PG_URL, sample
+from ..conftest import PG_NAME, PG_URL, metric, sample, samples_of
 
 PG_SYNC_URL = PG_URL.replace("+asyncpg", "+psycopg")
 REPORTS_URL = f"{PG_SYNC_URL}?application_name=flask_reports"
+RULE = "POST /orders/<int:n>"
 
 
 def checkouts(registry: CollectorRegistry, pool: str) -> dict[str, float]:
@@ -147,3 +150,75 @@ def test_init_app_before_flask_sqlalchemy_says_what_to_do(exporter: Exporter) ->
     with pytest.raises(RuntimeError, match=r"call db.init_app\(app\)"):
         PoolExporter(app, db=db, exporter=exporter)
     assert exporter.handles() == []
+
+
+def test_metrics_and_pools_served_from_the_app_as_every_server_serves_them(exporter: Exporter) -> None:
+    """`metrics_path=`, `pools_path=`: the WSGI apps as views, the same bytes as wsgi_metrics_app's,
+    no holder named for them (the app's own before_request hooks, its auth, do run)."""
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = PG_SYNC_URL
+    db = SQLAlchemy(app)
+    PoolExporter(app, db=db, exporter=exporter, metrics_path="/metrics", pools_path="/pools")
+    held: dict[str, str | None] = {}
+    asked: list[str] = []
+
+    @app.before_request
+    def app_auth() -> None:
+        asked.append(request.path)
+
+    @app.after_request
+    def who(response: Response) -> Response:
+        held[f"{request.method} {request.path}"] = current_name()
+        return response
+
+    @app.post("/orders/<int:n>")
+    def add(n: int) -> str:
+        db.session.execute(text("SELECT :n"), {"n": n})
+        db.session.commit()
+        return "ok"
+
+    try:
+        client = app.test_client()
+        for n in range(6):
+            assert client.post(f"/orders/{n}").status_code == 200
+        page = client.get("/metrics")
+        assert (page.status_code, page.headers["Content-Type"]) == (200, "text/plain; version=0.0.4; charset=utf-8")
+        samples = samples_of(page.get_data(as_text=True))
+        assert metric(samples, "sqlalchemy_transactions_total", pool=PG_NAME, outcome="commit") == 6.0
+        assert metric(samples, "sqlalchemy_pool_holder_checkouts_total", pool=PG_NAME, holder=RULE) == 6
+        assert [k for k in samples if k[0] == "sqlalchemy_pool_holder_checkouts_total"] == [
+            ("sqlalchemy_pool_holder_checkouts_total", (("holder", "none"), ("pool", PG_NAME))),
+            ("sqlalchemy_pool_holder_checkouts_total", (("holder", RULE), ("pool", PG_NAME))),
+        ]
+
+        query = "name[]=sqlalchemy_pool_size"
+        environ = {"REQUEST_METHOD": "GET", "HTTP_ACCEPT_ENCODING": "gzip", "QUERY_STRING": query}
+        packed = client.get(f"/metrics?{query}", headers={"Accept-Encoding": "gzip"})
+        alone = Response.from_app(wsgi_metrics_app(exporter), environ, buffered=True)
+        assert (packed.status_code, packed.headers["Content-Encoding"]) == (200, "gzip")
+        assert (dict(packed.headers), packed.get_data()) == (dict(alone.headers), alone.get_data())
+        assert samples_of(gzip.decompress(packed.get_data()).decode()) == {
+            ("sqlalchemy_pool_size", (("pool", PG_NAME),)): 5.0
+        }
+        head = client.head("/metrics")
+        assert (head.status_code, head.get_data()) == (200, b"")
+        assert int(head.headers["Content-Length"]) == len(page.get_data())
+
+        (row,) = client.get("/pools").json["pools"]
+        assert (row["name"], row["transactions"]["commit"]) == (PG_NAME, 6)
+        assert client.post("/metrics").status_code == 405
+        # Our views: no holder; a POST to /metrics matched no rule (Flask's 405): unmatched, as any other.
+        ours = {"GET /metrics": None, "HEAD /metrics": None, "GET /pools": None, "POST /metrics": "(unmatched)"}
+        assert held == {f"POST /orders/{n}": RULE for n in range(6)} | ours
+        assert asked.count("/metrics") == 4 and asked.count("/pools") == 1
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_nothing_is_served_unless_asked(exporter: Exporter) -> None:
+    app = Flask(__name__)
+    PoolExporter(app, exporter=exporter)
+    assert sorted(r.rule for r in app.url_map.iter_rules()) == ["/static/<path:filename>"]
+    with pytest.raises(ValueError, match="metrics_path"):
+        PoolExporter(app, exporter=exporter, metrics_path="metrics")

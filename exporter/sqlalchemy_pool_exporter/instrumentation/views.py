@@ -7,6 +7,7 @@ the catalog with a `field` shows in every view, and a `column` adds it to the / 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable
@@ -293,3 +294,20 @@ def checkout_table(rows: list[dict[str, Any]]) -> Table:
         for c in row.get("checkouts_now") or ()
     ]
     return head, body
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, ±Inf: a gauge a file says so) made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """JSON as RFC 8259 has it (the /pools body of every server): bare NaN and Infinity, which strict
+    parsers reject, are null."""
+    return json.dumps(_finite(value), indent=2, default=str, allow_nan=False)

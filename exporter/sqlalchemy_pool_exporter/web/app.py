@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import html
-import json
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,7 @@ from ..core import Exporter, default_exporter
 from ..errors import Unavailable
 from ..exposition.response import MetricsPage, Reply
 from ..instrumentation import views
+from ..instrumentation.views import strict_json
 from .auth import Auth
 from .connections import TLS, AcceptErrors, Guard, listen_backlog, request_error_logger, within_fd_limit
 from .readyz import Check, Readiness, check_pool
@@ -108,22 +107,6 @@ def readyz_handler(readiness: Readiness) -> Callable[[web.Request], Awaitable[we
         return web.json_response({"ready": ok, "checks": detail, **extra}, status=200 if ok else 503)
 
     return readyz
-
-
-def _finite(value: Any) -> Any:
-    """`value` with every float that is not finite (NaN, ±Inf: a gauge a file says so) made None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def strict_json(value: Any) -> str:
-    """JSON as RFC 8259 has it: bare NaN and Infinity, which strict parsers reject, are null."""
-    return json.dumps(_finite(value), indent=2, default=str, allow_nan=False)
 
 
 def pools_handler(pools: PoolsSource) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -19,6 +19,7 @@ log = logging.getLogger("sqlalchemy_pool_exporter.auth")
 
 # Liveness must answer even when credentials are wrong or rotated.
 EXEMPT: frozenset[str] = frozenset({"/healthz"})
+CHALLENGE_TEXT = "401: credentials required\n"
 
 
 def _bytes(text: str) -> bytes:
@@ -77,7 +78,10 @@ class Auth:
 
     def allows(self, request: web.Request) -> bool:
         """Whether the request's credentials match; anything malformed is simply no match."""
-        header = request.headers.get("Authorization", "")
+        return self.allows_header(request.headers.get("Authorization", ""))
+
+    def allows_header(self, header: str) -> bool:
+        """Whether an Authorization header value (as aiohttp gives it: UTF-8, surrogateescape) matches."""
         scheme, credentials = _split(header)
         if self.token is not None and scheme == b"bearer":
             return hmac.compare_digest(credentials, _bytes(self.token))
@@ -94,24 +98,28 @@ class Auth:
     def challenge(self, request: web.Request | None = None) -> web.HTTPUnauthorized:
         """The 401 to raise; with `request`, the rejection is also logged (throttled)."""
         if request is not None:
-            self._log_rejection(request)
+            self.log_rejection(request.path, request.remote, "Authorization" in request.headers)
+        return web.HTTPUnauthorized(text=CHALLENGE_TEXT, headers={"WWW-Authenticate": self.www_authenticate})
+
+    @property
+    def www_authenticate(self) -> str:
+        """The WWW-Authenticate value of a 401: the schemes this Auth takes."""
         schemes = []
         if self.token is not None:
             schemes.append('Bearer realm="pool-exporter"')
         if self.user is not None:
             schemes.append('Basic realm="pool-exporter", charset="UTF-8"')
-        return web.HTTPUnauthorized(
-            text="401: credentials required\n", headers={"WWW-Authenticate": ", ".join(schemes)}
-        )
+        return ", ".join(schemes)
 
-    def _log_rejection(self, request: web.Request) -> None:
+    def log_rejection(self, path: str, remote: str | None, sent: bool) -> None:
+        """Log a 401 (throttled); `sent`: whether the request carried an Authorization header."""
         held = self.rejected.ready()
         if held is None:
             return
-        what = "wrong or malformed" if "Authorization" in request.headers else "no"
+        what = "wrong or malformed" if sent else "no"
         # %r: the path is the client's, decoded; it may hold newlines or escape codes.
         note = self.rejected.note(held)
-        log.warning("401 for %r from %s: %s credentials%s", request.path, request.remote, what, note)
+        log.warning("401 for %r from %s: %s credentials%s", path, remote, what, note)
 
     def middleware(self, exempt: Collection[str] = EXEMPT) -> Middleware:
         """For an app of our own: every path but `exempt` needs credentials."""

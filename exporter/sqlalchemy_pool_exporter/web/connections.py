@@ -46,7 +46,7 @@ from ..logs import Throttle
 
 log = logging.getLogger("sqlalchemy_pool_exporter.web")
 
-_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
 _ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # What we and aiohttp's protocol call on a connection's transport.
 _STREAM_METHODS = ("write", "close", "abort", "get_extra_info", "is_closing", "pause_reading", "resume_reading")
@@ -216,7 +216,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         if not self.guard._admit(self):
             if self.guard.tls is None:
-                transport.write(_BUSY)
+                transport.write(BUSY)
                 transport.close()
             else:
                 transport.abort()
