@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sqlalchemy_pool_exporter import erlang
+from sqlalchemy_pool_exporter.instrumentation import erlang
 
 from .conftest import Prometheus
 

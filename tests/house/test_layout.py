@@ -16,7 +16,7 @@ PACKAGE = Path(sqlalchemy_pool_exporter.__file__).parent
 
 # Bottom to top. The top level holds two rooms: the shared vocabulary (any module may import it) and
 # the public face (Exporter and its adapters), which sits above what it assembles and below what serves it.
-VOCABULARY = {"catalog", "metricnames", "labels", "validation", "compat", "logs", "errors", "erlang", "_version"}
+VOCABULARY = {"catalog", "metricnames", "labels", "validation", "compat", "logs", "errors", "_version"}
 ROOMS = ["vocabulary", "instrumentation", "exposition", "sidecar", "face", "web", "service"]
 
 

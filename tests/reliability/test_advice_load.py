@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sqlalchemy_pool_exporter import Exporter, erlang
+from sqlalchemy_pool_exporter import Exporter
+from sqlalchemy_pool_exporter.instrumentation import erlang
 
 from ..conftest import PG_URL
 

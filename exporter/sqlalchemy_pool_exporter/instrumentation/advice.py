@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
-from .. import erlang
+from . import erlang
 
 if TYPE_CHECKING:
     from .stats import PoolStats

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .. import erlang
+from ..instrumentation import erlang
 
 # Prometheus' answer to one query: more than this is not a pool exporter's.
 MAX_ANSWER = 16 * 1024 * 1024

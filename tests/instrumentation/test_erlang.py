@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sqlalchemy_pool_exporter import erlang
+from sqlalchemy_pool_exporter.instrumentation import erlang
 
 
 @pytest.mark.parametrize(
