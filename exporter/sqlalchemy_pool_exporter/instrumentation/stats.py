@@ -9,6 +9,7 @@ inside `x[i] += 1`), so counts stay exact for threaded sync engines too.
 from __future__ import annotations
 
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -97,6 +98,11 @@ class PoolStats:
         # ~0.2 µs, 10% of the whole budget (docs/performance.md); `checkouts` names them.
         self.waiting: list[float] = []
         self.checked_out: dict[Any, tuple[float, Any, traceback.StackSummary | None, Slot | None]] = {}
+        # Pool record -> the server's id of the backend its DBAPI connection is (backends.py), set when
+        # the pool opens the connection, dropped when it closes it. Weak: a record may just vanish.
+        self.backend_pids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # The last joined server view (serverview.py), or None: off, not polled yet, or the poll failed.
+        self.server: Any = None
 
     @property
     def checkouts(self) -> dict[Any, Checkout]:
