@@ -16,12 +16,13 @@ from sqlalchemy.engine import Engine
 
 from .. import metricnames, validation
 from ..labels import safe_url
-from . import appname, dialect, holders, views
+from . import appname, backends, dialect, holders, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
 from .pool import PoolTap
 from .reading import PoolReading, read_pool
+from .serverview import ServerPoller
 from .stats import PoolStats
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -47,13 +48,23 @@ class PoolHandle:
         transactions: bool,
         detach: Callable[[PoolHandle], None],
         application_name: str | None = None,
+        server_view: bool = False,
+        server_view_interval: float = 5.0,
+        server_view_queries: bool = False,
     ) -> None:
         self.name = name
         self.url = _printable_url(engine)
         self.db_system = metricnames.db_system(engine.dialect.name)
         self.owner = owner  # the Exporter that made this handle
         self.leak_threshold = leak_threshold
-        self.options = {"leak_threshold": leak_threshold, "statements": statements, "transactions": transactions}
+        self.options = {
+            "leak_threshold": leak_threshold,
+            "statements": statements,
+            "transactions": transactions,
+            "server_view": server_view,
+            "server_view_interval": server_view_interval,
+            "server_view_queries": server_view_queries,
+        }
         self.stats = PoolStats(buckets, max_holders)
         self.stats.transactions = transactions
         self.fail = Failures(name, self.stats)
@@ -73,6 +84,23 @@ class PoolHandle:
             self.hooks.undo()
             raise
         self.leaks.start()
+        # What the database sees of the checkouts (serverview.py); None: off, or a database we cannot ask.
+        self.server_view: ServerPoller | None = None
+        if server_view:
+            if backends.supported(engine.dialect.name, engine.dialect.driver):
+                self.server_view = ServerPoller(
+                    engine, self.stats, self.fail, interval=server_view_interval, queries=server_view_queries
+                )
+                self.server_view.start()
+            else:
+                log.warning(
+                    "pool %s: server_view needs PostgreSQL (asyncpg, psycopg, psycopg2) or MySQL/MariaDB "
+                    "(pymysql, mysqldb); %s+%s has none",
+                    name,
+                    engine.dialect.name,
+                    engine.dialect.driver,
+                    extra={"pool": name},
+                )
 
     def _wire(self, engine: Engine, *, statements: bool, transactions: bool, application_name: str | None) -> None:
         hooks = self.hooks
@@ -169,6 +197,8 @@ class PoolHandle:
         self.active = False
         self.hooks.undo()
         self.leaks.stop()
+        if self.server_view is not None:
+            self.server_view.stop()
         self._detach(self)
 
 

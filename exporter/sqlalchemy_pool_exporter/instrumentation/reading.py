@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
@@ -29,6 +29,8 @@ class PoolReading(NamedTuple):
     oldest_checkout: float
     # Connections held now by holder name; None until a holder was ever set in the process.
     holders: tuple[tuple[str, int], ...] | None = None
+    # The last server view of the checkouts (serverview.ServerJoin); None: off, not yet, or the poll failed.
+    server: Any = None
 
 
 class PoolSource(Protocol):
@@ -74,6 +76,7 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
             oldest_pending=oldest_pending,
             oldest_checkout=oldest_checkout,
             holders=held_by,
+            server=stats.server,
         )
     return PoolReading(
         type(pool).__name__,
@@ -87,6 +90,7 @@ def read_pool(pool: Pool, stats: PoolStats) -> PoolReading:
         oldest_pending=oldest_pending,
         oldest_checkout=oldest_checkout,
         holders=held_by,
+        server=stats.server,
     )
 
 

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 
 from .. import catalog
 from . import holders
+from .backends import STATES
 
 if TYPE_CHECKING:
     from .reading import PoolReading
+    from .serverview import ServerJoin
     from .stats import Histogram, PoolStats
 
 Labels = tuple[str, ...]
@@ -38,6 +40,22 @@ def gauges(r: PoolReading) -> Iterator[tuple[str, Labels, float]]:
     if r.holders is not None:
         for name, held in r.holders:
             yield "holder_connections", (name,), held
+    if r.server is not None:
+        yield from server_gauges(r.server)
+
+
+def server_gauges(server: ServerJoin) -> Iterator[tuple[str, Labels, float]]:
+    """The server view's numbers by holder (serverview.py), holders in name order, states in STATES order."""
+    for name in sorted(server.holders):
+        v = server.holders[name]
+        for state in STATES:
+            n = v.states.get(state)
+            if n:
+                yield "holder_server_connections", (name, state), n
+        yield "holder_lock_waiting", (name,), v.lock_waiting
+        yield "holder_blocking", (name,), v.blocking
+        yield "holder_oldest_transaction", (name,), v.oldest_transaction
+        yield "holder_idle_in_transaction", (name,), v.idle_in_transaction
 
 
 def counters(s: PoolStats) -> Iterator[tuple[str, Labels, float]]:
