@@ -577,7 +577,76 @@ SERVER = Row(
     ),
 )
 
-ROWS: tuple[Row, ...] = (STATS, SATURATION, SIZING, HOLDERS, LATENCY, ERRORS, TRANSACTIONS, SERVER)
+# What the database sees of each holder's connections (instrumentation/serverview.py): series exist while
+# instrument(server_view=True) polls; holder="(pool)" is the pool's idle connections.
+DATABASE_SEES = Row(
+    "What the database sees",
+    (
+        Panel(
+            "Connections by holder and server state",
+            "short",
+            (
+                Query(
+                    f"sum by (pool, holder, state) (sqlalchemy_pool_holder_server_connections{{{HOLDER}}})",
+                    "{{holder}}: {{state}} ({{pool}})",
+                ),
+            ),
+            "Each holder's connections by what the server says they do (pg_stat_activity.state): 'idle in "
+            "transaction' is a route that holds a transaction open while it waits on something else.",
+            w=12,
+            stacked=True,
+        ),
+        Panel(
+            "Idle in transaction, longest by holder",
+            "s",
+            (
+                Query(
+                    f"max by (pool, holder) (sqlalchemy_pool_holder_idle_in_transaction_seconds{{{HOLDER}}})",
+                    "{{holder}} ({{pool}})",
+                ),
+            ),
+            "Longest time one of the holder's connections has sat idle with a transaction open (it keeps its "
+            "locks and its connection meanwhile); the alert fires past 30 s.",
+            w=12,
+            thresholds=((0, "green"), (30, "red")),
+        ),
+        Panel(
+            "Blocking others, by holder",
+            "short",
+            (
+                Query(
+                    f"sum by (pool, holder) (sqlalchemy_pool_holder_blocking_connections{{{HOLDER}}})",
+                    "{{holder}} ({{pool}})",
+                ),
+            ),
+            "Backends (any application's) waiting on a lock this holder's connections hold.",
+        ),
+        Panel(
+            "Waiting on a lock, by holder",
+            "short",
+            (
+                Query(
+                    f"sum by (pool, holder) (sqlalchemy_pool_holder_lock_waiting_connections{{{HOLDER}}})",
+                    "{{holder}} ({{pool}})",
+                ),
+            ),
+            "This holder's connections waiting on a lock: /pools names the pid and holder that blocks each.",
+        ),
+        Panel(
+            "Oldest transaction by holder",
+            "s",
+            (
+                Query(
+                    f"max by (pool, holder) (sqlalchemy_pool_holder_oldest_transaction_seconds{{{HOLDER}}})",
+                    "{{holder}} ({{pool}})",
+                ),
+            ),
+            "Age of the oldest open transaction among the holder's connections, from the server's xact_start.",
+        ),
+    ),
+)
+
+ROWS: tuple[Row, ...] = (STATS, SATURATION, SIZING, HOLDERS, DATABASE_SEES, LATENCY, ERRORS, TRANSACTIONS, SERVER)
 
 
 def _variables() -> list[Any]:

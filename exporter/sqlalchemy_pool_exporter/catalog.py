@@ -439,6 +439,49 @@ CATALOG: tuple[MetricSpec, ...] = (
         'Checkouts counted under holder="other" because the pool already had max_holders names.',
         field="holder_folded",
     ),
+    # What the database sees of each holder's connections (instrumentation/serverview.py): exported while
+    # server_view is on and its last poll worked. Bounded like the holder series (max_holders names, plus
+    # `none`, `other` and `(pool)`, the pool's idle connections); `state` is pg_stat_activity's fixed set.
+    _gauge(
+        "holder_server_connections",
+        "pool_holder_server_connections",
+        "Checked-out connections by holder and by what the server says they do (pg_stat_activity.state); "
+        'holder="(pool)": the idle ones the pool holds.',
+        ("holder", "state"),
+        field="holder_server_connections",
+    ),
+    _gauge(
+        "holder_lock_waiting",
+        "pool_holder_lock_waiting_connections",
+        "This holder's connections waiting on a lock, as the server says.",
+        ("holder",),
+        field="holder_lock_waiting",
+    ),
+    _gauge(
+        "holder_blocking",
+        "pool_holder_blocking_connections",
+        "Other backends waiting on a lock held by this holder's connections.",
+        ("holder",),
+        field="holder_blocking",
+    ),
+    _gauge(
+        "holder_oldest_transaction",
+        "pool_holder_oldest_transaction_seconds",
+        "Age of the oldest open transaction among this holder's connections (server's xact_start; 0 when none).",
+        ("holder",),
+        mp="livemax",
+        field="holder_oldest_transaction",
+        unit="s",
+    ),
+    _gauge(
+        "holder_idle_in_transaction",
+        "pool_holder_idle_in_transaction_seconds",
+        "Longest time one of this holder's connections has sat idle in an open transaction (0 when none).",
+        ("holder",),
+        mp="livemax",
+        field="holder_idle_in_transaction",
+        unit="s",
+    ),
     MetricSpec(
         "build_info",
         "exporter_build_info",

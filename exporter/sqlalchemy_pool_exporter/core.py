@@ -58,6 +58,9 @@ class Exporter:
     `advice_window` (seconds) and `advice_wait_probability` set the pool size advice
     (`pool_offered_load`, `pool_advised_size`): the window the load is measured over, and the
     probability of waiting for a connection the advised size keeps under (Erlang C).
+    `server_view` (off by default) polls the server every `server_view_interval` seconds about what
+    each checked-out connection is doing (PostgreSQL, MySQL/MariaDB; README "My pool is exhausted: why?");
+    `server_view_queries` also shows each checkout's statement text, truncated, on /pools and / only.
     """
 
     def __init__(
@@ -72,6 +75,9 @@ class Exporter:
         multiprocess_interval: float = 1.0,
         advice_window: float = DEFAULT_WINDOW,
         advice_wait_probability: float = DEFAULT_WAIT_PROBABILITY,
+        server_view: bool = False,
+        server_view_interval: float = 5.0,
+        server_view_queries: bool = False,
     ) -> None:
         self.registry = REGISTRY if registry is None else registry
         self.namespace = validation.namespace(namespace)
@@ -83,6 +89,11 @@ class Exporter:
         self._interval = validation.seconds("multiprocess_interval", multiprocess_interval)
         self.advice_window = validation.seconds("advice_window", advice_window, upper=MAX_WINDOW)
         self.advice_wait_probability = validation.probability("advice_wait_probability", advice_wait_probability)
+        # What the database sees of each engine's checkouts (instrumentation/serverview.py): the default
+        # of every instrument() call of this Exporter.
+        self.server_view = bool(server_view)
+        self.server_view_interval = validation.seconds("server_view_interval", server_view_interval)
+        self.server_view_queries = bool(server_view_queries)
         self._lock = threading.RLock()
         # Held weakly by engine: a dropped engine takes its handle (and its series) with it.
         self._handles: weakref.WeakKeyDictionary[Engine, PoolHandle] = weakref.WeakKeyDictionary()
@@ -123,15 +134,27 @@ class Exporter:
         leak_threshold: float | None = None,
         statements: bool = True,
         transactions: bool = True,
+        server_view: bool | None = None,
+        server_view_interval: float | None = None,
+        server_view_queries: bool | None = None,
     ) -> PoolHandle:
         """Export one engine's pool, connections and transactions; a second call returns the same handle.
 
         `name` becomes the `pool` label (default `host:port/database`; a name a live engine already
         uses gets `#2`, `#3`…, with a WARNING when it was explicit). `leak_threshold` (seconds) warns,
-        with the checkout's stack, about connections held longer.
+        with the checkout's stack, about connections held longer. `server_view*` default to the Exporter's.
         """
         sync = sync_engine(engine)
         leak_threshold = validation.leak_threshold(leak_threshold)
+        server: dict[str, Any] = {
+            "server_view": self.server_view if server_view is None else bool(server_view),
+            "server_view_interval": self.server_view_interval
+            if server_view_interval is None
+            else validation.seconds("server_view_interval", server_view_interval),
+            "server_view_queries": self.server_view_queries
+            if server_view_queries is None
+            else bool(server_view_queries),
+        }
         taken = handle_of(sync)
         if taken is not None and isinstance(taken.owner, Exporter) and taken in taken.owner._automatic:
             # instrument_all() took it with its defaults (at create_engine()): the explicit call wins.
@@ -143,7 +166,7 @@ class Exporter:
                 raise RuntimeError("this Exporter is closed")
             existing = handle_of(sync)
             if existing is not None:
-                return self._same(existing, explicit, leak_threshold, statements, transactions)
+                return self._same(existing, explicit, leak_threshold, statements, transactions, server)
             if self.multiprocess_dir is not None and bounds != self.buckets:
                 raise ValueError(
                     "in multiprocess mode every engine of an Exporter uses its buckets: pass buckets= to the Exporter"
@@ -161,6 +184,7 @@ class Exporter:
                 application_name=appname.default(explicit),
                 advice_window=self.advice_window,
                 advice_wait_probability=self.advice_wait_probability,
+                **server,
             )
             self._handles[sync] = handle
             self._by_name[handle.name] = handle
@@ -204,7 +228,13 @@ class Exporter:
             log.error("engine %s is not instrumented: %s: %s", safe_url(engine.url), type(exc).__name__, exc)
 
     def _same(
-        self, existing: PoolHandle, name: str | None, leak_threshold: float | None, statements: bool, transactions: bool
+        self,
+        existing: PoolHandle,
+        name: str | None,
+        leak_threshold: float | None,
+        statements: bool,
+        transactions: bool,
+        server: Mapping[str, object] | None = None,
     ) -> PoolHandle:
         """instrument() on an engine already instrumented: the same handle, or an error saying why not."""
         if existing.owner is not self:
@@ -216,6 +246,7 @@ class Exporter:
             "leak_threshold": leak_threshold,
             "statements": statements,
             "transactions": transactions,
+            **(server or {}),
         }
         differs = {k: v for k, v in asked.items() if existing.options[k] != v}
         if name is not None and name != existing.name:
@@ -412,6 +443,9 @@ def instrument(
     statements: bool = True,
     transactions: bool = True,
     names: Names = "default",
+    server_view: bool | None = None,
+    server_view_interval: float | None = None,
+    server_view_queries: bool | None = None,
 ) -> PoolHandle:
     """Instrument `engine` with the default Exporter of `names` (in prometheus_client.REGISTRY): see Exporter."""
     return default_exporter(names=validation.names(names)).instrument(
@@ -421,6 +455,9 @@ def instrument(
         leak_threshold=leak_threshold,
         statements=statements,
         transactions=transactions,
+        server_view=server_view,
+        server_view_interval=server_view_interval,
+        server_view_queries=server_view_queries,
     )
 
 

@@ -1,7 +1,8 @@
 """Zero-code install: `create_engine("…?plugin=pool_exporter")` instruments the engine it creates.
 
 Options come from the URL query (`pool_exporter_name`, `pool_exporter_namespace`,
-`pool_exporter_names`, `pool_exporter_leak_threshold`) and are stripped before the driver sees them. This path never
+`pool_exporter_names`, `pool_exporter_leak_threshold`, `pool_exporter_server_view`=`true`|`false`,
+`pool_exporter_server_view_interval`) and are stripped before the driver sees them. This path never
 raises into create_engine(): a bad option or a failure to instrument is logged (the URL's password
 never is) and the engine works, uninstrumented or with that option left out.
 """
@@ -20,7 +21,8 @@ from .labels import safe_url
 log = logging.getLogger("sqlalchemy_pool_exporter")
 
 _PREFIX = "pool_exporter_"
-_OPTIONS = ("name", "namespace", "names", "leak_threshold")
+_OPTIONS = ("name", "namespace", "names", "leak_threshold", "server_view", "server_view_interval")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 class PoolExporterPlugin(CreateEnginePlugin):
@@ -43,6 +45,12 @@ class PoolExporterPlugin(CreateEnginePlugin):
                     self._options[option] = validation.namespace(value)
                 elif option == "names":
                     self._options[option] = validation.names(value)
+                elif option == "server_view":
+                    if str(value).lower() not in _BOOLEANS:
+                        raise ValueError(f"must be true or false, got {value!r}")
+                    self._options[option] = _BOOLEANS[str(value).lower()]
+                elif option == "server_view_interval":
+                    self._options[option] = validation.seconds(option, value)
                 else:
                     self._options[option] = validation.pool_name(value)
             except ValueError as exc:

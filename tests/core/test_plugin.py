@@ -111,3 +111,19 @@ def test_plugin_names_option() -> None:
     finally:
         handle.uninstrument()
         engine.dispose()
+
+
+def test_server_view_options_from_the_url() -> None:
+    engine = create_engine(
+        f"{PG_URL.replace('+asyncpg', '+psycopg')}?plugin=pool_exporter&pool_exporter_name=core_plugin_sv"
+        "&pool_exporter_server_view=true&pool_exporter_server_view_interval=0.5"
+    )
+    try:
+        handle = pool_exporter.handle_for(engine)
+        assert handle is not None and handle.server_view is not None
+        assert handle.server_view.interval == 0.5
+        assert handle.options["server_view"] is True
+    finally:
+        pool_exporter.uninstrument(engine)
+        engine.dispose()
+    assert handle.server_view is not None and not handle.server_view.running

@@ -223,11 +223,16 @@ class MultiprocessWriter:
         p, system, by_key = source.name, source.db_system, view.by_key
         reading = source.read()
         if reading is not None:
-            live = self._live.setdefault(p, set())
+            live: set[tuple[str, tuple[str, ...]]] = set()
             for key, labels, value in samples.gauges(reading):
                 full = tuple(view.labels(by_key[key], p, system, labels))
                 m[key].labels(*full).set(value)
                 live.add((key, full))
+            # A series this flush no longer has (a server state the holder left, a failed server-view poll)
+            # reads 0: the files cannot drop a series, and its last value would otherwise stay forever.
+            for key, full in self._live.get(p, set()) - live:
+                m[key].labels(*full).set(0)
+            self._live[p] = live
         written = self._written.setdefault(source, {})
         for key, labels, value in samples.counters(source.stats):
             before = written.get((key, labels), 0)

@@ -16,12 +16,13 @@ from sqlalchemy.engine import Engine
 
 from .. import metricnames, validation
 from ..labels import safe_url, server_labels
-from . import advice, appname, dialect, holders, views
+from . import advice, appname, backends, dialect, holders, views
 from .failures import Failures
 from .hooks import Hooks
 from .leaks import LeakTracker
 from .pool import PoolTap
 from .reading import PoolReading, read_pool
+from .serverview import ServerPoller
 from .stats import PoolStats
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -49,17 +50,27 @@ class PoolHandle:
         application_name: str | None = None,
         advice_window: float = advice.DEFAULT_WINDOW,
         advice_wait_probability: float = advice.DEFAULT_WAIT_PROBABILITY,
+        server_view: bool = False,
+        server_view_interval: float = 5.0,
+        server_view_queries: bool = False,
     ) -> None:
         self.name = name
         self.url = _printable_url(engine)
         self.db_system = metricnames.db_system(engine.dialect.name)
         self.owner = owner  # the Exporter that made this handle
         self.leak_threshold = leak_threshold
-        self.options = {"leak_threshold": leak_threshold, "statements": statements, "transactions": transactions}
+        self.options = {
+            "leak_threshold": leak_threshold,
+            "statements": statements,
+            "transactions": transactions,
+            "server_view": server_view,
+            "server_view_interval": server_view_interval,
+            "server_view_queries": server_view_queries,
+        }
         self.stats = PoolStats(buckets, max_holders)
         self.stats.transactions = transactions
         self.stats.window.configure(advice_window, advice_wait_probability)
-        self.server = server_labels(engine.url)
+        self.connects_to = server_labels(engine.url)
         self.fail = Failures(name, self.stats)
         self.leaks = LeakTracker(name, self.stats, leak_threshold, self.fail)
         self.hooks = Hooks()
@@ -77,6 +88,23 @@ class PoolHandle:
             self.hooks.undo()
             raise
         self.leaks.start()
+        # What the database sees of the checkouts (serverview.py); None: off, or a database we cannot ask.
+        self.server_view: ServerPoller | None = None
+        if server_view:
+            if backends.supported(engine.dialect.name, engine.dialect.driver):
+                self.server_view = ServerPoller(
+                    engine, self.stats, self.fail, interval=server_view_interval, queries=server_view_queries
+                )
+                self.server_view.start()
+            else:
+                log.warning(
+                    "pool %s: server_view needs PostgreSQL (asyncpg, psycopg, psycopg2) or MySQL/MariaDB "
+                    "(pymysql, mysqldb); %s+%s has none",
+                    name,
+                    engine.dialect.name,
+                    engine.dialect.driver,
+                    extra={"pool": name},
+                )
 
     def _wire(self, engine: Engine, *, statements: bool, transactions: bool, application_name: str | None) -> None:
         hooks = self.hooks
@@ -145,7 +173,7 @@ class PoolHandle:
         engine = self._engine()
         if engine is None:
             return None
-        return read_pool(engine.pool, self.stats, self.server)
+        return read_pool(engine.pool, self.stats, self.connects_to)
 
     def check_leaks(self) -> int:
         """Warn once for each connection held longer than the leak threshold; return how many."""
@@ -173,6 +201,8 @@ class PoolHandle:
         self.active = False
         self.hooks.undo()
         self.leaks.stop()
+        if self.server_view is not None:
+            self.server_view.stop()
         self._detach(self)
 
 

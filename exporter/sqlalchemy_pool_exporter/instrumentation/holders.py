@@ -25,6 +25,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 NONE = "none"
 OTHER = "other"
+# The server view's name for the connections the pool holds idle (serverview.py): an app's holder of
+# that name is counted under `other`, so the two never mix.
+POOL = "(pool)"
 DEFAULT_MAX_HOLDERS = 50
 
 # The current holder: a name, or a lazy one (an ASGI scope's route, known only after routing).
@@ -159,7 +162,7 @@ class Holders:
             return found
         if name is None or name == NONE:
             return self.none
-        if name == OTHER:
+        if name in (OTHER, POOL):
             return self.other
         if len(self.slots) - 1 >= self.max_holders:
             self.folded += 1

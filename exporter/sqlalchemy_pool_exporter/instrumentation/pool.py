@@ -21,7 +21,7 @@ from sqlalchemy.pool import Pool
 
 from .. import compat
 from ..labels import error_class
-from . import dialect, holders
+from . import backends, dialect, holders
 from .hooks import Hooks
 from .leaks import LeakTracker, capture_stack
 from .stats import Checkout, PoolStats, bump
@@ -59,9 +59,13 @@ class PoolTap:
         self.disposed_at: int | None = None
         # Set once dispose() ran: from then on a return may be a record of a dead pool (orphans).
         self._disposed = [False]
+        # The driver whose connections tell their backend id (backends.py); None: not one we know.
+        self._driver: str | None = None
 
     def install(self, engine: Engine) -> None:
         listen = self.hooks.listen
+        if backends.supported(engine.dialect.name, engine.dialect.driver):
+            self._driver = engine.dialect.driver
         # Pool events registered on the Engine follow it to the pool that dispose() creates. Returns
         # are seen through pool._return_conn (below), not the `checkin` event.
         listen(engine, "detach", self._on_detach)
@@ -251,9 +255,18 @@ class PoolTap:
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         self.stats.created += 1
+        # Once per new DBAPI connection, never per checkout: what the driver already knows, no round trip.
+        if self._driver is not None:
+            try:
+                pid = backends.backend_pid(self._driver, dbapi_connection)
+                if pid is not None:
+                    self.stats.backend_pids[record] = pid
+            except Exception as exc:
+                self.fail("backend_pid", exc)
 
     def _on_close(self, dbapi_connection: Any, record: Any) -> None:
         self.stats.closed += 1
+        self.stats.backend_pids.pop(record, None)
         if self._orphans:
             finalizer = self._orphans.pop(record, None)
             if finalizer is not None:

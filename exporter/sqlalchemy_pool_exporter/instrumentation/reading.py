@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
@@ -33,7 +33,9 @@ class PoolReading(NamedTuple):
     # The advice window's numbers (advice.py); None until it saw a checkout.
     advice: Advice | None = None
     # (server, database, driver) the pool connects to (labels.server_labels); None for file databases.
-    server: tuple[str, str, str] | None = None
+    connects_to: tuple[str, str, str] | None = None
+    # The last server view of the checkouts (serverview.ServerJoin); None: off, not yet, or the poll failed.
+    server: Any = None
 
 
 class PoolSource(Protocol):
@@ -55,7 +57,7 @@ class PoolSource(Protocol):
     def fail(self, where: str, exc: BaseException) -> None: ...
 
 
-def read_pool(pool: Pool, stats: PoolStats, server: tuple[str, str, str] | None = None) -> PoolReading:
+def read_pool(pool: Pool, stats: PoolStats, connects_to: tuple[str, str, str] | None = None) -> PoolReading:
     """Read live state where it lives: QueuePool counts itself; other pools through our checkouts."""
     now = perf_counter()
     advice = stats.window.advice(stats, now)
@@ -81,7 +83,8 @@ def read_pool(pool: Pool, stats: PoolStats, server: tuple[str, str, str] | None 
             oldest_checkout=oldest_checkout,
             holders=held_by,
             advice=advice,
-            server=server,
+            connects_to=connects_to,
+            server=stats.server,
         )
     return PoolReading(
         type(pool).__name__,
@@ -96,7 +99,8 @@ def read_pool(pool: Pool, stats: PoolStats, server: tuple[str, str, str] | None 
         oldest_checkout=oldest_checkout,
         holders=held_by,
         advice=advice,
-        server=server,
+        connects_to=connects_to,
+        server=stats.server,
     )
 
 

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 
 from .. import catalog
 from . import holders
+from .backends import STATES
 
 if TYPE_CHECKING:
     from .reading import PoolReading
+    from .serverview import ServerJoin
     from .stats import Histogram, PoolStats
 
 Labels = tuple[str, ...]
@@ -45,8 +47,24 @@ def gauges(r: PoolReading) -> Iterator[tuple[str, Labels, float]]:
     if r.advice is not None:
         yield "offered_load", (), r.advice.offered_load
         yield "advised_size", (), r.advice.advised_size
+    if r.connects_to is not None:
+        yield "info", r.connects_to, 1
     if r.server is not None:
-        yield "info", r.server, 1
+        yield from server_gauges(r.server)
+
+
+def server_gauges(server: ServerJoin) -> Iterator[tuple[str, Labels, float]]:
+    """The server view's numbers by holder (serverview.py), holders in name order, states in STATES order."""
+    for name in sorted(server.holders):
+        v = server.holders[name]
+        for state in STATES:
+            n = v.states.get(state)
+            if n:
+                yield "holder_server_connections", (name, state), n
+        yield "holder_lock_waiting", (name,), v.lock_waiting
+        yield "holder_blocking", (name,), v.blocking
+        yield "holder_oldest_transaction", (name,), v.oldest_transaction
+        yield "holder_idle_in_transaction", (name,), v.idle_in_transaction
 
 
 def counters(s: PoolStats) -> Iterator[tuple[str, Labels, float]]:

@@ -9,6 +9,7 @@ inside `x[i] += 1`), so counts stay exact for threaded sync engines too.
 from __future__ import annotations
 
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -101,6 +102,11 @@ class PoolStats:
         # The advice window (advice.py): read at scrape or flush only, from the counters above.
         self.window = Window()
         self.window.start(self)
+        # Pool record -> the server's id of the backend its DBAPI connection is (backends.py), set when
+        # the pool opens the connection, dropped when it closes it. Weak: a record may just vanish.
+        self.backend_pids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # The last joined server view (serverview.py), or None: off, not polled yet, or the poll failed.
+        self.server: Any = None
 
     @property
     def checkouts(self) -> dict[Any, Checkout]:

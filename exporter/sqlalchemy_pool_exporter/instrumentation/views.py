@@ -41,7 +41,11 @@ def _put(row: dict[str, Any], spec: catalog.MetricSpec, labels: samples.Labels, 
     if spec.flat and labels:
         row[labels[0]] = value
     elif labels:
-        row.setdefault(spec.field, {})[labels[0]] = value
+        # One level per label: {holder: n}, or {holder: {state: n}} for two.
+        target = row.setdefault(spec.field, {})
+        for label in labels[:-1]:
+            target = target.setdefault(label, {})
+        target[labels[-1]] = value
     else:
         row[spec.field] = value
 
@@ -60,8 +64,8 @@ def pool_row(source: PoolSource, reading: PoolReading | None) -> dict[str, Any]:
         row.setdefault("idle", None)
     for key, labels, count in samples.counters(source.stats):
         _put(row, catalog.BY_KEY[key], labels, count)
-    if reading is not None and reading.server is not None:
-        row["server"], row["database"], row["driver"] = reading.server
+    if reading is not None and reading.connects_to is not None:
+        row["server"], row["database"], row["driver"] = reading.connects_to
     advice = reading.advice if reading is not None else None
     if advice is not None:
         row["advice"] = {
@@ -181,19 +185,43 @@ def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str
     """The connections checked out now, oldest first: holder, age, whether a transaction is open, the
     stack that took it (when leak_threshold capture is on). In-process only: the files have no such list."""
     now = time.perf_counter()
+    server = stats.server
     rows = []
     for record, entry in sorted(tuple(stats.checked_out.items()), key=lambda item: item[1][0])[:top]:
         started = stats.open_transactions.get(record)
-        rows.append(
-            {
-                "holder": entry[3].name if entry[3] is not None else holders.NONE,
-                "age": round(now - entry[0], 3),
-                "in_transaction": started is not None,
-                "transaction_age": round(now - started, 3) if started is not None else None,
-                "stack": "".join(entry[2].format()) if entry[2] is not None else None,
-            }
-        )
+        row = {
+            "holder": entry[3].name if entry[3] is not None else holders.NONE,
+            "age": round(now - entry[0], 3),
+            "in_transaction": started is not None,
+            "transaction_age": round(now - started, 3) if started is not None else None,
+            "stack": "".join(entry[2].format()) if entry[2] is not None else None,
+        }
+        pid = stats.backend_pids.get(record)
+        if pid is not None:
+            row["backend_pid"] = pid
+        if server is not None:
+            row.update(server_fields(server, pid))
+        rows.append(row)
     return rows
+
+
+def server_fields(server: Any, pid: int | None) -> dict[str, Any]:
+    """What the server view's last poll says of backend `pid` (serverview.ServerJoin): state, wait, ages,
+    who blocks it. The statement text only when the poller was asked for it (server_view_queries)."""
+    b = server.backends.get(pid) if pid is not None else None
+    if b is None:
+        return {"server_state": None}
+    out: dict[str, Any] = {
+        "server_state": b.state,
+        "wait_event": f"{b.wait_event_type}:{b.wait_event}" if b.wait_event_type else None,
+        "server_transaction_age": round(b.transaction_age, 3) if b.transaction_age is not None else None,
+        "query_age": round(b.query_age, 3) if b.query_age is not None else None,
+        "blocked_by": [{"pid": p, "holder": server.holder_of.get(p)} for p in b.blocked_by],
+        "server_polled_at": server.at,
+    }
+    if b.query is not None:
+        out["query"] = b.query
+    return out
 
 
 def pools_from_metrics(metrics: Iterable[Metric], namespace: str) -> list[dict[str, Any]]:
@@ -287,12 +315,20 @@ def holder_table(rows: list[dict[str, Any]]) -> Table:
 
 def checkout_table(rows: list[dict[str, Any]]) -> Table:
     """The current checkouts of each pool, oldest first (in-process only)."""
-    head = ("pool", "holder", "held (s)", "in transaction", "transaction (s)")
-    body = [
-        (row["name"], c["holder"], c["age"], "yes" if c["in_transaction"] else "no", c["transaction_age"])
-        for row in rows
-        for c in row.get("checkouts_now") or ()
-    ]
+    head: tuple[str, ...] = ("pool", "holder", "held (s)", "in transaction", "transaction (s)")
+    server = any("server_state" in c for row in rows for c in row.get("checkouts_now") or ())
+    if server:
+        head += ("backend", "server state", "wait", "query (s)", "blocked by")
+    body = []
+    for row in rows:
+        for c in row.get("checkouts_now") or ():
+            line: tuple[Any, ...] = (
+                row["name"], c["holder"], c["age"], "yes" if c["in_transaction"] else "no", c["transaction_age"],
+            )  # fmt: skip
+            if server:
+                blocked = ", ".join(f"pid {b['pid']} ({b['holder'] or 'not ours'})" for b in c.get("blocked_by") or ())
+                line += (c.get("backend_pid"), c.get("server_state"), c.get("wait_event"), c.get("query_age"), blocked)
+            body.append(line)
     return head, body
 
 
