@@ -85,6 +85,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     closes = stats.transaction_histogram("close")
     commit_counts, rollback_counts, close_counts = commits.counts, rollbacks.counts, closes.counts
     bounds = commits.bounds
+    first = bounds[0]  # a transaction within the first bucket skips the bisect (pool.py's connect() says why)
     getframe, depth, rolled_back = sys._getframe, compat.ROLLBACK_DEPTH, compat.rolled_back
     explicit, closed = compat.EXPLICIT_ROLLBACK, compat.TRANSACTION_CLOSE
 
@@ -103,7 +104,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                 started = open_tx.pop(record_of(dbapi_connection), None)
                 if started is not None and on[0]:
                     took = perf_counter() - started
-                    commit_counts[bisect_left(bounds, took)] += 1  # commits.observe(took), inlined
+                    commit_counts[0 if took <= first else bisect_left(bounds, took)] += 1  # commits.observe(took), inlined
                     commits.sum += took
             except _NO_RECORD:
                 pass
@@ -125,10 +126,10 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                         except ValueError:  # fewer frames than that: no Transaction asked
                             ended = None
                         if ended is closed or (ended is not explicit and not rolled_back(getframe(1))):
-                            close_counts[bisect_left(bounds, took)] += 1  # closes.observe(took), inlined
+                            close_counts[0 if took <= first else bisect_left(bounds, took)] += 1  # closes.observe(took), inlined
                             closes.sum += took
                         else:
-                            rollback_counts[bisect_left(bounds, took)] += 1  # rollbacks.observe(took), inlined
+                            rollback_counts[0 if took <= first else bisect_left(bounds, took)] += 1  # rollbacks.observe(took), inlined
                             rollbacks.sum += took
                 except _NO_RECORD:
                     pass
@@ -161,6 +162,7 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) ->
     on = hooks.on
     by_statement: dict[str, Histogram] = {}
     bounds = stats.bounds["statement"]
+    first = bounds[0]
 
     def histogram_of(statement: str) -> Histogram:
         if len(by_statement) >= _STATEMENT_CACHE:
@@ -186,7 +188,7 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) ->
             try:
                 took = perf_counter() - started
                 hist = by_statement.get(statement) or histogram_of(statement)
-                hist.counts[bisect_left(bounds, took)] += 1  # hist.observe(took), inlined
+                hist.counts[0 if took <= first else bisect_left(bounds, took)] += 1  # hist.observe(took), inlined
                 hist.sum += took
             except Exception as exc:
                 fail("statement", exc)
