@@ -80,7 +80,6 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     on = hooks.on
     savepoints = stats.savepoints
     open_tx = stats.open_transactions
-    record_of = compat.fairy_record
     commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
     closes = stats.transaction_histogram("close")
     commit_counts, rollback_counts, close_counts = commits.counts, rollbacks.counts, closes.counts
@@ -92,7 +91,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     def begin(dbapi_connection: Any) -> None:
         if on[0]:
             try:  # noqa: SIM105 - contextlib.suppress costs a context manager per BEGIN
-                open_tx[record_of(dbapi_connection)] = perf_counter()
+                open_tx[dbapi_connection._connection_record] = perf_counter()  # compat.fairy_record, spelled out
             except _NO_RECORD:
                 pass
         b.do_begin(dialect, dbapi_connection)
@@ -101,10 +100,11 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
         c.do_commit(dialect, dbapi_connection)  # a failed COMMIT is followed by a ROLLBACK, recorded there
         if open_tx:
             try:
-                started = open_tx.pop(record_of(dbapi_connection), None)
+                started = open_tx.pop(dbapi_connection._connection_record, None)
                 if started is not None and on[0]:
                     took = perf_counter() - started
-                    commit_counts[0 if took <= first else bisect_left(bounds, took)] += 1  # commits.observe(took), inlined
+                    # commits.observe(took), inlined
+                    commit_counts[0 if took <= first else bisect_left(bounds, took)] += 1
                     commits.sum += took
             except _NO_RECORD:
                 pass
@@ -117,7 +117,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
         finally:
             if open_tx:  # empty: no transaction open in this pool, a reset-on-return (the usual case)
                 try:
-                    started = open_tx.pop(record_of(dbapi_connection), None)
+                    started = open_tx.pop(dbapi_connection._connection_record, None)
                     if started is not None and on[0]:
                         took = perf_counter() - started
                         ended: CodeType | None
@@ -126,10 +126,12 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                         except ValueError:  # fewer frames than that: no Transaction asked
                             ended = None
                         if ended is closed or (ended is not explicit and not rolled_back(getframe(1))):
-                            close_counts[0 if took <= first else bisect_left(bounds, took)] += 1  # closes.observe(took), inlined
+                            # closes.observe(took), inlined
+                            close_counts[0 if took <= first else bisect_left(bounds, took)] += 1
                             closes.sum += took
                         else:
-                            rollback_counts[0 if took <= first else bisect_left(bounds, took)] += 1  # rollbacks.observe(took), inlined
+                            # rollbacks.observe(took), inlined
+                            rollback_counts[0 if took <= first else bisect_left(bounds, took)] += 1
                             rollbacks.sum += took
                 except _NO_RECORD:
                     pass

@@ -119,8 +119,6 @@ class PoolTap:
         checkouts = stats.checked_out
         wait = stats.wait
         capture = self.leaks.threshold is not None
-        record_of = compat.fairy_record
-        fairy_ref_of = compat.record_fairy_ref
         on_timeout = self.on_timeout
         on_connect_error = self._on_connect_error
         fail = self.fail
@@ -162,7 +160,7 @@ class PoolTap:
                 waited = t1 - t0
                 wait_counts[0 if waited <= wait_first else bisect_left(wait_bounds, waited)] += 1
                 wait.sum += waited
-                record = record_of(fairy)
+                record = fairy._connection_record  # compat.fairy_record, spelled out: compat.py says why
                 if attributing[0]:
                     name = current()
                     if name is not None and name.__class__ is not str:
@@ -174,7 +172,7 @@ class PoolTap:
                     slot = None
                 # SQLAlchemy's own weak reference to the proxy (no new one): dead at return means
                 # the app dropped the connection and the garbage collector returned it.
-                checkouts[record] = (t1, fairy_ref_of(record), capture_stack() if capture else None, slot)
+                checkouts[record] = (t1, record.fairy_ref, capture_stack() if capture else None, slot)
                 if replaced[0]:
                     orphans.setdefault(record, None)
             except Exception as exc:
@@ -213,7 +211,8 @@ class PoolTap:
                     entry = checkouts.pop(record, None)
                     if entry is not None:
                         held = perf_counter() - entry[0]
-                        use_counts[0 if held <= use_first else bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
+                        # use.observe(held), inlined
+                        use_counts[0 if held <= use_first else bisect_left(use_bounds, held)] += 1
                         use.sum += held
                         slot = entry[3]
                         if slot is not None:
