@@ -80,18 +80,18 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     on = hooks.on
     savepoints = stats.savepoints
     open_tx = stats.open_transactions
-    record_of = compat.fairy_record
     commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
     closes = stats.transaction_histogram("close")
     commit_counts, rollback_counts, close_counts = commits.counts, rollbacks.counts, closes.counts
     bounds = commits.bounds
+    first = bounds[0]  # a transaction within the first bucket skips the bisect (pool.py's connect() says why)
     getframe, depth, rolled_back = sys._getframe, compat.ROLLBACK_DEPTH, compat.rolled_back
     explicit, closed = compat.EXPLICIT_ROLLBACK, compat.TRANSACTION_CLOSE
 
     def begin(dbapi_connection: Any) -> None:
         if on[0]:
             try:  # noqa: SIM105 - contextlib.suppress costs a context manager per BEGIN
-                open_tx[record_of(dbapi_connection)] = perf_counter()
+                open_tx[dbapi_connection._connection_record] = perf_counter()  # compat.fairy_record, spelled out
             except _NO_RECORD:
                 pass
         b.do_begin(dialect, dbapi_connection)
@@ -100,10 +100,11 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
         c.do_commit(dialect, dbapi_connection)  # a failed COMMIT is followed by a ROLLBACK, recorded there
         if open_tx:
             try:
-                started = open_tx.pop(record_of(dbapi_connection), None)
+                started = open_tx.pop(dbapi_connection._connection_record, None)
                 if started is not None and on[0]:
                     took = perf_counter() - started
-                    commit_counts[bisect_left(bounds, took)] += 1  # commits.observe(took), inlined
+                    # commits.observe(took), inlined
+                    commit_counts[0 if took <= first else bisect_left(bounds, took)] += 1
                     commits.sum += took
             except _NO_RECORD:
                 pass
@@ -116,7 +117,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
         finally:
             if open_tx:  # empty: no transaction open in this pool, a reset-on-return (the usual case)
                 try:
-                    started = open_tx.pop(record_of(dbapi_connection), None)
+                    started = open_tx.pop(dbapi_connection._connection_record, None)
                     if started is not None and on[0]:
                         took = perf_counter() - started
                         ended: CodeType | None
@@ -125,10 +126,12 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                         except ValueError:  # fewer frames than that: no Transaction asked
                             ended = None
                         if ended is closed or (ended is not explicit and not rolled_back(getframe(1))):
-                            close_counts[bisect_left(bounds, took)] += 1  # closes.observe(took), inlined
+                            # closes.observe(took), inlined
+                            close_counts[0 if took <= first else bisect_left(bounds, took)] += 1
                             closes.sum += took
                         else:
-                            rollback_counts[bisect_left(bounds, took)] += 1  # rollbacks.observe(took), inlined
+                            # rollbacks.observe(took), inlined
+                            rollback_counts[0 if took <= first else bisect_left(bounds, took)] += 1
                             rollbacks.sum += took
                 except _NO_RECORD:
                     pass
@@ -161,6 +164,7 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) ->
     on = hooks.on
     by_statement: dict[str, Histogram] = {}
     bounds = stats.bounds["statement"]
+    first = bounds[0]
 
     def histogram_of(statement: str) -> Histogram:
         if len(by_statement) >= _STATEMENT_CACHE:
@@ -186,7 +190,7 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) ->
             try:
                 took = perf_counter() - started
                 hist = by_statement.get(statement) or histogram_of(statement)
-                hist.counts[bisect_left(bounds, took)] += 1  # hist.observe(took), inlined
+                hist.counts[0 if took <= first else bisect_left(bounds, took)] += 1  # hist.observe(took), inlined
                 hist.sum += took
             except Exception as exc:
                 fail("statement", exc)

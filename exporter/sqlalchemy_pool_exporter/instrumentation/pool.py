@@ -123,8 +123,6 @@ class PoolTap:
         checkouts = stats.checked_out
         wait = stats.wait
         capture = self.leaks.threshold is not None
-        record_of = compat.fairy_record
-        fairy_ref_of = compat.record_fairy_ref
         on_timeout = self.on_timeout
         on_connect_error = self._on_connect_error
         fail = self.fail
@@ -132,6 +130,8 @@ class PoolTap:
         # Histogram.observe() inlined; the counts list is never replaced, so it can be held.
         wait_counts = wait.counts
         wait_bounds = wait.bounds
+        # Most uncontended waits fall in the first bucket: one float comparison instead of a bisect.
+        wait_first = wait_bounds[0]
         replaced = self._replaced_flag(pool)
         # Holder attribution (holders.py): off until a holder is ever set, then one ContextVar read
         # and one dict lookup per checkout; the slot travels with the checkout to its return.
@@ -162,9 +162,9 @@ class PoolTap:
                 drop_waiter(t0)
                 t1 = perf_counter()
                 waited = t1 - t0
-                wait_counts[bisect_left(wait_bounds, waited)] += 1
+                wait_counts[0 if waited <= wait_first else bisect_left(wait_bounds, waited)] += 1
                 wait.sum += waited
-                record = record_of(fairy)
+                record = fairy._connection_record  # compat.fairy_record, spelled out: compat.py says why
                 if attributing[0]:
                     name = current()
                     if name is not None and name.__class__ is not str:
@@ -176,7 +176,7 @@ class PoolTap:
                     slot = None
                 # SQLAlchemy's own weak reference to the proxy (no new one): dead at return means
                 # the app dropped the connection and the garbage collector returned it.
-                checkouts[record] = (t1, fairy_ref_of(record), capture_stack() if capture else None, slot)
+                checkouts[record] = (t1, record.fairy_ref, capture_stack() if capture else None, slot)
                 if replaced[0]:
                     orphans.setdefault(record, None)
             except Exception as exc:
@@ -203,6 +203,7 @@ class PoolTap:
         use = self.stats.use
         use_counts = use.counts
         use_bounds = use.bounds
+        use_first = use_bounds[0]  # a return within the first bucket skips the bisect, as in connect()
         leak_warned = self.leaks.warned
         disposed = self._disposed  # a list flag: a WeakKeyDictionary's len() would be a Python call
         returned_late = self._returned_late
@@ -214,7 +215,8 @@ class PoolTap:
                     entry = checkouts.pop(record, None)
                     if entry is not None:
                         held = perf_counter() - entry[0]
-                        use_counts[bisect_left(use_bounds, held)] += 1  # use.observe(held), inlined
+                        # use.observe(held), inlined
+                        use_counts[0 if held <= use_first else bisect_left(use_bounds, held)] += 1
                         use.sum += held
                         slot = entry[3]
                         if slot is not None:
