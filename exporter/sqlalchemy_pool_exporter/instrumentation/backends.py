@@ -6,6 +6,9 @@ opens a connection (PoolTap's `connect` event), from what the driver already kno
 mysqlclient's `thread_id()` (the id of the handshake, `CONNECTION_ID()` without a round trip). No
 statement is sent and nothing runs per checkout. Other drivers and databases: no id, no server view.
 
+Tested on PostgreSQL 15 and MariaDB 10.11 (PyMySQL); a MySQL server that is not MariaDB is refused
+(`check_server()`): its lock-wait table and statement timeout differ and are untested.
+
 `fetch()` asks the server about a set of backend ids on a DBAPI cursor of our own: one snapshot of
 PostgreSQL's `pg_stat_activity` and `pg_blocking_pids()`, or MariaDB's `PROCESSLIST`, `INNODB_TRX`
 and `INNODB_LOCK_WAITS`, as the same `Backend` rows. The ids are ours (ints), written into the SQL
@@ -182,6 +185,24 @@ def fetch(
     if dialect_name == "postgresql":
         return _pg(cursor, pids, queries)
     return _my(cursor, pids, queries)
+
+
+class Unsupported(Exception):
+    """The server is one whose tables we have not checked (MySQL itself, not MariaDB): no server view."""
+
+
+def check_server(dialect_name: str, connection: Any) -> None:
+    """Raise Unsupported unless the server is PostgreSQL or MariaDB, the servers these queries were tested on.
+
+    MySQL 8 has no INNODB_LOCK_WAITS (performance_schema.data_lock_waits instead) and no
+    max_statement_time (max_execution_time): untested, so refused rather than guessed.
+    """
+    if dialect_name == "postgresql":
+        return
+    info = _driver_connection(connection).get_server_info()
+    version = info.decode() if isinstance(info, bytes) else str(info)
+    if "mariadb" not in version.lower():
+        raise Unsupported(f"server {version[:40]!r} is not MariaDB")
 
 
 def session_setup(dialect_name: str, timeout: float) -> list[str]:
