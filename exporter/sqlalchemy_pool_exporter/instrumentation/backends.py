@@ -98,7 +98,7 @@ SELECT a.pid, coalesce(a.state, 'unknown'), coalesce(a.wait_event_type, ''), coa
        extract(epoch FROM clock_timestamp() - a.query_start)::float8,
        extract(epoch FROM clock_timestamp() - a.state_change)::float8,
        pg_blocking_pids(a.pid), {query}
-FROM pg_stat_activity a WHERE a.pid = ANY(ARRAY[{ids}]::int[])
+FROM pg_stat_activity a WHERE a.pid = ANY(ARRAY[{ids}]::int[]){where}
 """
 # Backends anywhere on the server waiting on a lock that one of `ids` holds (or waits ahead of them for).
 _PG_BLOCKED = """
@@ -107,10 +107,12 @@ WHERE w.wait_event_type = 'Lock' AND b = ANY(ARRAY[{ids}]::int[]) LIMIT {limit}
 """
 
 
-def _pg(cursor: Any, pids: set[int], queries: bool) -> tuple[dict[int, Backend], list[tuple[int, int]]]:
+def _pg(
+    cursor: Any, pids: set[int], queries: bool, where: str = ""
+) -> tuple[dict[int, Backend], list[tuple[int, int]]]:
     ids = _ids(pids)
     query = f"left(a.query, {QUERY_CHARS})" if queries else "NULL"
-    cursor.execute(_PG_ACTIVITY.format(query=query, ids=ids))
+    cursor.execute(_PG_ACTIVITY.format(query=query, ids=ids, where=where))
     rows: dict[int, Backend] = {}
     for r in cursor.fetchmany(MAX_ROWS):
         state = r[1] if r[1] in STATES else "unknown"
@@ -177,13 +179,16 @@ def _my(cursor: Any, pids: set[int], queries: bool) -> tuple[dict[int, Backend],
 
 
 def fetch(
-    dialect_name: str, cursor: Any, pids: set[int], queries: bool = False
+    dialect_name: str, cursor: Any, pids: set[int], queries: bool = False, where: str = ""
 ) -> tuple[dict[int, Backend], list[tuple[int, int]]]:
-    """The server's rows for `pids` and every (waiter, blocker) lock edge whose blocker is one of `pids`."""
+    """The server's rows for `pids` and every (waiter, blocker) lock edge whose blocker is one of `pids`.
+
+    `where` (PostgreSQL only, the sidecar's database scope) narrows the rows: ` AND a.datname = ...`.
+    """
     if not pids:
         return {}, []
     if dialect_name == "postgresql":
-        return _pg(cursor, pids, queries)
+        return _pg(cursor, pids, queries, where)
     return _my(cursor, pids, queries)
 
 

@@ -42,7 +42,7 @@ from .. import catalog
 from ..exposition.writer import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 from ..instrumentation import views
 from ..metricnames import NAMES, view
-from . import mpfile
+from . import checkouts, mpfile
 from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
 from .daemon import DaemonExecutor
 from .quarantine import Quarantine
@@ -163,6 +163,12 @@ class Sidecar(Collector):
         self.failure: str | None = None  # why the last merge failed, None when it worked
         self.view = LatestMerge(self)
         self._claimed = _claimed(namespace)
+        # Set by `serve` when its server view joins the workers' checkouts (service/pgview.py): the holder
+        # families it exports instead of the workers' copies (which this merge then drops: no double count).
+        self.joined: Callable[[], list[Metric]] | None = None
+        self._joined_names = {
+            view(namespace, names).by_key[key].name for names in NAMES for key in checkouts.JOINED_KEYS
+        }
         self._inflight: asyncio.Future[list[Metric]] | None = None
         self._inflight_until = 0.0
         try:
@@ -203,6 +209,8 @@ class Sidecar(Collector):
         if self.failure is not None:
             log.info("merging %s works again", self.directory)
         self.failure = None
+        if self.joined is not None:
+            metrics = [m for m in metrics if m.name not in self._joined_names]
         self.latest = metrics
         return metrics
 
@@ -347,6 +355,8 @@ class Sidecar(Collector):
                 self._compact(batch, reader)
                 for pid in batch:
                     self.compaction.clear(alive_path(self.directory, pid).name)
+                    with contextlib.suppress(OSError):
+                        os.unlink(checkouts.path(self.directory, pid))
                     self._seen_alive.discard(pid)
                 self.reaped += len(batch)
                 log.info("reaped %d dead worker(s): %s", len(batch), ", ".join(map(str, batch)))
@@ -391,8 +401,26 @@ class Sidecar(Collector):
             future.exception()  # retrieved, even when every waiter gave up
 
     async def pools(self) -> list[dict[str, Any]]:
-        """Per-pool numbers rebuilt from the merged metrics, for /pools and / in sidecar mode."""
-        return views.pools_from_metrics(await self.refresh(), self.namespace)
+        """Per-pool numbers from the merged metrics (and the server join's), for /pools and / in sidecar mode."""
+        merged = await self.refresh()
+        return views.pools_from_metrics([*merged, *(self.joined() if self.joined else ())], self.namespace)
+
+    def checkouts(self) -> list[checkouts.Held]:
+        """The live workers' checkouts (sidecar/checkouts.py), bounded; bad files quarantined. Blocking."""
+        now = time.time()
+
+        def live(pid: int) -> bool:
+            try:
+                return now - alive_path(self.directory, pid).lstat().st_mtime <= self.stale_after
+            except OSError:
+                return False
+
+        try:
+            return checkouts.read(self.directory, live, self.quarantine.move)
+        except OSError as exc:  # the directory itself
+            self.errors += 1
+            log.warning("cannot read the checkouts in %s: %s", self.directory, exc.strerror)
+            return []
 
     def checks(self) -> dict[str, Callable[[], Any]]:
         async def directory() -> None:
