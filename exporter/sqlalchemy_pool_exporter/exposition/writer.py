@@ -30,6 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from .. import catalog, compat
 from .._version import __version__
 from ..instrumentation import samples
+from . import checkouts
 
 if TYPE_CHECKING:
     from ..instrumentation.reading import PoolSource
@@ -85,6 +86,7 @@ class MultiprocessWriter:
         self._failing_since: float | None = None
         self._failures = 0
         self._logged_at = -LOG_EVERY
+        self._wrote_checkouts = False
         self.closed = False
         self._problem = self._check_mode()
 
@@ -136,12 +138,14 @@ class MultiprocessWriter:
         _FORK_WRITERS.discard(self)
         with contextlib.suppress(OSError):
             alive_path(self.directory, os.getpid()).unlink(missing_ok=True)
+        checkouts.remove(self.directory, os.getpid())
 
     def _at_exit(self) -> None:
         self._stop.set()
         self.flush()
         with contextlib.suppress(OSError):
             alive_path(self.directory, os.getpid()).unlink(missing_ok=True)
+        checkouts.remove(self.directory, os.getpid())
 
     def after_fork(self) -> None:
         # The parent already wrote what it counted before the fork; the child starts from there.
@@ -151,6 +155,7 @@ class MultiprocessWriter:
             for key, labels, hist in samples.histograms(source.stats):
                 written[(key, labels)] = (list(hist.counts), hist.sum)
             self._written[source] = written
+        self._wrote_checkouts = False  # the parent's file is the parent's
         if not self.closed:
             self._start_thread()
 
@@ -179,12 +184,25 @@ class MultiprocessWriter:
                 for gone in self._names - names:
                     self._zero_live(gone)
                 self._names = names
+                self._write_checkouts(sources)
             except (OSError, RuntimeError) as exc:
                 self._environment_failed(exc, sources)
                 return
         if self._failing_since is not None:
             log.warning("multiprocess directory %s is writable again", self.directory)
             self._failing_since = None
+
+    def _write_checkouts(self, sources: list[PoolSource]) -> None:
+        """This worker's checkouts with their backend ids, for the sidecar's join (exposition/checkouts.py)."""
+        try:
+            found = checkouts.entries(sources)
+        except Exception as exc:  # ours: counted on the first pool, never raised into the flush
+            if sources:
+                sources[0].fail("multiprocess_flush", exc)
+            return
+        if found or self._wrote_checkouts:
+            checkouts.write(self.directory, os.getpid(), found)
+            self._wrote_checkouts = bool(found)
 
     def _environment_failed(self, exc: BaseException, sources: list[PoolSource]) -> None:
         """The directory (not our code) failed: count it on every pool, log once, then throttled."""

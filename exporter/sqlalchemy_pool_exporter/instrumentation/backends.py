@@ -6,6 +6,9 @@ opens a connection (PoolTap's `connect` event), from what the driver already kno
 mysqlclient's `thread_id()` (the id of the handshake, `CONNECTION_ID()` without a round trip). No
 statement is sent and nothing runs per checkout. Other drivers and databases: no id, no server view.
 
+Tested on PostgreSQL 15 and MariaDB 10.11 (PyMySQL); a MySQL server that is not MariaDB is refused
+(`check_server()`): its lock-wait table and statement timeout differ and are untested.
+
 `fetch()` asks the server about a set of backend ids on a DBAPI cursor of our own: one snapshot of
 PostgreSQL's `pg_stat_activity` and `pg_blocking_pids()`, or MariaDB's `PROCESSLIST`, `INNODB_TRX`
 and `INNODB_LOCK_WAITS`, as the same `Backend` rows. The ids are ours (ints), written into the SQL
@@ -95,7 +98,7 @@ SELECT a.pid, coalesce(a.state, 'unknown'), coalesce(a.wait_event_type, ''), coa
        extract(epoch FROM clock_timestamp() - a.query_start)::float8,
        extract(epoch FROM clock_timestamp() - a.state_change)::float8,
        pg_blocking_pids(a.pid), {query}
-FROM pg_stat_activity a WHERE a.pid = ANY(ARRAY[{ids}]::int[])
+FROM pg_stat_activity a WHERE a.pid = ANY(ARRAY[{ids}]::int[]){where}
 """
 # Backends anywhere on the server waiting on a lock that one of `ids` holds (or waits ahead of them for).
 _PG_BLOCKED = """
@@ -104,10 +107,12 @@ WHERE w.wait_event_type = 'Lock' AND b = ANY(ARRAY[{ids}]::int[]) LIMIT {limit}
 """
 
 
-def _pg(cursor: Any, pids: set[int], queries: bool) -> tuple[dict[int, Backend], list[tuple[int, int]]]:
+def _pg(
+    cursor: Any, pids: set[int], queries: bool, where: str = ""
+) -> tuple[dict[int, Backend], list[tuple[int, int]]]:
     ids = _ids(pids)
     query = f"left(a.query, {QUERY_CHARS})" if queries else "NULL"
-    cursor.execute(_PG_ACTIVITY.format(query=query, ids=ids))
+    cursor.execute(_PG_ACTIVITY.format(query=query, ids=ids, where=where))
     rows: dict[int, Backend] = {}
     for r in cursor.fetchmany(MAX_ROWS):
         state = r[1] if r[1] in STATES else "unknown"
@@ -174,14 +179,35 @@ def _my(cursor: Any, pids: set[int], queries: bool) -> tuple[dict[int, Backend],
 
 
 def fetch(
-    dialect_name: str, cursor: Any, pids: set[int], queries: bool = False
+    dialect_name: str, cursor: Any, pids: set[int], queries: bool = False, where: str = ""
 ) -> tuple[dict[int, Backend], list[tuple[int, int]]]:
-    """The server's rows for `pids` and every (waiter, blocker) lock edge whose blocker is one of `pids`."""
+    """The server's rows for `pids` and every (waiter, blocker) lock edge whose blocker is one of `pids`.
+
+    `where` (PostgreSQL only, the sidecar's database scope) narrows the rows: ` AND a.datname = ...`.
+    """
     if not pids:
         return {}, []
     if dialect_name == "postgresql":
-        return _pg(cursor, pids, queries)
+        return _pg(cursor, pids, queries, where)
     return _my(cursor, pids, queries)
+
+
+class Unsupported(Exception):
+    """The server is one whose tables we have not checked (MySQL itself, not MariaDB): no server view."""
+
+
+def check_server(dialect_name: str, connection: Any) -> None:
+    """Raise Unsupported unless the server is PostgreSQL or MariaDB, the servers these queries were tested on.
+
+    MySQL 8 has no INNODB_LOCK_WAITS (performance_schema.data_lock_waits instead) and no
+    max_statement_time (max_execution_time): untested, so refused rather than guessed.
+    """
+    if dialect_name == "postgresql":
+        return
+    info = _driver_connection(connection).get_server_info()
+    version = info.decode() if isinstance(info, bytes) else str(info)
+    if "mariadb" not in version.lower():
+        raise Unsupported(f"server {version[:40]!r} is not MariaDB")
 
 
 def session_setup(dialect_name: str, timeout: float) -> list[str]:

@@ -206,6 +206,10 @@ class ServerPoller:
             names = [slot.name for slot in self.stats.holders.all()] if holders.ATTRIBUTING[0] else []
             self.stats.server = join(held, rows, edges, names, time.time())
             self.polls += 1
+        except backends.Unsupported as exc:
+            self.stats.server = None
+            self._stop.set()
+            log.warning("pool %s: no server view: %s", self.fail.pool, exc, extra={"pool": self.fail.pool})
         except Exception as exc:
             self.stats.server = None
             self._failed(exc)
@@ -219,6 +223,7 @@ class ServerPoller:
                 raise RuntimeError("cannot open a connection outside the pool with this SQLAlchemy version")
             connection = creator()
             try:
+                backends.check_server(self.dialect_name, connection)
                 cursor = connection.cursor()
                 for statement in backends.session_setup(self.dialect_name, self.timeout):
                     cursor.execute(statement)

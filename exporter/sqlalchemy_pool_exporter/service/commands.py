@@ -32,6 +32,9 @@ from .settings import SettingError, Settings
 from .startup import Startup
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ..sidecar.checkouts import Held
     from ..sidecar.merge import Sidecar
 
 log = logging.getLogger("sqlalchemy_pool_exporter")
@@ -356,6 +359,15 @@ def _readiness(sidecar: Sidecar) -> Readiness:
     return Readiness(sidecar.checks, timeout=sidecar.deadline + 1.0, details=sidecar.details)
 
 
+def _checkouts_of(sidecar: Sidecar) -> Callable[[], Awaitable[list[Held]]]:
+    """The workers' checkouts, read on the sidecar's own thread (between merges, never on the loop)."""
+
+    async def read() -> list[Held]:
+        return await asyncio.wrap_future(sidecar.executor.submit(sidecar.checkouts))
+
+    return read
+
+
 async def run_serve(settings: Settings, startup: Startup) -> int:
     """The sidecar: merged multiprocess metrics and/or PostgreSQL's view, until SIGTERM/SIGINT."""
     from ..sidecar.merge import Sidecar
@@ -381,10 +393,14 @@ async def run_serve(settings: Settings, startup: Startup) -> int:
             namespace=settings.namespace,
             interval=settings.probe_interval,
             databases=settings.server_view_databases,
+            checkouts=_checkouts_of(sidecar) if sidecar is not None else None,
         )
         if url
         else None
     )
+    if sidecar is not None and view is not None:
+        # The server view joins the workers' checkouts itself: its holder series replace the workers'.
+        sidecar.joined = view.joined
     if sidecar is not None:
         # /metrics awaits sidecar.refresh, the merge it shares with /pools, / and /readyz, then renders
         # its result: nothing merges twice, and no render waits behind a merge.

@@ -3,6 +3,13 @@
 It shows what no client-side pool can: connections from apps we do not instrument, and sessions
 left "idle in transaction". The collector only renders the last poll, so a scrape never waits on
 the database; `up` says whether that poll worked.
+
+With a multiprocess directory (`checkouts`), each poll also joins the workers' checkouts (each one's
+backend pid and holder, sidecar/checkouts.py) with the server's rows for those pids, in the same
+transaction (backends.fetch: pg_stat_activity + pg_blocking_pids(), limited to the watched databases),
+and exports the holder series (holder_server_connections, ...) itself, for all workers at once: a
+waiter blocked by one holder's connections in two workers counts once. The sidecar then drops the
+workers' own copies of those series from its merge (Sidecar.joined), so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -22,7 +30,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from .. import catalog, validation
+from ..instrumentation import backends, samples, serverview
 from ..labels import safe_url, server_labels
+from ..metricnames import view as names_view
+from ..sidecar.checkouts import JOINED_KEYS
+
+if TYPE_CHECKING:
+    from ..sidecar.checkouts import Held
 
 log = logging.getLogger("sqlalchemy_pool_exporter.pgview")
 
@@ -56,6 +70,14 @@ _RESERVED = text(
     " + coalesce(current_setting('reserved_connections', true)::int, 0)"
 )
 
+# The same scopes for the join's rows (backends.fetch's `where`, literal SQL: no bind parameters there).
+_JOIN_SCOPE = {"url": " AND a.datname = current_database()", "all": ""}
+
+
+def _literal(name: str) -> str:
+    # standard_conforming_strings is on (the default since 9.1): only a quote needs doubling.
+    return "'" + name.replace("'", "''") + "'"
+
 
 @dataclass(frozen=True)
 class ServerReading:
@@ -64,6 +86,9 @@ class ServerReading:
     max_connections: int = 0
     probe_seconds: float = 0.0
     reserved_connections: int = 0
+    # The join of the workers' checkouts with the server's rows, by pool (None: no checkouts to join).
+    joins: dict[str, serverview.ServerJoin] | None = None
+    held: tuple[Held, ...] = ()
 
 
 def probe_url(url: URL) -> URL:
@@ -83,16 +108,19 @@ class ServerView(Collector):
         interval: float = 15.0,
         timeout: float | None = None,
         databases: tuple[str, ...] | None = None,
+        checkouts: Callable[[], Awaitable[list[Held]]] | None = None,
     ) -> None:
         self.url = probe_url(url)
+        self.checkouts = checkouts
         self.databases = databases
         self._params: dict[str, list[str]] = {}
         if databases is None:
-            which = _DATABASES["url"]
+            which, self._join_scope = _DATABASES["url"], _JOIN_SCOPE["url"]
         elif databases == (validation.ALL_DATABASES,):
-            which = _DATABASES["all"]
+            which, self._join_scope = _DATABASES["all"], _JOIN_SCOPE["all"]
         else:
             which = _DATABASES["named"]
+            self._join_scope = f" AND a.datname IN ({', '.join(map(_literal, databases))})"
             self._params = {"databases": list(databases)}
         self._connections = text(_CONNECTIONS.format(databases=which))
         self._oldest = text(_OLDEST.format(databases=which))
@@ -137,22 +165,38 @@ class ServerView(Collector):
             reading.max_connections,
             time.perf_counter() - started,
             reading.reserved_connections,
+            reading.joins,
+            reading.held,
         )
         return True
 
     async def _query(self) -> ServerReading:
+        held = await self.checkouts() if self.checkouts is not None else None
+        pids = {h.pid for h in held or ()}
+        found: tuple[dict[int, backends.Backend], list[tuple[int, int]]] = ({}, [])
         async with self._get_engine().connect() as conn:
             rows = (await conn.execute(self._connections, self._params)).all()
             oldest = (await conn.execute(self._oldest, self._params)).all()
             max_connections = (await conn.execute(_MAX)).scalar_one()
             reserved = (await conn.execute(_RESERVED)).scalar_one()
+            if pids:
+                found = await conn.run_sync(self._fetch, pids)
             await conn.rollback()
         return ServerReading(
             connections={(r[0], r[1], r[2]): int(r[3]) for r in rows},
             oldest_transaction={r[0]: float(r[1]) for r in oldest},
             max_connections=int(max_connections),
             reserved_connections=int(reserved),
+            joins=join_by_pool(held, *found, time.time()) if held is not None else None,
+            held=tuple(held or ()),
         )
+
+    def _fetch(self, conn: Any, pids: set[int]) -> tuple[dict[int, backends.Backend], list[tuple[int, int]]]:
+        cursor = conn.connection.cursor()
+        try:
+            return backends.fetch("postgresql", cursor, pids, where=self._join_scope)
+        finally:
+            cursor.close()
 
     async def start(self) -> None:
         """First poll now (so the first scrape has numbers), then every `interval` in the background."""
@@ -173,6 +217,11 @@ class ServerView(Collector):
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
+
+    def joined(self) -> list[Metric]:
+        """The holder series of the last poll's join (none when it failed or had nothing to join)."""
+        reading = self.reading
+        return list(holder_families(reading.joins, self.namespace)) if reading and reading.joins is not None else []
 
     def collect(self) -> Iterator[Metric]:
         specs = {spec.key: spec for spec in catalog.SERVER_CATALOG}
@@ -209,6 +258,7 @@ class ServerView(Collector):
             info = family("info")
             info.add_metric([self.server], 1)
             yield info
+        yield from self.joined()
 
     def limit(self) -> int | None:
         """Connections the server allows applications (max_connections minus the reserved); None: no reading."""
@@ -219,3 +269,26 @@ class ServerView(Collector):
         """(server, limit) for the sidecar's /pools; None without a reading or a server name."""
         limit = self.limit()
         return None if limit is None or self.server is None else (self.server, limit)
+
+
+def join_by_pool(
+    held: list[Held], rows: dict[int, backends.Backend], edges: list[tuple[int, int]], at: float
+) -> dict[str, serverview.ServerJoin]:
+    """serverview.join() for each pool the workers' checkouts name."""
+    by_pool: dict[str, list[tuple[int, str]]] = {}
+    for h in held:
+        by_pool.setdefault(h.pool, []).append((h.pid, h.holder))
+    return {pool: serverview.join(pairs, rows, edges, (), at) for pool, pairs in by_pool.items()}
+
+
+def holder_families(joins: dict[str, serverview.ServerJoin], namespace: str) -> Iterator[Metric]:
+    """The joined holder series, under our default names (pools_from_metrics reads them for /pools)."""
+    v = names_view(namespace, "default")
+    families = {
+        key: GaugeMetricFamily(v.by_key[key].name, v.by_key[key].spec.help, labels=list(v.by_key[key].labelnames))
+        for key in JOINED_KEYS
+    }
+    for pool in sorted(joins):
+        for key, labels, value in samples.server_gauges(joins[pool]):
+            families[key].add_metric([pool, *labels], value)
+    yield from families.values()

@@ -43,7 +43,7 @@ from .. import catalog
 from ..exposition.writer import ALIVE_SUFFIX, DEFAULT_INTERVAL, alive_path
 from ..instrumentation import advice, views
 from ..metricnames import NAMES, view
-from . import mpfile
+from . import checkouts, mpfile
 from .compaction import BATCH, JOURNAL, Budget, Compaction, MergeFailed
 from .daemon import DaemonExecutor
 from .quarantine import Quarantine
@@ -174,6 +174,12 @@ class Sidecar(Collector):
         self.failure: str | None = None  # why the last merge failed, None when it worked
         self.view = LatestMerge(self)
         self._claimed = _claimed(namespace)
+        # Set by `serve` when its server view joins the workers' checkouts (service/pgview.py): the holder
+        # families it exports instead of the workers' copies (which this merge then drops: no double count).
+        self.joined: Callable[[], list[Metric]] | None = None
+        self._joined_names = {
+            view(namespace, names).by_key[key].name for names in NAMES for key in checkouts.JOINED_KEYS
+        }
         self._inflight: asyncio.Future[list[Metric]] | None = None
         self._inflight_until = 0.0
         try:
@@ -214,6 +220,8 @@ class Sidecar(Collector):
         if self.failure is not None:
             log.info("merging %s works again", self.directory)
         self.failure = None
+        if self.joined is not None:
+            metrics = [m for m in metrics if m.name not in self._joined_names]
         self.latest = metrics
         try:
             self._sample(metrics)
@@ -227,15 +235,15 @@ class Sidecar(Collector):
         counters = views.advice_counters(metrics, self.namespace)
         for gone in set(self._windows) - set(counters):
             del self._windows[gone]
-        for pool, (checkouts, held, created) in counters.items():
-            if not (math.isfinite(checkouts) and math.isfinite(held) and math.isfinite(created)):
+        for pool, (taken, held, created) in counters.items():
+            if not (math.isfinite(taken) and math.isfinite(held) and math.isfinite(created)):
                 continue  # a file said NaN or Inf: no words for that pool
             window = self._windows.get(pool)
             if window is None:
                 if len(self._windows) >= MAX_WINDOWS:
                     continue
                 window = self._windows[pool] = advice.Window(self.advice_window)
-            window.add(advice.Snapshot(now, int(checkouts), held, int(created)))
+            window.add(advice.Snapshot(now, int(taken), held, int(created)))
 
     def _merge(self, budget: Budget) -> list[Metric]:
         self.merges += 1
@@ -378,6 +386,8 @@ class Sidecar(Collector):
                 self._compact(batch, reader)
                 for pid in batch:
                     self.compaction.clear(alive_path(self.directory, pid).name)
+                    with contextlib.suppress(OSError):
+                        os.unlink(checkouts.path(self.directory, pid))
                     self._seen_alive.discard(pid)
                 self.reaped += len(batch)
                 log.info("reaped %d dead worker(s): %s", len(batch), ", ".join(map(str, batch)))
@@ -422,8 +432,9 @@ class Sidecar(Collector):
             future.exception()  # retrieved, even when every waiter gave up
 
     async def pools(self) -> list[dict[str, Any]]:
-        """Per-pool numbers rebuilt from the merged metrics, for /pools and / in sidecar mode."""
-        rows = views.pools_from_metrics(await self.refresh(), self.namespace)
+        """Per-pool numbers from the merged metrics (and the server join's), for /pools and / in sidecar mode."""
+        merged = await self.refresh()
+        rows = views.pools_from_metrics([*merged, *(self.joined() if self.joined else ())], self.namespace)
         for row in rows:
             row["workers"] = self.live_workers
             window = self._windows.get(row["name"])
@@ -443,6 +454,23 @@ class Sidecar(Collector):
                 if row.get("server") == found_limit[0]:
                     row["server_budget"] = share
         return rows
+
+    def checkouts(self) -> list[checkouts.Held]:
+        """The live workers' checkouts (sidecar/checkouts.py), bounded; bad files quarantined. Blocking."""
+        now = time.time()
+
+        def live(pid: int) -> bool:
+            try:
+                return now - alive_path(self.directory, pid).lstat().st_mtime <= self.stale_after
+            except OSError:
+                return False
+
+        try:
+            return checkouts.read(self.directory, live, self.quarantine.move)
+        except OSError as exc:  # the directory itself
+            self.errors += 1
+            log.warning("cannot read the checkouts in %s: %s", self.directory, exc.strerror)
+            return []
 
     def checks(self) -> dict[str, Callable[[], Any]]:
         async def directory() -> None:
