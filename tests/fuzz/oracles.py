@@ -59,7 +59,7 @@ def check_text(body: bytes) -> int:
     series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     family: str | None = None
     samples = 0
-    for line in text.splitlines():
+    for line in text.split("\n")[:-1]:  # only \n ends a line in the format (splitlines() also splits at \x1c...)
         if line.startswith("# HELP "):
             m = HELP.fullmatch(line)
             if m is None:
