@@ -20,9 +20,13 @@ from typing import Any
 
 import atheris
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.sidecar.compaction import JOURNAL, Compaction
     from sqlalchemy_pool_exporter.sidecar.quarantine import QUARANTINE, Quarantine
+
+from oracles import absolute
 
 # A fixed place (tmpfs: the replay fsyncs), so the dictionary and seeds can name the directory by its absolute path.
 ROOT = Path("/dev/shm/pool-exporter-fuzz-journal")
@@ -100,9 +104,7 @@ def one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    argv = [a if a.startswith("-") else os.path.abspath(a) for a in sys.argv]
-    for flag in ("-dict=", "-artifact_prefix=", "-exact_artifact_path="):
-        argv = [flag + os.path.abspath(a[len(flag) :]) if a.startswith(flag) else a for a in argv]
+    argv = absolute(sys.argv)
     logging.disable(logging.CRITICAL)  # a WARNING per ignored entry, at every run
     reset()
     os.chdir(ROOT)  # relative names resolve from ROOT, outside the directory

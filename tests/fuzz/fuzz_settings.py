@@ -16,9 +16,13 @@ import sys
 
 import atheris
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.service import startup
     from sqlalchemy_pool_exporter.service.settings import ENV_PREFIX, SettingError, Settings, load
+
+from oracles import absolute
 
 NAMES = sorted(Settings.model_fields)
 SECRET = "Hunter2-XyZZy"
@@ -72,8 +76,9 @@ def one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    os.chdir(os.path.dirname(os.path.abspath(__file__)))
-    atheris.Setup(sys.argv, one_input)
+    argv = absolute(sys.argv)
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # seeds name files as corpus/...
+    atheris.Setup(argv, one_input)
     atheris.Fuzz()
 
 

@@ -10,6 +10,7 @@ OpenMetrics parser (which rejects a duplicate series, a bad name or bad escaping
 
 from __future__ import annotations
 
+import os
 import re
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
@@ -138,3 +139,16 @@ def check_no_secret(secret: str, *outputs: str | bytes) -> None:
         text = out.decode("utf-8", "replace") if isinstance(out, bytes) else out
         if secret in text:
             raise Violation(f"secret {secret!r} shown in {text[:300]!r}")
+
+
+def absolute(argv: list[str]) -> list[str]:
+    """A harness's arguments with its paths made absolute, for a harness that changes directory."""
+    out = [argv[0]]
+    for arg in argv[1:]:
+        flag = next((f for f in ("-dict=", "-artifact_prefix=", "-exact_artifact_path=") if arg.startswith(f)), None)
+        if flag is not None:
+            value = arg[len(flag) :]
+            out.append(flag + os.path.abspath(value) + ("/" if value.endswith("/") else ""))
+        else:
+            out.append(arg if arg.startswith("-") else os.path.abspath(arg))
+    return out
