@@ -1,7 +1,8 @@
 """Fuzz the compaction journal (sidecar/compaction.py) as the sidecar replays it at start.
 
-Input: the bytes of `pool_exporter_compaction.json`, planted in a real directory that holds our
-archives, workers' files, a stray `.new`, and a symlink to a file outside. `Compaction.recover()`
+Input: the bytes of `pool_exporter_compaction.json` (`@DIR@` and `@OUT@` in them stand for the
+directory and the one beside it), planted in a real directory that holds our archives, workers'
+files, a stray `.new`, and symlinks to files outside. `Compaction.recover()`
 replays it. Oracle: every rename, removal and write it makes (seen by a `sys.addaudithook` hook,
 the real calls) names a path inside the directory; the files outside keep their content; no
 exception but the OSError of a directory we broke ourselves.
@@ -26,10 +27,11 @@ with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.sidecar.compaction import JOURNAL, Compaction
     from sqlalchemy_pool_exporter.sidecar.quarantine import QUARANTINE, Quarantine
 
-from oracles import absolute
+from oracles import absolute, scratch
 
-# A fixed place (tmpfs: the replay fsyncs), so the dictionary and seeds can name the directory by its absolute path.
-ROOT = Path("/dev/shm/pool-exporter-fuzz-journal")
+# Its own place (tmpfs: the replay fsyncs): two runs at once must not share a directory. An input
+# names it as @DIR@ (and the directory beside it, outside, as @OUT@): the seeds and the dictionary do.
+ROOT = Path(scratch("journal"))
 DIRECTORY = ROOT / "mp"
 OUTSIDE = ROOT / "outside"
 FILES = ["counter_archive.db", "counter_archive.db.new", "counter_1.db", "histogram_2.db", "gauge_max_3.db"]
@@ -70,9 +72,9 @@ def inside(path: str, dir_fd: int | None) -> bool:
 
 
 def reset() -> None:
-    shutil.rmtree(ROOT, ignore_errors=True)
-    DIRECTORY.mkdir(parents=True)
-    OUTSIDE.mkdir()
+    for path in (DIRECTORY, OUTSIDE):  # not ROOT: it is our working directory
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
     for name in FILES:
         (DIRECTORY / name).write_bytes(name.encode())
     for name in OUTSIDE_FILES:
@@ -84,6 +86,7 @@ def reset() -> None:
 def one_input(data: bytes) -> None:
     global watching
     reset()
+    data = data.replace(b"@DIR@", os.fsencode(DIRECTORY)).replace(b"@OUT@", os.fsencode(OUTSIDE))
     (DIRECTORY / JOURNAL).write_bytes(data)
     touched.clear()
     watching = True
@@ -100,7 +103,11 @@ def one_input(data: bytes) -> None:
     if sorted(os.listdir(OUTSIDE)) != sorted(OUTSIDE_FILES):
         raise AssertionError(f"a file outside is gone: {sorted(os.listdir(OUTSIDE))}")
     if os.path.lexists(DIRECTORY / JOURNAL):
-        raise AssertionError("the journal is still there after recover()")
+        listing = (
+            sorted(os.listdir(DIRECTORY)),
+            sorted(os.listdir(DIRECTORY / QUARANTINE)) if os.path.isdir(DIRECTORY / QUARANTINE) else None,
+        )
+        raise AssertionError(f"the journal is still there after recover(): {listing}, {touched}")
 
 
 def main() -> None:

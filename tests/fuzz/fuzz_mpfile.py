@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Iterator
 
 import atheris
@@ -33,7 +32,7 @@ with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.sidecar import merge as sidecar_merge
     from sqlalchemy_pool_exporter.sidecar import mpfile
 
-from oracles import check_openmetrics, check_text
+from oracles import check_openmetrics, check_text, scratch
 
 KINDS = [
     "counter",
@@ -42,7 +41,7 @@ KINDS = [
     *(f"gauge_{mode}" for mode in sorted(mpfile.GAUGE_MODES)),
 ]
 CLAIMED = sidecar_merge._claimed(catalog.DEFAULT_NAMESPACE)
-DIRECTORY = tempfile.mkdtemp(prefix="fuzz-mpfile-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+DIRECTORY = scratch("mpfile")
 
 
 def split(data: bytes) -> list[tuple[str, bytes]]:

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import atheris
 import trustme
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.web.config.file import WebConfigError, WebConfigFile
     from sqlalchemy_pool_exporter.web.config.policy import TokenBucket
     from sqlalchemy_pool_exporter.web.config.tls import TLSReloader
 
-BASE = Path(tempfile.mkdtemp(prefix="fuzz-web-config-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+from oracles import scratch
+
+BASE = Path(scratch("web_config"))
 CONFIG = BASE / "web.yml"
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 from prometheus_client.parser import text_string_to_metric_families
@@ -152,3 +154,17 @@ def absolute(argv: list[str]) -> list[str]:
         else:
             out.append(arg if arg.startswith("-") else os.path.abspath(arg))
     return out
+
+
+def scratch(harness: str) -> str:
+    """A directory of this run's own (on tmpfs when there is one); those of earlier runs that are gone are removed.
+
+    libFuzzer ends the process without running `atexit` handlers, so a run cannot clean up after itself.
+    """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    prefix = f"fuzz-{harness}-"
+    for name in os.listdir(base):
+        pid = name[len(prefix) :].partition("-")[0]
+        if name.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
