@@ -35,7 +35,7 @@ with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.web.auth import Auth, basic_credentials
     from sqlalchemy_pool_exporter.web.config.bcrypt import BcryptUsers
 
-from oracles import check_openmetrics, check_text
+from oracles import absolute, check_openmetrics, check_text
 
 TOKEN = "s3cret-Token"
 USER, PASSWORD = "alice", "pa:ss wörd"
@@ -121,7 +121,7 @@ def one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    atheris.Setup(sys.argv, one_input)
+    atheris.Setup(absolute(sys.argv), one_input)
     atheris.Fuzz()
 
 

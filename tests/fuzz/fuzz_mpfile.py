@@ -32,7 +32,7 @@ with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.sidecar import merge as sidecar_merge
     from sqlalchemy_pool_exporter.sidecar import mpfile
 
-from oracles import check_openmetrics, check_text, scratch
+from oracles import absolute, check_openmetrics, check_text, scratch
 
 KINDS = [
     "counter",
@@ -103,7 +103,7 @@ def one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    atheris.Setup(sys.argv, one_input)
+    atheris.Setup(absolute(sys.argv), one_input)
     atheris.Fuzz()
 
 

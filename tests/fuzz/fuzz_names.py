@@ -40,7 +40,7 @@ with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.instrumentation.holders import holder
     from sqlalchemy_pool_exporter.web.app import index_handler, local_pools, pools_handler
 
-from oracles import check_no_secret, check_openmetrics, check_text
+from oracles import absolute, check_no_secret, check_openmetrics, check_text
 
 SECRET = "Hunter2XyZZy"
 LOOP = asyncio.new_event_loop()
@@ -86,6 +86,10 @@ CAPTURE = Capture()
 logging.getLogger("sqlalchemy_pool_exporter").addHandler(CAPTURE)
 logging.getLogger("sqlalchemy_pool_exporter").setLevel(logging.DEBUG)
 logging.getLogger("sqlalchemy_pool_exporter").propagate = False
+# One exporter and one renderer for every input (as in a process): each input's engine is instrumented,
+# then uninstrumented. The renderer's self-test runs once, not at every input.
+EXPORTER = Exporter(CollectorRegistry())
+EXPOSITION = Exposition(EXPORTER.registry, [EXPORTER.collector])
 TEXT, JSON = logs.TextFormatter("%(levelname)s %(name)s %(message)s"), logs.JsonFormatter()
 
 
@@ -107,8 +111,7 @@ def one_input(data: bytes) -> None:
     check_no_secret(SECRET, *shown)
 
     CAPTURE.records.clear()
-    registry = CollectorRegistry()
-    exporter = Exporter(registry)
+    exporter = EXPORTER
     engine = create_engine("sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=1)
     try:
         name = shown[0] if explicit is None else explicit
@@ -126,8 +129,7 @@ def one_input(data: bytes) -> None:
             assert "\n" not in str(exc), str(exc)
             return
         logging.getLogger("sqlalchemy_pool_exporter").warning("pool %s at %s held by %r", name, shown[1], who)
-        exposition = Exposition(registry, [exporter.collector])
-        text, om = exposition.render(generate_latest), exposition.render(om_latest)
+        text, om = EXPOSITION.render(generate_latest), EXPOSITION.render(om_latest)
         check_text(text)
         check_openmetrics(om)
         pools: Any = LOOP.run_until_complete(pools_handler(local_pools(exporter))(REQUEST))
@@ -151,12 +153,12 @@ def one_input(data: bytes) -> None:
         check_no_secret(SECRET, text, om, pools.body, page.text, *lines)
         held.close()
     finally:
-        exporter.close()
+        exporter.uninstrument(engine)
         engine.dispose()
 
 
 def main() -> None:
-    atheris.Setup(sys.argv, one_input)
+    atheris.Setup(absolute(sys.argv), one_input)
     atheris.Fuzz()
 
 

@@ -25,7 +25,7 @@ with atheris.instrument_imports(include=["sqlalchemy_pool_exporter"]):
     from sqlalchemy_pool_exporter.web.config.policy import TokenBucket
     from sqlalchemy_pool_exporter.web.config.tls import TLSReloader
 
-from oracles import scratch
+from oracles import absolute, scratch
 
 BASE = Path(scratch("web_config"))
 CONFIG = BASE / "web.yml"
@@ -64,7 +64,7 @@ def one_input(data: bytes) -> None:
 
 def main() -> None:
     files()
-    atheris.Setup(sys.argv, one_input)
+    atheris.Setup(absolute(sys.argv), one_input)
     atheris.Fuzz()
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
+import sys
 import tempfile
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
@@ -144,8 +146,9 @@ def check_no_secret(secret: str, *outputs: str | bytes) -> None:
 
 
 def absolute(argv: list[str]) -> list[str]:
-    """A harness's arguments with its paths made absolute, for a harness that changes directory."""
-    out = [argv[0]]
+    """A harness's arguments with its paths made absolute (for a harness that changes directory), and
+    itself as a command line libFuzzer can run again through the shell (`-merge=1`, `-fork=N`)."""
+    out = [f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(argv[0]))}"]
     for arg in argv[1:]:
         flag = next((f for f in ("-dict=", "-artifact_prefix=", "-exact_artifact_path=") if arg.startswith(f)), None)
         if flag is not None:
