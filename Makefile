@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # runs just those, and CI runs both. PYTEST_MARK= runs everything.
 PYTEST_MARK ?= not bench
 
-.PHONY: setup services lint test test-bench matrix demo bench clean
+.PHONY: setup services lint test test-bench matrix demo bench fuzz fuzz-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +43,28 @@ bench: setup
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# Coverage-guided fuzzing (atheris, the `fuzz` extra) of every parser of untrusted input, FUZZ_SECONDS
+# each (docs/reliability.md). New inputs go to .fuzz/<harness>/, crashes to .fuzz/<harness>-crash-*;
+# the committed seeds in tests/fuzz/corpus/ are only read. CI runs `make fuzz-smoke`: 30 s each.
+FUZZ_SECONDS ?= 180
+FUZZERS := mpfile journal web_config http settings names
+
+fuzz: setup
+	$(PY) -m pip install -q -e '.[dev,fuzz]'
+	@mkdir -p .fuzz
+	@for f in $(FUZZERS); do \
+	  mkdir -p .fuzz/$$f; \
+	  dict=; if [ -f tests/fuzz/$$f.dict ]; then dict=-dict=tests/fuzz/$$f.dict; fi; \
+	  echo "fuzz_$$f: $(FUZZ_SECONDS) s (log: .fuzz/$$f.log)"; \
+	  if ! $(PY) tests/fuzz/fuzz_$$f.py .fuzz/$$f tests/fuzz/corpus/$$f $$dict -max_len=20000 \
+	      -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.fuzz/$$f- -print_final_stats=1 > .fuzz/$$f.log 2>&1; then \
+	    grep -v '^INFO: Instrumenting' .fuzz/$$f.log | tail -n 40; exit 1; \
+	  fi; \
+	  grep -a 'DONE\|stat::number_of_executed_units' .fuzz/$$f.log; \
+	done
+
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=30
+
 clean:
-	rm -rf $(VENV) .matrix .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .matrix .pytest_cache .mypy_cache .ruff_cache .fuzz

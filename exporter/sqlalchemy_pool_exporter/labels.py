@@ -74,15 +74,19 @@ def _location(url: URL | str) -> tuple[URL, URL | None]:
     if isinstance(url, str):
         u = make_url(url)
         credentials = CREDENTIALS.match(url)
-        rest = url[credentials.end() :] if credentials is not None else ""
-    elif url.username is None and url.password is None:
-        u, rest = url, ""
+        seen = credentials is not None
+        rest = url[credentials.end() :] if credentials is not None else url.partition("://")[2]
     else:
         u = url
+        seen = url.username is not None or url.password is not None
         rest = f"[{u.host}]" if u.host and ":" in u.host else (u.host or "")
         rest += f":{u.port}" if u.port else ""
         rest += "" if u.database is None else "/" + u.database
         rest += "?" + "&".join(f"{k}={v}" for k, v in _pairs(u)) if u.query else ""
+    if not seen and ":" not in rest.rpartition("@")[0]:
+        # No credentials SQLAlchemy saw, and no ':' before an '@' that could end a password it did not:
+        # a user holding a '/' (`us/er:secret@host`) leaves no user, host `us`, database `er:secret@host`.
+        rest = ""
     return u, (_after_last_at(u.drivername, rest) if "@" in rest else u)
 
 

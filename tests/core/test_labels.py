@@ -39,6 +39,22 @@ def test_pool_name(url: str, name: str) -> None:
     assert pool_name(make_url(url)) == name
 
 
+@pytest.mark.parametrize(
+    ("url", "name", "shown"),
+    [
+        (f"postgresql://us/er:{SECRET}@db/app", "db:5432/app", "postgresql://db/app"),
+        (f"postgresql://:{SECRET}@db/app", "db:5432/app", "postgresql://:***@db/app"),
+        (f"mysql://q/:{SECRET}@", "mysql:memory", "mysql://"),
+        ("sqlite:///tmp/a@b.db", "sqlite:tmp/a@b.db", "sqlite:///tmp/a%40b.db"),
+    ],
+)
+def test_a_user_holding_a_slash_shows_no_password(url: str, name: str, shown: str) -> None:
+    """Found by tests/fuzz/fuzz_names.py: SQLAlchemy reads `us/er:secret@db/app` as host `us` and
+    database `er:secret@db/app`, no credentials; the name and the printable URL showed the password."""
+    for given in (url, make_url(url)):
+        assert (pool_name(given), safe_url(given)) == (name, shown)
+
+
 def test_safe_url_masks_passwords_and_secret_query_values() -> None:
     url = f"postgresql+asyncpg://user:{SECRET}@h:5432/db?sslpassword={SECRET}&api_token={SECRET}&sslmode=require"
     shown = safe_url(url)

@@ -151,23 +151,29 @@ def test_a_key_rewritten_in_place_is_read_anew_not_trusted_from_the_layout(
     assert routes == {"aa", "bb", "cc"}
 
 
-def test_a_family_named_by_two_kinds_of_file_follows_the_first_kind(tmp_path: Path) -> None:
-    """Files no prometheus_client writer produces: a counter file and a gauge file name one family."""
+def test_a_family_named_by_two_kinds_of_file_keeps_the_first_kind_and_quarantines_the_other(tmp_path: Path) -> None:
+    """Files no prometheus_client writer produces: a counter file and a gauge file name one family.
+
+    Folded into the counter, the gauge's samples (`app_x`, not `app_x_total`) would be lines no parser
+    of the format takes in a counter family (found by tests/fuzz/fuzz_mpfile.py): the second file is
+    quarantined instead, as is a counter file whose sample is not `_total`.
+    """
     directory = tmp_path / "multiproc"
     directory.mkdir()
-    key = '["app_x", "app_x", {"route": "a"}, "X."]'
+    key = '["app_x", "app_x_total", {"route": "a"}, "X."]'
+    gauge = '["app_x", "app_x", {"route": "a"}, "X."]'
     other = '["app_x", "app_x", {"route": "b"}, "X."]'
     (directory / "counter_1.db").write_bytes(mpfile.encode({key: (2.0, 0.0)}))
-    (directory / "gauge_livesum_2.db").write_bytes(mpfile.encode({key: (2.0, 0.0), other: (1.0, 0.0)}))
+    (directory / "gauge_livesum_2.db").write_bytes(mpfile.encode({gauge: (2.0, 0.0), other: (1.0, 0.0)}))
+    (directory / "counter_3.db").write_bytes(mpfile.encode({gauge: (5.0, 0.0), other: (5.0, 0.0), key: (5.0, 0.0)}))
     sidecar = Sidecar(directory, stale_after=1e9, same_pid_namespace=False)
     try:
-        for _ in range(2):  # the second time through the kept layouts
+        for _ in range(2):
             (family,) = sidecar.merge()
-            assert family.type == "counter"  # counter_1.db is read first: the smaller file
-            assert [(s.name, s.labels, s.value) for s in family.samples] == [
-                ("app_x", {"route": "a"}, 4.0),
-                ("app_x", {"route": "b"}, 1.0),
-            ]
+            assert family.type == "counter"  # counter_1.db is read first: the smallest file
+            assert [(s.name, s.labels, s.value) for s in family.samples] == [("app_x_total", {"route": "a"}, 2.0)]
+        assert sidecar.quarantine.moved == 2
+        assert sorted(sidecar.quarantine.recent) == ["counter_3.db", "gauge_livesum_2.db"]
     finally:
         sidecar.close()
 

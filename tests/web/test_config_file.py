@@ -125,6 +125,8 @@ BAD = [
     ("- a\n", "web config: Input should be a mapping"),
     ("tls_server_config: [\n", "not valid YAML: did not find expected node content (line 2, column 1)"),
     ("a: " + "[" * 33 + "]" * 33, "nested more than 32 deep (line 1, column 35)"),
+    # Found by tests/fuzz/fuzz_web_config.py: PyYAML's text for these had a second line.
+    ("a: \x17\n", "not valid YAML: unacceptable character #x0017: control characters are not allowed (position 4)"),
     (
         "basic_auth_users: {}\nbasic_auth_users: {}\n",
         "not valid YAML: key 'basic_auth_users' given twice (line 2, column 1)",
@@ -279,6 +281,14 @@ def test_each_bad_field_is_one_line(text: str, problem: str) -> None:
         parse(text.encode(), BASE)
     assert str(caught.value) == problem
     assert HASH not in problem and "\n" not in problem
+
+
+def test_bytes_that_are_not_utf_8_are_one_line() -> None:
+    """Found by tests/fuzz/fuzz_web_config.py: PyYAML's reader error had a second line."""
+    with pytest.raises(WebConfigError) as caught:
+        parse(b"a: \xff\xfe\n", BASE)
+    problem = "not valid YAML: unacceptable character #x00ff: invalid leading UTF-8 octet (position 4)"
+    assert str(caught.value) == problem
 
 
 def test_deep_nesting_is_refused_before_it_is_composed() -> None:

@@ -505,7 +505,6 @@ class Merge:
         metrics = self._metrics
         new: dict[str, Metric] = {}
         pending: dict[str, str] = {}  # the names the new families write, claimed once the file is taken
-        same = True
         for name, help_text in plan.metrics:
             metric = metrics.get(name)
             if metric is None:
@@ -518,7 +517,8 @@ class Merge:
                         raise Rejected(f"has a metric {name[:80]!r} whose {written[:80]!r} another family writes")
                     pending[written] = name
             elif metric.type != plan.typ:
-                same = False  # another kind of file named it first: its type rules, entry by entry
+                # Folded as the other type, its samples would be invalid lines in that family.
+                raise Rejected(f"has a {plan.typ} {name[:80]!r} that another file holds as a {metric.type}")
         for name, bad_le in plan.bad_le:  # what prometheus_client would fail on, in a histogram only
             if (metrics.get(name) or new[name]).type == "histogram":
                 raise Rejected(f"has a histogram bucket bound that is not a number: {bad_le[:40]!r}")
@@ -526,7 +526,7 @@ class Merge:
         metrics.update(new)
         self.files += 1
         sums = self._sums
-        if same and plan.targets is not None:
+        if plan.targets is not None:
             if plan.assign:
                 sums.update(zip(plan.targets, parsed.values, strict=True))
             else:
@@ -584,12 +584,21 @@ class Merge:
         out = []
         for name, metric in self._metrics.items():
             by_name = values[name]
-            for labels, by_bound in buckets.get(name, {}).items():
-                total = 0.0
-                for bound, value in sorted(by_bound):
-                    total += value
-                    by_name[(name + "_bucket", (*labels, ("le", _go(bound))))] = total
-                by_name[(name + "_count", labels)] = total
+            grouped = buckets.get(name)
+            if grouped:
+                # A histogram's samples of one label set must be contiguous (OpenMetrics; its parser rejects
+                # interleaving): each set's buckets, _count, then its _sum, then anything else.
+                rest, by_name = by_name, {}
+                for labels, by_bound in grouped.items():
+                    total = 0.0
+                    for bound, value in sorted(by_bound):
+                        total += value
+                        by_name[(name + "_bucket", (*labels, ("le", _go(bound))))] = total
+                    by_name[(name + "_count", labels)] = total
+                    for suffix in ("_sum", "_created"):
+                        if (name + suffix, labels) in rest:
+                            by_name[(name + suffix, labels)] = rest.pop((name + suffix, labels))
+                by_name.update(rest)
             merged = Metric(metric.name, metric.documentation, metric.type)
             merged.samples = [Sample(sample, dict(labels), value) for (sample, labels), value in by_name.items()]
             out.append(merged)
@@ -600,8 +609,46 @@ def _gauge_labels(k: Key, mode: str, ident: str) -> Labels:
     return (*k.gauge_labels, ("pid", ident)) if mode in ("all", "liveall") else k.gauge_labels
 
 
+# The samples each type of file holds (prometheus_client's writers), by suffix after the metric's name.
+_WRITES = {
+    "counter": frozenset(("_total", "_created")),
+    "gauge": frozenset(("",)),
+    "histogram": frozenset(("_bucket", "_sum", "_count", "_created")),
+    "summary": frozenset(("_count", "_sum", "_created")),
+}
+
+
+def _check_shape(typ: str, keys: tuple[Key, ...]) -> None:
+    """Reject samples a family of `typ` cannot carry, and histograms and summaries no writer leaves incomplete.
+
+    Served as they are, they break the whole body for an OpenMetrics parser: a `_bucket` in a counter,
+    a histogram's label set without its +Inf bucket or its `_sum`, a summary's `_sum` without `_count`.
+    """
+    allowed = _WRITES.get(typ, _WRITES["gauge"])
+    groups: dict[tuple[str, Labels], set[str]] = {}
+    for k in keys:
+        suffix = k.sample[len(k.metric) :]
+        if suffix not in allowed:
+            raise Rejected(f"has a {typ} sample {k.sample[:80]!r} that no {typ} writes")
+        if typ == "histogram" and k.bad_le is None:  # a bound that is no number has its own reason, in add()
+            if (suffix == "_bucket") != (k.bucket is not None):
+                raise Rejected(f"has a histogram sample {k.sample[:80]!r} with a bound where none belongs, or none")
+            group = (k.metric, k.bucket[1] if k.bucket is not None else k.labels)
+            if k.bucket is not None and k.bucket[0] == float("inf"):
+                suffix = "+Inf"
+            groups.setdefault(group, set()).add(suffix)
+        elif typ == "summary" and suffix != "_created":
+            groups.setdefault((k.metric, k.labels), set()).add(suffix)
+    needs = {"histogram": {"+Inf", "_sum"}, "summary": {"_count", "_sum"}}.get(typ, set())
+    for (metric, _), found in groups.items():
+        if not needs <= found:
+            missing = " and ".join(sorted(needs - found))
+            raise Rejected(f"has a {typ} {metric[:80]!r} whose label set lacks its {missing}")
+
+
 def _plan(kind: str, mode: str | None, ident: str, keys: tuple[Key, ...]) -> Plan:
     typ = kind.split("_", 1)[0]
+    _check_shape(typ, keys)
     metrics: dict[str, str] = {}
     for key in keys:
         metrics.setdefault(key.metric, key.help)

@@ -52,8 +52,10 @@ def load_yaml(raw: bytes) -> object:
         return yaml.load(raw, Loader=strict_loader)
     except yaml.MarkedYAMLError as exc:
         raise WebConfigError(f"not valid YAML: {exc.problem or exc.context}{_where(exc.problem_mark)}") from None
+    except yaml.reader.ReaderError as exc:  # its text has a second line: `in "<byte string>", position N`
+        raise WebConfigError(f"not valid YAML: {str(exc).splitlines()[0]} (position {exc.position + 1})") from None
     except yaml.YAMLError as exc:
-        raise WebConfigError(f"not valid YAML: {exc}") from None
+        raise WebConfigError(f"not valid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:  # pure-Python PyYAML, below MAX_DEPTH: not expected, but never a traceback
         raise WebConfigError("not valid YAML: nested too deeply") from None
 
