@@ -110,6 +110,7 @@ def test_the_readme_recipe_under_uvicorn_with_uvloop(tmp_path: Path) -> None:
     """After N requests that each commit once, /metrics/ through the mount reads exactly N commits."""
     with uvicorn(tmp_path, ENGINE + recipe() + ROUTES, "--workers", "1") as (port, log, proc):
         wait_for(log, proc, "Application startup complete.")
+        wait_for(log, proc, "Uvicorn running on")  # one process binds its port after the app's startup
         for i in range(N):
             status, _, body = get(port, "POST", f"/api/v1/notes/{i}")
             assert status == 200, body

@@ -134,7 +134,9 @@ def uvicorn_uvloop(tmp_path: Path, database_url: str) -> Iterator[str]:
         )
     try:
         deadline = time.monotonic() + 60  # guards a hung start only
-        while "Application startup complete." not in log.read_text(errors="replace"):
+        # A single uvicorn process says "Application startup complete." before it binds its port, and
+        # "Uvicorn running on" once it listens.
+        while "Uvicorn running on" not in log.read_text(errors="replace"):
             assert proc.poll() is None, f"uvicorn exited {proc.returncode}: {log.read_text(errors='replace')}"
             assert time.monotonic() < deadline, log.read_text(errors="replace")
             time.sleep(0.05)
