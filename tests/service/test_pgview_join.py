@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
@@ -17,8 +18,9 @@ from sqlalchemy.engine import make_url
 
 from sqlalchemy_pool_exporter.service.pgview import ServerView
 from sqlalchemy_pool_exporter.sidecar.merge import Sidecar
+from sqlalchemy_pool_exporter.web.app import make_app
 
-from ..conftest import PG_DSN, poll
+from ..conftest import PG_DSN, poll, serving
 
 TABLE = "pgview_join_rows"
 WORKER = """
@@ -98,6 +100,7 @@ async def test_two_workers_row_lock_joined_in_the_sidecar(
     sidecar = Sidecar(directory)
     view = ServerView(make_url(PG_DSN), interval=60, checkouts=lambda: asyncio.to_thread(sidecar.checkouts))
     sidecar.joined = view.joined
+    sidecar.checkouts_now = view.checkouts_now
     registry = CollectorRegistry()
     registry.register(sidecar.view)
     registry.register(view)
@@ -110,7 +113,8 @@ async def test_two_workers_row_lock_joined_in_the_sidecar(
         assert reading is not None and reading.joins is not None
         at = reading.joins["shared"].at
         rows = {r[0]: r[1:] for r in direct(
-            "SELECT pid, state, wait_event_type, pg_blocking_pids(pid), extract(epoch FROM xact_start)::float8"
+            "SELECT pid, state, wait_event_type, pg_blocking_pids(pid), extract(epoch FROM xact_start)::float8,"
+            " wait_event, extract(epoch FROM query_start)::float8"
             " FROM pg_stat_activity WHERE pid = ANY(%s)", [locker_pid, waiter_pid])}  # fmt: skip
         assert rows[locker_pid][0] == "idle in transaction" and rows[waiter_pid][:3] == ("active", "Lock", [locker_pid])
         sidecar.merge()
@@ -132,6 +136,43 @@ async def test_two_workers_row_lock_joined_in_the_sidecar(
         assert sum(s.value for s in text[0].samples) == 1
         pools = {row["name"]: row for row in await sidecar.pools()}
         assert pools["shared"]["holder_blocking"] == {"locker": 1, "waiter": 0}
+        # /pools and /: each checkout as that poll saw it, the waiter's blocker named by pid and holder.
+        join = reading.joins["shared"]
+        assert list(join.backends[waiter_pid].blocked_by) == [locker_pid] == rows[waiter_pid][2]
+        ages = {h.pid: h.age for h in reading.held}
+        app = make_app(registry=registry, pools=sidecar.pools, refresh=sidecar.refresh)
+        async with serving(app) as server, aiohttp.ClientSession() as client:
+            async with client.get(server.url + "/pools") as response:
+                assert response.status == 200
+                shown = {row["name"]: row for row in (await response.json())["pools"]}["shared"]["checkouts_now"]
+            async with client.get(server.url + "/") as response:
+                assert response.status == 200
+                page = await response.text()
+        assert [c["holder"] for c in shown] == ["locker", "waiter"]  # oldest first
+        expected = (("locker", locker_pid, locker), ("waiter", waiter_pid, waiter))
+        for c, (holder, pid, worker) in zip(shown, expected, strict=True):
+            state, wait_type, blockers, xact_start, wait_event, query_start = rows[pid]
+            assert c["server_transaction_age"] == pytest.approx(at - xact_start, abs=0.05)
+            assert c["query_age"] == pytest.approx(at - query_start, abs=0.05)
+            assert c == {
+                "holder": holder,
+                "age": round(ages[pid], 3),
+                "in_transaction": True,
+                "transaction_age": None,
+                "stack": None,
+                "backend_pid": pid,
+                "worker": worker.pid,
+                "server_state": state,
+                "wait_event": f"{wait_type}:{wait_event}" if wait_type else None,
+                "server_transaction_age": c["server_transaction_age"],
+                "query_age": c["query_age"],
+                "blocked_by": [{"pid": p, "holder": "locker"} for p in blockers],  # pg_blocking_pids(), the same poll's
+                "server_polled_at": at,
+            }
+        assert shown[1]["blocked_by"] == [{"pid": locker_pid, "holder": "locker"}] and shown[0]["blocked_by"] == []
+        assert "<th>blocked by</th>" in page
+        assert "<td>waiter</td>" in page and f"<td>{waiter_pid}</td><td>active</td>" in page
+        assert f"<td>pid {locker_pid} (locker)</td>" in page
     finally:
         await view.stop()
         sidecar.close()

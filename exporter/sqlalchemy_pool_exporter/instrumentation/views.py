@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import catalog
 from ..metricnames import NAMES, Family, view
@@ -183,7 +183,7 @@ def sizing_table(rows: list[dict[str, Any]]) -> Table:
 
 def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str, Any]]:
     """The connections checked out now, oldest first: holder, age, whether a transaction is open, the
-    stack that took it (when leak_threshold capture is on). In-process only: the files have no such list."""
+    stack that took it (when leak_threshold capture is on). In the sidecar: held_checkouts."""
     now = time.perf_counter()
     server = stats.server
     rows = []
@@ -201,6 +201,42 @@ def checkouts_now(stats: PoolStats, top: int = CHECKOUTS_SHOWN) -> list[dict[str
             row["backend_pid"] = pid
         if server is not None:
             row.update(server_fields(server, pid))
+        rows.append(row)
+    return rows
+
+
+class Held(Protocol):
+    """One checkout a worker's checkouts file names (sidecar/checkouts.py's Held)."""
+
+    @property
+    def worker(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def holder(self) -> str: ...
+    @property
+    def age(self) -> float: ...
+    @property
+    def transaction(self) -> bool: ...
+
+
+def held_checkouts(held: Iterable[Held], server: Any, top: int = CHECKOUTS_SHOWN) -> list[dict[str, Any]]:
+    """checkouts_now's rows in the sidecar, from one pool's entries in the workers' checkouts files and the
+    server join of the same poll: the same keys, plus the worker's pid. The files carry no stack and no
+    client-side transaction start (transaction_age None: server_transaction_age is the server's), and
+    `age` is as the worker wrote it at its last flush before the poll."""
+    rows = []
+    for h in sorted(held, key=lambda h: (-h.age, h.worker, h.pid))[:top]:
+        row: dict[str, Any] = {
+            "holder": h.holder,
+            "age": round(h.age, 3),
+            "in_transaction": h.transaction,
+            "transaction_age": None,
+            "stack": None,
+            "backend_pid": h.pid,
+            "worker": h.worker,
+        }
+        row.update(server_fields(server, h.pid))
         rows.append(row)
     return rows
 
@@ -314,7 +350,7 @@ def holder_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def checkout_table(rows: list[dict[str, Any]]) -> Table:
-    """The current checkouts of each pool, oldest first (in-process only)."""
+    """The current checkouts of each pool, oldest first (in the sidecar, with a server view only)."""
     head: tuple[str, ...] = ("pool", "holder", "held (s)", "in transaction", "transaction (s)")
     server = any("server_state" in c for row in rows for c in row.get("checkouts_now") or ())
     if server:

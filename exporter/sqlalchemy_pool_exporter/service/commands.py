@@ -401,6 +401,7 @@ async def run_serve(settings: Settings, startup: Startup) -> int:
     if sidecar is not None and view is not None:
         # The server view joins the workers' checkouts itself: its holder series replace the workers'.
         sidecar.joined = view.joined
+        sidecar.checkouts_now = view.checkouts_now  # /pools and /: each checkout as the server sees it
     if sidecar is not None:
         # /metrics awaits sidecar.refresh, the merge it shares with /pools, / and /readyz, then renders
         # its result: nothing merges twice, and no render waits behind a merge.

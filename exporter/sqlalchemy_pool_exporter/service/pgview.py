@@ -10,6 +10,8 @@ transaction (backends.fetch: pg_stat_activity + pg_blocking_pids(), limited to t
 and exports the holder series (holder_server_connections, ...) itself, for all workers at once: a
 waiter blocked by one holder's connections in two workers counts once. The sidecar then drops the
 workers' own copies of those series from its merge (Sidecar.joined), so nothing is counted twice.
+The same join gives the sidecar's /pools and / each checkout's server row (Sidecar.checkouts_now,
+views.held_checkouts: the in-process rows' keys, through the same views.server_fields).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from .. import catalog, validation
-from ..instrumentation import backends, samples, serverview
+from ..instrumentation import backends, samples, serverview, views
 from ..labels import safe_url, server_labels
 from ..metricnames import view as names_view
 from ..sidecar.checkouts import JOINED_KEYS
@@ -222,6 +224,16 @@ class ServerView(Collector):
         """The holder series of the last poll's join (none when it failed or had nothing to join)."""
         reading = self.reading
         return list(holder_families(reading.joins, self.namespace)) if reading and reading.joins is not None else []
+
+    def checkouts_now(self) -> dict[str, list[dict[str, Any]]] | None:
+        """/pools' checkouts_now by pool, from the last poll's join (None when it failed or joined nothing)."""
+        reading = self.reading
+        if reading is None or reading.joins is None:
+            return None
+        return {
+            pool: views.held_checkouts((h for h in reading.held if h.pool == pool), join)
+            for pool, join in reading.joins.items()
+        }
 
     def collect(self) -> Iterator[Metric]:
         specs = {spec.key: spec for spec in catalog.SERVER_CATALOG}

@@ -177,6 +177,9 @@ class Sidecar(Collector):
         # Set by `serve` when its server view joins the workers' checkouts (service/pgview.py): the holder
         # families it exports instead of the workers' copies (which this merge then drops: no double count).
         self.joined: Callable[[], list[Metric]] | None = None
+        # Set by `serve` with the same server view: each pool's current checkouts as the join saw them
+        # (views.held_checkouts: backend pid, server state, wait event, ages, who blocks it), for /pools and /.
+        self.checkouts_now: Callable[[], dict[str, list[dict[str, Any]]] | None] | None = None
         self._joined_names = {
             view(namespace, names).by_key[key].name for names in NAMES for key in checkouts.JOINED_KEYS
         }
@@ -447,6 +450,10 @@ class Sidecar(Collector):
                     "opened": found.opened,
                 }
             row["sizing"] = views.sizing(row)
+        held = self.checkouts_now() if self.checkouts_now is not None else None
+        if held is not None:
+            for row in rows:
+                row["checkouts_now"] = held.get(row["name"], [])
         found_limit = self.server_limit() if self.server_limit is not None else None
         if found_limit is not None:
             share = views.budget(rows, *found_limit)
