@@ -205,6 +205,7 @@ class Settings(BaseSettings):
     @classmethod
     def _server_view_databases(cls, value: object) -> tuple[str, ...] | None:
         return validation.server_view_databases(value)
+
     @field_validator("advice_window", mode="before")
     @classmethod
     def _advice_window(cls, value: object) -> float:
