@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 
 from sqlalchemy_pool_exporter import Exporter, holder
@@ -32,7 +33,7 @@ def lines(*entries: list[object]) -> bytes:
 
 def test_a_workers_own_checkouts_as_the_writer_writes_them(tmp_path: Path) -> None:
     engine = create_engine(PG_DSN.replace("postgresql://", "postgresql+psycopg://"), pool_size=2)
-    exporter = Exporter()
+    exporter = Exporter(CollectorRegistry())  # its own registry: another test's pools may be in the default one
     try:
         handle = exporter.instrument(engine, name="p")
         with holder("GET /x"), engine.connect() as conn:
