@@ -136,6 +136,18 @@ def _percents(s: bytes) -> bytes:
     return s.replace(b"%", b"%%")
 
 
+class _PoolLines:
+    """One pool's cached series: by (key, labels), and in the order the last render walked them."""
+
+    __slots__ = ("order", "series")
+
+    def __init__(self) -> None:
+        # Gauges and counters: [key, labels, line start, value, line]; histograms: [key, labels,
+        # _Hist, counts, sum, line].
+        self.series: dict[tuple[str, samples.Labels], list[Any]] = {}
+        self.order: list[list[Any]] = []
+
+
 class _Layout:
     """The families of one catalog view in one format, and each handle's series line starts."""
 
@@ -159,12 +171,12 @@ class _Layout:
         self.by_key = {f.key: f for f in self.families}
         build = self.by_key["build_info"]
         self.build_info = _line_start(fmt, build.names[0], [("version", __version__)]) + b"1.0\n"
-        self._series: WeakKeyDictionary[PoolSource, dict[tuple[str, samples.Labels], Any]] = WeakKeyDictionary()
+        self._series: WeakKeyDictionary[PoolSource, _PoolLines] = WeakKeyDictionary()
 
-    def series(self, handle: PoolSource) -> dict[tuple[str, samples.Labels], Any]:
+    def series(self, handle: PoolSource) -> _PoolLines:
         found = self._series.get(handle)
         if found is None:
-            found = self._series[handle] = {}
+            found = self._series[handle] = _PoolLines()
         return found
 
     def values(self, key: str, source: PoolSource, labels: samples.Labels) -> samples.Labels:
@@ -334,45 +346,77 @@ def _add_pool(
     reading: PoolReading,
     wanted: frozenset[str] | None,
 ) -> None:
-    # Each series keeps its line start and its last value and line: most series of most pools do
-    # not change between two scrapes, and reusing the line skips formatting it (and the garbage).
-    series = layout.series(source)
-    get = series.get
     if wanted is not None:
         _add_pool_restricted(layout, lines, source, reading, wanted)
         return
+    # Each series keeps its line start and its last value and line: most series of most pools do
+    # not change between two scrapes, and reusing the line skips formatting it (and the garbage).
+    # The walk finds them by position in the last render's order (the samples come in the same
+    # order while a pool's series stay the same): no key tuple to build and hash. The dict serves
+    # from the first series that differs, and the order is kept again for the next render.
+    cache = layout.series(source)
+    series, order = cache.series, cache.order
+    known = len(order)
+    kept: list[list[Any]] | None = None  # the new order, once this walk departs from the last one
+    i = 0
+    c: list[Any]
     # An int and a float that are equal print the same ("5.0", or Go's exponent form from 1e6 on).
     for key, labels, value in samples.gauges(reading):
-        cached = get((key, labels))
-        if cached is None:
-            cached = series[(key, labels)] = [layout.line_start(key, source, labels), None, b""]
-        if cached[1] != value:
-            cached[1], cached[2] = value, cached[0] + _value(value) + b"\n"
-        lines[key].append(cached[2])
+        if not (i < known and (c := order[i])[0] is key and c[1] == labels):
+            found = series.get((key, labels))
+            if found is None:
+                found = series[(key, labels)] = [key, labels, layout.line_start(key, source, labels), None, b""]
+            c = found
+            if kept is None:
+                kept = order[:i]
+        if kept is not None:
+            kept.append(c)
+        i += 1
+        if c[3] != value:
+            c[3], c[4] = value, c[2] + _value(value) + b"\n"
+        lines[key].append(c[4])
     stats = source.stats
     for key, labels, n in samples.counters(stats):
-        cached = get((key, labels))
-        if cached is None:
-            cached = series[(key, labels)] = [layout.line_start(key, source, labels), None, b""]
-        if cached[1] != n:
+        if not (i < known and (c := order[i])[0] is key and c[1] == labels):
+            found = series.get((key, labels))
+            if found is None:
+                found = series[(key, labels)] = [key, labels, layout.line_start(key, source, labels), None, b""]
+            c = found
+            if kept is None:
+                kept = order[:i]
+        if kept is not None:
+            kept.append(c)
+        i += 1
+        if c[3] != n:
             # Counts print as "<n>.0"; the holders' seconds totals are floats.
-            start = cached[0]
-            cached[1] = n
+            c[3] = n
             if n.__class__ is int and n < _PLAIN_BELOW:
-                cached[2] = b"%b%d.0\n" % (start, n)
+                c[4] = b"%b%d.0\n" % (c[2], n)
             else:
-                cached[2] = start + _value(n) + b"\n"
-        lines[key].append(cached[2])
+                c[4] = c[2] + _value(n) + b"\n"
+        lines[key].append(c[4])
     for key, labels, hist in samples.histograms(stats):
-        cached = get((key, labels))
-        if cached is None or cached[0].les is not hist.les:
-            cached = series[(key, labels)] = [layout.hist(key, source, labels, hist.les), None, None, b""]
+        if not (i < known and (c := order[i])[0] is key and c[1] == labels and c[2].les is hist.les):
+            found = series.get((key, labels))
+            if found is None or found[2].les is not hist.les:
+                h = layout.hist(key, source, labels, hist.les)
+                found = series[(key, labels)] = [key, labels, h, None, None, b""]
+            c = found
+            if kept is None:
+                kept = order[:i]
+        if kept is not None:
+            kept.append(c)
+        i += 1
         counts, total = tuple(hist.counts), hist.sum
-        if counts != cached[1] or total != cached[2]:
+        if counts != c[3] or total != c[4]:
             out: list[bytes] = []
-            _add_hist(out, cached[0], counts, total, None)
-            cached[1], cached[2], cached[3] = counts, total, b"".join(out)
-        lines[key].append(cached[3])
+            _add_hist(out, c[2], counts, total, None)
+            c[3], c[4], c[5] = counts, total, b"".join(out)
+        lines[key].append(c[5])
+    if kept is not None:
+        cache.order = kept
+    elif i != known:
+        cache.order = order[:i]
 
 
 def _add_pool_restricted(
