@@ -407,11 +407,20 @@ def _add_pool(
         if kept is not None:
             kept.append(c)
         i += 1
-        counts, total = tuple(hist.counts), hist.sum
-        if counts != c[3] or total != c[4]:
-            out: list[bytes] = []
-            _add_hist(out, c[2], counts, total, None)
-            c[3], c[4], c[5] = counts, total, b"".join(out)
+        # The list compares with the kept copy in one C call; a copy (one C call too) is taken
+        # only when it differs: one snapshot of the counts, as tuple() took before.
+        total = hist.sum
+        if hist.counts != c[3] or total != c[4]:
+            counts = hist.counts[:]
+            cumulative = list(accumulate(counts))
+            n = cumulative[-1]
+            if n < _PLAIN_BELOW and total.__class__ is float and -1e300 < total < 1e6:
+                line = c[2].template % (*cumulative, n, repr(total).encode())  # _add_hist's usual case, inline
+            else:
+                out: list[bytes] = []
+                _add_hist(out, c[2], tuple(counts), total, None)
+                line = b"".join(out)
+            c[3], c[4], c[5] = counts, total, line
         lines[key].append(c[5])
     if kept is not None:
         cache.order = kept
