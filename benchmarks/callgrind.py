@@ -9,10 +9,14 @@ subtract, no import noise.
 KIND is `pool` or `engine` (one pool cycle), `tx` (one SQLite transaction without I/O, committed),
 `close` (the same ended by closing the connection, as an ORM read ends) or `rollback` (ended by
 `rollback()`), `e2e<C>`
-(one asyncpg transaction at concurrency C, e.g. `e2e1`, `e2e16`) or `render<P>` (one /metrics render
-of P busy pools; VARIANT is ignored). The last two take a list, `e2e1,16,64` or `render1,20,500`:
+(one asyncpg transaction at concurrency C, e.g. `e2e1`, `e2e16`), `render<P>` (one /metrics render
+of P busy pools, unchanged since the last; VARIANT is ignored) or `rendertx<P>` (the same after one
+committed transaction on every pool). The last three take a list, `e2e1,16,64` or `render1,20,500`:
 one window of N cycles per size in one process, each set up and warmed up with instrumentation off,
-so that the start-up (~8 s under valgrind) is paid once; window i is dump 2i.
+so that the start-up (~8 s under valgrind) is paid once; window i is dump 2i. `rendertx` counts two
+windows a size, the transactions with the renders and the same transactions alone, and returns the
+difference: switching callgrind off around the transactions instead leaves the counts of the frame
+that waited for `callgrind_control` wrong by millions.
 """
 
 from __future__ import annotations
@@ -73,17 +77,20 @@ def _windows(variant: str, kind: str, cycles: int, workdir: Path, layout: int = 
     subprocess.run(cmd, check=True, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Dump 2i: window i's cycles; the odd dumps: set-up and warm-up; the final file: teardown.
     counts = []
-    for window in range(1, len(sizes(kind)) + 1):
+    windows = len(sizes(kind)) * (2 if kind.startswith("rendertx") else 1)
+    for window in range(1, windows + 1):
         match = _TOTALS.search((workdir / f"{out.name}.{2 * window}").read_bytes())
         if match is None:
             raise RuntimeError(f"no totals in callgrind output for {variant}, window {window} of {kind}")
         counts.append(int(match.group(1)) / cycles)
+    if kind.startswith("rendertx"):  # (transactions + renders) - transactions alone
+        return [both - alone for both, alone in zip(counts[::2], counts[1::2], strict=True)]
     return counts
 
 
 def sizes(kind: str) -> list[int]:
     """The sizes of a kind's windows: `e2e1,16,64` -> [1, 16, 64]; `pool` and `engine` have one window."""
-    for prefix in ("e2e", "render"):
+    for prefix in ("e2e", "rendertx", "render"):
         if kind.startswith(prefix):
             return [int(n) for n in kind.removeprefix(prefix).split(",")]
     return [0]
@@ -147,7 +154,7 @@ def _child(variant: str, kind: str, cycles: int) -> None:
     from .variants import BY_NAME, inside
 
     if kind.startswith("render"):
-        _child_render(sizes(kind), cycles)
+        _child_render(sizes(kind), cycles, changed=kind.startswith("rendertx"))
         return
     with inside(BY_NAME[variant]):
         if kind.startswith("e2e"):
@@ -198,14 +205,18 @@ async def _child_e2e(variant: Variant, concurrencies: list[int], transactions: i
         await engine.dispose()
 
 
-def _child_render(pools: list[int], renders: int) -> None:
-    """What /metrics runs (benchmarks.scrape.render's `ms`) for each number of busy pools, idle between renders."""
+def _child_render(pools: list[int], renders: int, *, changed: bool = False) -> None:
+    """What /metrics runs (benchmarks.scrape.render's `ms`) for each number of busy pools, idle between renders.
+
+    `changed`: one committed transaction on every pool before each render; a second window runs the
+    same transactions without rendering, for the parent to subtract.
+    """
     from prometheus_client import CollectorRegistry, generate_latest
 
     from sqlalchemy_pool_exporter import Exporter
     from sqlalchemy_pool_exporter.exposition.render import Exposition
 
-    from .scrape import busy_engine
+    from .scrape import busy_engine, one_transaction
 
     for n in pools:
         registry = CollectorRegistry()
@@ -218,8 +229,19 @@ def _child_render(pools: list[int], renders: int) -> None:
         gc.collect()
         os.getppid()
         for _ in range(renders):
+            if changed:
+                for engine in engines:
+                    one_transaction(engine)
             exposition.render(generate_latest)
         os.getppid()
+        if changed:
+            exposition.render(generate_latest)  # the last transactions' values: unchanged from here
+            gc.collect()
+            os.getppid()
+            for _ in range(renders):
+                for engine in engines:
+                    one_transaction(engine)
+            os.getppid()
         _instrument(False)
         exporter.close()
         for engine in engines:

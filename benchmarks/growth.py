@@ -44,7 +44,7 @@ from .growth_merge import BATCH
 from .measure import table
 from .memory import sqlite_engine
 from .run import machine
-from .scrape import busy_engine, busy_statements, multiprocess_child
+from .scrape import busy_engine, busy_statements, multiprocess_child, one_transaction
 
 GROUPS = ("render", "merge", "e2e", "memory")
 E2E_VARIANTS = ("ours", "ours_holders")
@@ -126,7 +126,7 @@ def _marginal(sizes: tuple[int, ...], values: list[float]) -> list[float | None]
 
 
 def _render(pools: int, repeat: int) -> dict[str, float]:
-    """Median ms of the handler's render with the pools idle, and after one checkout on every pool."""
+    """Median ms of the handler's render with the pools idle, and after one transaction on every pool."""
     registry = CollectorRegistry()
     exporter = Exporter(registry)
     engines = [busy_engine(exporter, f"db{i}") for i in range(pools)]
@@ -141,7 +141,7 @@ def _render(pools: int, repeat: int) -> dict[str, float]:
     for _ in range(repeat):
         idle.append(_ms(run))
         for engine in engines:  # counters and histograms move, as between two scrapes under load
-            engine.pool.connect().close()
+            one_transaction(engine)
         moved.append(_ms(run))
     body = run()
     exporter.close()
@@ -160,9 +160,11 @@ def render_rows(plan: Plan) -> list[Row]:
     # A render of one pool takes ~0.1 ms: more rounds there, where they are cheap.
     timed = {n: _render(n, max(plan.render_repeat, plan.render_repeat * 20 // n)) for n in plan.pools}
     ir: list[float] | None = None
+    moved_ir: list[float] | None = None
     if callgrind.available():
-        kind = "render" + ",".join(map(str, plan.pools))
-        ir = callgrind.run_windows(["ours"], kind=kind, cycles=plan.render_ir, jobs=1)["ours"]
+        sizes = ",".join(map(str, plan.pools))
+        ir = callgrind.run_windows(["ours"], kind="render" + sizes, cycles=plan.render_ir, jobs=1)["ours"]
+        moved_ir = callgrind.run_windows(["ours"], kind="rendertx" + sizes, cycles=plan.render_ir, jobs=1)["ours"]
     ms_above = _marginal(plan.pools, [r["ms"] for r in timed.values()])
     ir_above = _marginal(plan.pools, ir) if ir else [None] * len(plan.pools)
     rows = []
@@ -172,14 +174,15 @@ def render_rows(plan: Plan) -> list[Row]:
         if above_ir is not None:
             counted += f" ({above_ir:,.0f} Ir/pool from the row above)"
         above = f" ({above_ms:.3f} ms/pool from the row above)" if above_ms is not None else ""
+        moved = f", {moved_ir[i]:,.0f} Ir" if moved_ir else ""
         rows.append(
             [
                 "/metrics render",
                 _plural(n, "busy pool"),
                 f"{r['ms']:.3f} ms",
                 f"{r['ms'] / n:.3f} ms/pool{above}",
-                f"{counted}; {r['lines']:,.0f} lines, {r['bytes'] / 1024:,.0f} KiB; after a checkout on every "
-                f"pool {r['moved_ms']:.3f} ms; first render {r['first_ms']:.1f} ms",
+                f"{counted}; {r['lines']:,.0f} lines, {r['bytes'] / 1024:,.0f} KiB; after a transaction on every "
+                f"pool {r['moved_ms']:.3f} ms{moved}; first render {r['first_ms']:.1f} ms",
             ]
         )
     return rows
@@ -399,8 +402,10 @@ def _captions(plan: Plan, quick: bool) -> list[str]:
         "`busy_engine` (commits, rollbacks, every statement kind: every series exists), idle between renders "
         "(unchanged values: the cached lines are reused); what the handler runs, Exposition.render() in the text "
         f"format, median of ≥ {plan.render_repeat} renders after a first one. Ir = instructions a render under "
-        f"callgrind ({plan.render_ir} renders a size, after warm-up). Also: the median after one checkout on every "
-        "pool (values moved, as between scrapes under load) and the first render (builds the cached line starts).",
+        f"callgrind ({plan.render_ir} renders a size, after warm-up; every render takes the pool size advice's "
+        "snapshot, as scrapes at Prometheus' intervals do). Also: the median after one committed transaction on "
+        "every pool (values moved, as between scrapes under load; its Ir: transactions and renders minus the "
+        "transactions alone) and the first render (builds the cached line starts).",
         f"- **sidecar merge** (`python -m benchmarks.growth --only merge{flag}`): `Sidecar(dir).merge()` over "
         "forked workers' real multiprocess files, each worker with one instrumented engine; median of "
         f"{plan.merge_repeat} merges. Then {gone:,} workers come and go ({BATCH} at a time, vanishing without "

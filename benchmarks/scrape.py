@@ -47,6 +47,12 @@ def busy_statements(engine: Engine) -> None:
         conn.rollback()
 
 
+def one_transaction(engine: Engine) -> None:
+    """One committed transaction, one SELECT: moves a pool's checkouts, wait, use, commit and select series."""
+    with engine.begin() as conn:
+        conn.execute(text("SELECT 1"))
+
+
 def render(pools: int, repeat: int) -> dict[str, float]:
     """Median ms of what /metrics runs (text and OpenMetrics), and of bare generate_latest() for reference.
 
