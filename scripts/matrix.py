@@ -61,10 +61,17 @@ SHOWN = (
 PIP = ("-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary=:all:")
 CELL_TIMEOUT = 20 * 60
 # Run inside a cell's venv: what it actually resolved to.
-VERSIONS = (
-    "import importlib.metadata as m, json, platform, sys;"
-    "print(json.dumps({'python': platform.python_version(), **{n: m.version(n) for n in sys.argv[1:]}}))"
-)
+# A package a cell does not install (fastapi outside the asgi-* cells) is left out of its row.
+VERSIONS = """
+import importlib.metadata as m, json, platform, sys
+found = {'python': platform.python_version()}
+for name in sys.argv[1:]:
+    try:
+        found[name] = m.version(name)
+    except m.PackageNotFoundError:
+        pass
+print(json.dumps(found))
+"""
 
 
 def _name(requirement: str) -> str:

@@ -174,8 +174,11 @@ def server_view_databases(value: object) -> tuple[str, ...] | None:
     for name in names:
         if not name:
             raise ValueError("an empty database name (two commas, or one at an end)")
+        if "://" in name:  # a URL pasted here would be repeated back, password and all
+            raise ValueError("a URL, not a database name (the server view's URL is database_url)")
         if not name.isprintable() or len(encodable(name).encode()) > PG_NAME_BYTES:
-            raise ValueError(f"not a PostgreSQL database name (printable, at most {PG_NAME_BYTES} bytes): {name!r}")
+            shown = "(not repeated: it holds an '@')" if "@" in name else repr(name)
+            raise ValueError(f"not a PostgreSQL database name (printable, at most {PG_NAME_BYTES} bytes): {shown}")
     return tuple(dict.fromkeys(names))
 
 
@@ -330,6 +333,15 @@ def basic_auth(user: str | None, password: str | None) -> tuple[str | None, str 
 # -- files named by settings ------------------------------------------------------------------------
 
 
+def shown_path(path: Path) -> str:
+    """A path as an error line repeats it: quoted when it is printable; not at all when it holds an '@'
+    (a URL given where a file name was expected would repeat its password; found by fuzz_settings)."""
+    text = str(path)
+    if "@" in text:
+        return "(a path holding '@', not repeated)"
+    return repr(text) if not text.isprintable() else text
+
+
 def small_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of `path`: a readable regular file of at most `limit` bytes.
 
@@ -342,15 +354,15 @@ def small_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
         _small_regular(path, before, limit)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        raise ValueError(f"cannot read {shown_path(path)}: {exc.strerror}") from None
     except ValueError as exc:
         if isinstance(exc, _NotSmallRegular):
             raise ValueError(str(exc)) from None
-        raise ValueError(f"not a usable path: {str(path)!r}") from None  # a NUL in it
+        raise ValueError(f"not a usable path: {shown_path(path)}") from None  # a NUL in it
     try:
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
-            raise ValueError(f"{path} was replaced while being read")
+            raise ValueError(f"{shown_path(path)} was replaced while being read")
         _small_regular(path, now, limit)
         chunks: list[bytes] = []
         size = 0
@@ -361,11 +373,11 @@ def small_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
     except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        raise ValueError(f"cannot read {shown_path(path)}: {exc.strerror}") from None
     finally:
         os.close(fd)
     if size > limit:
-        raise ValueError(f"{path} grew past {limit} bytes while being read")
+        raise ValueError(f"{shown_path(path)} grew past {limit} bytes while being read")
     return b"".join(chunks)
 
 
@@ -375,6 +387,6 @@ class _NotSmallRegular(ValueError):
 
 def _small_regular(path: Path, info: os.stat_result, limit: int) -> None:
     if not stat.S_ISREG(info.st_mode):
-        raise _NotSmallRegular(f"{path} is not a regular file")
+        raise _NotSmallRegular(f"{shown_path(path)} is not a regular file")
     if info.st_size > limit:
-        raise _NotSmallRegular(f"{path} is {info.st_size} bytes; at most {limit} expected")
+        raise _NotSmallRegular(f"{shown_path(path)} is {info.st_size} bytes; at most {limit} expected")

@@ -44,11 +44,13 @@ def join(values: dict[str, bytes]) -> bytes:
 
 
 def hidden(value: str) -> bool:
-    """Whether every SECRET in `value` is inside a URL's user info (where it is a password)."""
+    """Whether every SECRET in `value` is inside a URL's password (after the user's ':')."""
     if SECRET not in value or "://" not in value:
         return False
     userinfo = value.split("://", 1)[1].rpartition("@")[0]
-    return userinfo.count(SECRET) == value.count(SECRET)
+    # The password is what follows the user's ':' (a user name is shown, as SQLAlchemy shows it).
+    password = userinfo.partition(":")[2]
+    return password.count(SECRET) == value.count(SECRET)
 
 
 def one_input(data: bytes) -> None:

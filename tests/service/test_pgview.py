@@ -163,6 +163,12 @@ def test_server_view_databases_setting(given: str | None, databases: tuple[str, 
         ("é" * 32, "not a PostgreSQL database name (printable, at most 63 bytes): " + repr("é" * 32)),
         ("a\nb", "not a PostgreSQL database name (printable, at most 63 bytes): 'a\\nb'"),
         (",".join(f"d{i}" for i in range(101)), "at most 100 databases"),
+        # Found by fuzz_settings: a URL given here was accepted as a name and repeated in the settings.
+        ("postgresql://u:Hunter2-XyZZy@h/db:/", "a URL, not a database name (the server view's URL is database_url)"),
+        (
+            "u:Hunter2@" + "x" * 60,
+            "not a PostgreSQL database name (printable, at most 63 bytes): (not repeated: it holds an '@')",
+        ),
     ],
 )
 def test_bad_server_view_databases(given: str, problem: str) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from sqlalchemy_pool_exporter import validation
 from sqlalchemy_pool_exporter.service import startup
 from sqlalchemy_pool_exporter.service.settings import SettingError, load
 
@@ -26,3 +27,10 @@ def test_settings_read_no_file_and_startup_reads_each(tmp_path: Path, monkeypatc
             startup.check(settings)
         assert (caught.value.setting, caught.value.problem) == (setting, problem)
     assert startup.check(load()) == startup.Startup()
+
+
+def test_a_path_holding_an_at_sign_is_not_repeated_in_the_error(tmp_path: Path) -> None:
+    """Found by fuzz_settings: a URL given as a file name was repeated, password and all."""
+    with pytest.raises(ValueError) as caught:
+        validation.small_file(tmp_path / "postgresql:" / "u:Hunter2-XyZZy@db" / "app")
+    assert str(caught.value) == "cannot read (a path holding '@', not repeated): No such file or directory"
