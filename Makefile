@@ -47,7 +47,7 @@ bench: setup
 # each (docs/reliability.md). New inputs go to .fuzz/<harness>/, crashes to .fuzz/<harness>-crash-*;
 # the committed seeds in tests/fuzz/corpus/ are only read. CI runs `make fuzz-smoke`: 30 s each.
 FUZZ_SECONDS ?= 180
-FUZZERS := mpfile journal web_config http settings names
+FUZZERS := mpfile journal web_config http settings names checkouts
 
 fuzz: setup
 	$(PY) -m pip install -q -e '.[dev,fuzz]'
