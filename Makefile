@@ -48,7 +48,7 @@ bench: setup
 # the committed seeds in tests/fuzz/corpus/ are only read. CI runs `make fuzz-smoke`: 30 s each.
 FUZZ_SECONDS ?= 180
 FUZZ_ARGS ?=
-FUZZERS := mpfile journal web_config http settings names
+FUZZERS := mpfile journal web_config http settings names checkouts
 
 fuzz: setup
 	$(PY) -m pip install -q -e '.[dev,fuzz]'

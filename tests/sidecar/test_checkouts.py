@@ -93,3 +93,16 @@ def test_holders_capped_pids_claimed_twice_dropped_foreign_pids_count_nowhere(tm
     # Pids the server does not list (other apps' or lies) count nowhere: no states, no waits.
     joins = join_by_pool(found, {}, [], 0.0)
     assert all(v.states == {} and v.lock_waiting == v.blocking == 0 for j in joins.values() for v in j.holders.values())
+
+
+def test_arrays_nested_too_deep_and_ages_too_large_for_a_float_are_quarantined(tmp_path: Path) -> None:
+    # Found by tests/fuzz/fuzz_checkouts.py: json's RecursionError and float()'s OverflowError escaped
+    # the reader, and every poll of the server view failed while such a file was there.
+    sidecar = Sidecar(tmp_path)
+    good = plant(tmp_path, 1, lines(["p", 100, "h", 1.5, False]))
+    bad = {
+        plant(tmp_path, 2, b"[" * 5000 + b"\n"),  # well under MAX_BYTES
+        plant(tmp_path, 3, b'["p",101,"h",' + b"9" * 400 + b",false]\n"),
+    }
+    assert [(h.worker, h.pid) for h in sidecar.checkouts()] == [(1, 100)]
+    assert set(sidecar.quarantine.recent) == bad and os.path.exists(tmp_path / good)

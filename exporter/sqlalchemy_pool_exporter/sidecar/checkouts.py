@@ -69,7 +69,7 @@ def parse(data: bytes) -> list[tuple[str, int, str, float, bool]]:
     for n, line in enumerate(lines, 1):
         try:
             entry = json.loads(line, parse_constant=_no_constant)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested too deep for the decoder
             raise mpfile.Rejected(f"line {n} is not JSON") from None
         if not (isinstance(entry, list) and len(entry) == 5):
             raise mpfile.Rejected(f"line {n} is not [pool, pid, holder, age, transaction]")
@@ -78,12 +78,24 @@ def parse(data: bytes) -> list[tuple[str, int, str, float, bool]]:
             raise mpfile.Rejected(f"line {n} has a pool or holder name that is not a valid label value")
         if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= _MAX_PID:
             raise mpfile.Rejected(f"line {n} has a pid that is not a positive 32-bit integer")
-        if isinstance(age, bool) or not isinstance(age, int | float) or not (math.isfinite(age) and age >= 0):
+        seconds = _age(age)
+        if seconds is None:
             raise mpfile.Rejected(f"line {n} has an age that is not a finite number >= 0")
         if not isinstance(transaction, bool):
             raise mpfile.Rejected(f"line {n} has a transaction flag that is not true or false")
-        out.append((pool, pid, holder, float(age), transaction))
+        out.append((pool, pid, holder, seconds, transaction))
     return out
+
+
+def _age(value: object) -> float | None:
+    """An age as a finite float >= 0, or None (an integer too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _no_constant(name: str) -> None:
