@@ -237,6 +237,7 @@ def test_gunicorn_workers_count_exactly_what_the_flask_app_did(
                 value(s, "sqlalchemy_exporter_sidecar_workers") == 2
                 and sum(by_holder(s, "checkouts_total", pool).values()) == len(ORDER_IDS)
                 and value(s, "sqlalchemy_pool_timeouts_total", pool=audit_pool) == AUDITS
+                and sum(by_holder(s, "timeouts_total", audit_pool).values()) == AUDITS
                 and value(s, "sqlalchemy_pool_connections", pool=pool, state="used") == 0
             ),
         )
