@@ -180,16 +180,24 @@ def test_a_prefork_celery_worker_counts_exactly_what_its_tasks_did(
                 "celery: tasks.send_invoice": 0,
                 "celery: tasks.audit": AUDITS,
             }
-            # At rest: nothing used; every open connection is a backend PostgreSQL sees idle.
-            with psycopg.connect(live_cluster.admin_dsn, autocommit=True) as conn:
-                row = conn.execute(
-                    "SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) FROM pg_stat_activity"
-                    " WHERE application_name LIKE %s",
-                    (PREFIX + "%",),
-                ).fetchone()
-            assert row is not None
-            used = metric(done, "sqlalchemy_pool_connections", pool=pool, state="used")
-            idle = metric(done, "sqlalchemy_pool_connections", pool=pool, state="idle")
+            # At rest: nothing used; every open connection is a backend PostgreSQL sees idle. The children
+            # write once a second: the last task's connection may reach the files after the scrape above, so
+            # the two sides are read again until they agree (the deadline guards a hang only).
+            deadline = time.monotonic() + 20
+            while True:
+                with psycopg.connect(live_cluster.admin_dsn, autocommit=True) as conn:
+                    row = conn.execute(
+                        "SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) FROM pg_stat_activity"
+                        " WHERE application_name LIKE %s",
+                        (PREFIX + "%",),
+                    ).fetchone()
+                assert row is not None
+                used = metric(done, "sqlalchemy_pool_connections", pool=pool, state="used")
+                idle = metric(done, "sqlalchemy_pool_connections", pool=pool, state="idle")
+                if (used, idle) == (row[0], row[1]) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+                done = until(sidecar, emitted, lambda s: True)
             assert (used, idle) == (row[0], row[1]) == (0, row[1])
             assert row[1] >= 1
         emitted.add(log.read_bytes())

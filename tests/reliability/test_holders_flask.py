@@ -252,9 +252,17 @@ def test_gunicorn_workers_count_exactly_what_the_flask_app_did(
         assert by_holder(done, "connections", pool) == {"none": 0, ORDERS: 0}
 
         # At rest: nothing used, and every connection the pools keep open is a backend PostgreSQL sees idle.
-        busy, total = backends(live_cluster.admin_dsn)
-        idle = sum(value(done, "sqlalchemy_pool_connections", pool=p, state="idle") or 0 for p in (pool, audit_pool))
-        used = sum(value(done, "sqlalchemy_pool_connections", pool=p, state="used") or 0 for p in (pool, audit_pool))
+        # Workers write once a second: both sides are read again until they agree (the deadline guards a hang).
+        deadline = time.monotonic() + 20
+        while True:
+            busy, total = backends(live_cluster.admin_dsn)
+            pools = (pool, audit_pool)
+            idle = sum(value(done, "sqlalchemy_pool_connections", pool=p, state="idle") or 0 for p in pools)
+            used = sum(value(done, "sqlalchemy_pool_connections", pool=p, state="used") or 0 for p in pools)
+            if (used, idle) == (busy, total) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+            done = until(sidecar, emitted, lambda s: True)
         assert (used, idle) == (busy, total) == (0, total)
     emitted.add(app.log.read_bytes())
     emitted.add(sidecar.log.read_bytes())
