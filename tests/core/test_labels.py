@@ -45,12 +45,15 @@ def test_pool_name(url: str, name: str) -> None:
         (f"postgresql://us/er:{SECRET}@db/app", "db:5432/app", "postgresql://db/app"),
         (f"postgresql://:{SECRET}@db/app", "db:5432/app", "postgresql://:***@db/app"),
         (f"mysql://q/:{SECRET}@", "mysql:memory", "mysql://"),
-        ("sqlite:///tmp/a@b.db", "sqlite:tmp/a@b.db", "sqlite:///tmp/a%40b.db"),
+        # No credentials, an '@' in a file name: as SQLAlchemy renders it (2.0.38 keeps '@', later quote it).
+        ("sqlite:///tmp/a@b.db", "sqlite:tmp/a@b.db", None),
     ],
 )
-def test_a_user_holding_a_slash_shows_no_password(url: str, name: str, shown: str) -> None:
+def test_a_user_holding_a_slash_shows_no_password(url: str, name: str, shown: str | None) -> None:
     """Found by tests/fuzz/fuzz_names.py: SQLAlchemy reads `us/er:secret@db/app` as host `us` and
     database `er:secret@db/app`, no credentials; the name and the printable URL showed the password."""
+    if shown is None:
+        shown = make_url(url).render_as_string(hide_password=True)
     for given in (url, make_url(url)):
         assert (pool_name(given), safe_url(given)) == (name, shown)
 
