@@ -68,18 +68,22 @@ def pool_row(source: PoolSource, reading: PoolReading | None) -> dict[str, Any]:
         row["server"], row["database"], row["driver"] = reading.connects_to
     advice = reading.advice if reading is not None else None
     if advice is not None:
-        row["advice"] = {
-            "window_seconds": round(advice.seconds, 3),
-            "rate": advice.rate,
-            "mean_hold": advice.mean_hold,
-            "offered_load": advice.offered_load,
-            "advised_size": advice.advised_size,
-            "wait_probability": advice.wait_probability,
-            "opened": advice.opened,
-        }
+        row["advice"] = advice_fields(advice)
     row["sizing"] = sizing(row)
     row["checkouts_now"] = checkouts_now(source.stats)
     return row
+
+
+def advice_fields(found: Any, *, sized: bool = True) -> dict[str, Any]:
+    """A pool row's `advice`: the window's rate, mean hold and connections opened; with `sized`, also the
+    offered load and advised size (the sidecar's rows take those from the merged gauges instead)."""
+    fields = {"window_seconds": round(found.seconds, 3), "rate": found.rate, "mean_hold": found.mean_hold}
+    if sized:
+        fields["offered_load"] = found.offered_load
+        fields["advised_size"] = found.advised_size
+        fields["wait_probability"] = found.wait_probability
+    fields["opened"] = found.opened
+    return fields
 
 
 def sizing(row: dict[str, Any]) -> str | None:

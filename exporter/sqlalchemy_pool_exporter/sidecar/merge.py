@@ -443,12 +443,7 @@ class Sidecar(Collector):
             window = self._windows.get(row["name"])
             found = window.latest if window is not None else None
             if found is not None:
-                row["advice"] = {
-                    "window_seconds": round(found.seconds, 3),
-                    "rate": found.rate,
-                    "mean_hold": found.mean_hold,
-                    "opened": found.opened,
-                }
+                row["advice"] = views.advice_fields(found, sized=False)
             row["sizing"] = views.sizing(row)
         held = self.checkouts_now() if self.checkouts_now is not None else None
         if held is not None:
