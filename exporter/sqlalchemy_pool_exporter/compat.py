@@ -7,6 +7,7 @@ an exception in the application. Tests run on the floors and the latest releases
 
 from __future__ import annotations
 
+import dis
 import operator
 import threading
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,7 +15,9 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine.base import Connection, RootTransaction
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool.base import _ConnectionFairy
 
 if TYPE_CHECKING:
     # Types only: importing the package (instrument(), the ASGI pieces) loads no aiohttp module.
@@ -45,6 +48,71 @@ record_fairy_ref: Callable[[Any], Any] = operator.attrgetter("fairy_ref")
 # right after the `checkin` event), on every pool class. instrumentation/pool.py wraps it per pool instance,
 # instead of listening to `checkin`, whose dispatch costs more than our whole return path.
 RETURN_CONN = "_return_conn"
+
+
+# SQLAlchemy's methods whose whole body is one call, on the hot path: Pool.connect, Pool._return_conn,
+# and DefaultDialect's do_begin (empty), do_commit, do_rollback, do_execute and do_execute_no_params.
+# Our wrappers (instrumentation/pool.py, dialect.py) look the wrapped method up on the class at each
+# call; where they find SQLAlchemy's own function there they make its one call themselves instead of
+# calling it: one Python frame fewer on every checkout, return, BEGIN, COMMIT, reset on return and
+# statement (docs/performance.md). A function counts as SQLAlchemy's own only if its bytecode equals the
+# body written out below, compiled by this interpreter; so a SQLAlchemy release that changes a body (2.0's
+# do_rollback has no skip_autocommit_rollback, checked on 2.0.38), a dialect or pool class that overrides
+# one, or a later patch of the class gets the call as before, only a frame dearer. Checked on 2.1.9.
+class _Bodies:  # the bodies as SQLAlchemy 2.1 writes them; never called
+    def connect(self: Any) -> Any:
+        return _ConnectionFairy._checkout(self)
+
+    def _return_conn(self: Any, record: Any) -> Any:
+        self._do_return_conn(record)
+
+    def do_begin(self: Any, dbapi_connection: Any) -> Any:
+        pass
+
+    def do_commit(self: Any, dbapi_connection: Any) -> Any:
+        dbapi_connection.commit()
+
+    def do_rollback(self: Any, dbapi_connection: Any) -> Any:
+        if self.skip_autocommit_rollback and self.detect_autocommit_setting(dbapi_connection):
+            return
+        dbapi_connection.rollback()
+
+    def do_execute(self: Any, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> Any:
+        cursor.execute(statement, parameters)
+
+    def do_execute_no_params(self: Any, cursor: Any, statement: Any, context: Any = None) -> Any:
+        cursor.execute(statement)
+
+
+def _instructions(code: CodeType) -> list[tuple[str, Any]]:
+    # 3.11 compiles `name.attr(...)` to LOAD_ATTR where `name` was imported into the module and to
+    # LOAD_METHOD where it was defined there: the same lookup and call.
+    return [("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname, i.argval) for i in dis.get_instructions(code)]
+
+
+def plain(cls: type, name: str) -> Callable[..., Any] | None:
+    """`cls`'s own function `name` if its body is the one written out in _Bodies, else None."""
+    func, reference = vars(cls).get(name), vars(_Bodies)[name]
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, CodeType):
+        return None
+    ref = reference.__code__
+    same = (
+        _instructions(code) == _instructions(ref)
+        and code.co_varnames == ref.co_varnames
+        and code.co_argcount == ref.co_argcount
+        and getattr(func, "__defaults__", None) == reference.__defaults__
+    )
+    return func if same else None
+
+
+# The class whose _checkout Pool.connect calls (looked up at each call, as SQLAlchemy's body does).
+FAIRY: Any = _ConnectionFairy
+PLAIN_CONNECT, PLAIN_RETURN_CONN = plain(Pool, "connect"), plain(Pool, RETURN_CONN)
+PLAIN_BEGIN, PLAIN_COMMIT, PLAIN_ROLLBACK, PLAIN_EXECUTE, PLAIN_EXECUTE_NO_PARAMS = (
+    plain(DefaultDialect, name)
+    for name in ("do_begin", "do_commit", "do_rollback", "do_execute", "do_execute_no_params")
+)
 
 
 # How a transaction ended without COMMIT: the application rolled it back, or it was closed.

@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import pytest
+import sqlalchemy
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.default import DefaultDialect
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import Pool, QueuePool
 
-from sqlalchemy_pool_exporter import Exporter
+from sqlalchemy_pool_exporter import Exporter, compat
 
 from ..conftest import sample
 
@@ -38,6 +40,76 @@ def test_a_later_patch_of_the_dialect_class_still_reaches_an_instrumented_engine
         conn.execute(text("SELECT 1"))
     assert calls == ["commit"]
     assert sample(registry, "sqlalchemy_transactions_total", pool=handle.name, outcome="commit") == 2
+
+
+# The one-line methods our wrappers make the call of themselves while the class has SQLAlchemy's own.
+_INLINED = [
+    (Pool, "connect"),
+    (Pool, "_return_conn"),
+    (DefaultDialect, "do_begin"),
+    (DefaultDialect, "do_commit"),
+    (DefaultDialect, "do_rollback"),
+    (DefaultDialect, "do_execute"),
+    (DefaultDialect, "do_execute_no_params"),
+]
+
+
+@pytest.mark.parametrize(("cls", "name"), _INLINED, ids=[name for _, name in _INLINED])
+def test_a_later_patch_of_an_inlined_method_is_called_and_counted(
+    registry: CollectorRegistry, exporter: Exporter, sync_engines: list[Engine], tmp_path: Path, cls: type, name: str
+) -> None:
+    """compat.plain: the inlined call is made only while the class holds SQLAlchemy's function."""
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite", poolclass=QueuePool)
+    sync_engines.append(engine)
+    handle = exporter.instrument(engine)
+    with engine.connect() as conn:  # the dialect's first connect runs its own statements
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.commit()
+    real = vars(cls)[name]
+    calls: list[str] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    def run() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))  # do_execute
+            conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 1")  # do_execute_no_params
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            conn.rollback()
+
+    with mock.patch.object(cls, name, spy):
+        run()
+    assert calls  # the patch was reached through our wrapper
+    run()  # SQLAlchemy's own function again: made inline
+    assert sample(registry, "sqlalchemy_transactions_total", pool=handle.name, outcome="commit") == 3
+    assert sample(registry, "sqlalchemy_transactions_total", pool=handle.name, outcome="rollback") == 2
+    assert sample(registry, "sqlalchemy_pool_checkouts_total", pool=handle.name) == 5
+    assert sample(registry, "sqlalchemy_pool_connections", pool=handle.name, state="used") == 0
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 2
+
+
+def test_sqlalchemy_s_one_line_methods_are_recognised_and_a_changed_body_is_not() -> None:
+    for cls, name in _INLINED:
+        if name == "do_rollback" and sqlalchemy.__version__.startswith("2.0."):
+            assert compat.plain(cls, name) is None  # 2.0's has no skip_autocommit_rollback: called as before
+        else:
+            assert compat.plain(cls, name) is vars(cls)[name], name
+
+    class Changed(DefaultDialect):
+        def do_commit(self, dbapi_connection: Any) -> None:
+            dbapi_connection.commit()
+            dbapi_connection.commit()
+
+        def do_begin(self, dbapi_connection: Any) -> None:
+            return None  # the same bytecode as `pass`, under another spelling: still plain
+
+    assert compat.plain(Changed, "do_commit") is None
+    assert compat.plain(Changed, "do_rollback") is None  # not Changed's own
+    assert compat.plain(Changed, "do_begin") is vars(Changed)["do_begin"]
 
 
 def _counting_layer(obj: Any, name: str, seen: list[str]) -> Any:

@@ -175,6 +175,8 @@ def test_bad_server_view_databases(given: str, problem: str) -> None:
     with pytest.raises(ValueError) as caught:
         validation.server_view_databases(given)
     assert str(caught.value) == problem
+
+
 async def test_reserved_connections_and_the_server_the_pools_name() -> None:
     conn = await asyncpg.connect(PG_URL.replace("postgresql+asyncpg", "postgresql"))
     try:

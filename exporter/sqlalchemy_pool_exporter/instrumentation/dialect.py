@@ -86,6 +86,9 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     first = bounds[0]  # a transaction within the first bucket skips the bisect (pool.py's connect() says why)
     getframe, depth, rolled_back = sys._getframe, compat.ROLLBACK_DEPTH, compat.rolled_back
     explicit, closed = compat.EXPLICIT_ROLLBACK, compat.TRANSACTION_CLOSE
+    # Where the class still has DefaultDialect's own method, its one call is made here (compat.plain):
+    # a frame fewer per BEGIN (whose body is empty), COMMIT and ROLLBACK.
+    plain_begin, plain_commit, plain_rollback = compat.PLAIN_BEGIN, compat.PLAIN_COMMIT, compat.PLAIN_ROLLBACK
 
     def begin(dbapi_connection: Any) -> None:
         if on[0]:
@@ -93,12 +96,17 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                 open_tx[dbapi_connection._connection_record] = perf_counter()  # compat.fairy_record, spelled out
             except _NO_RECORD:
                 pass
-        b.do_begin(dialect, dbapi_connection)
+        if b.do_begin is not plain_begin:
+            b.do_begin(dialect, dbapi_connection)
 
     committing = (on, first, bounds, commits, fail)  # fewer free variables per COMMIT: rollback() says why
 
     def commit(dbapi_connection: Any) -> None:
-        c.do_commit(dialect, dbapi_connection)  # a failed COMMIT is followed by a ROLLBACK, recorded there
+        # a failed COMMIT is followed by a ROLLBACK, recorded there
+        if c.do_commit is plain_commit:
+            dbapi_connection.commit()
+        else:
+            c.do_commit(dialect, dbapi_connection)
         if open_tx:
             try:
                 started = open_tx.pop(dbapi_connection._connection_record, None)
@@ -121,7 +129,10 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
 
     def rollback(dbapi_connection: Any) -> None:
         try:
-            r.do_rollback(dialect, dbapi_connection)
+            if r.do_rollback is plain_rollback and not dialect.skip_autocommit_rollback:
+                dbapi_connection.rollback()
+            else:
+                r.do_rollback(dialect, dbapi_connection)
         finally:
             if open_tx:  # empty: no transaction open in this pool, a reset-on-return (the usual case)
                 try:
@@ -164,6 +175,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
 # compiled string is the same object, its hash cached) costs one dict lookup. Bounded: literal SQL
 # that differs every time would grow it, so past this size it starts over.
 _STATEMENT_CACHE = 2048
+_PLAIN_STATEMENTS = {"do_execute": compat.PLAIN_EXECUTE, "do_execute_no_params": compat.PLAIN_EXECUTE_NO_PARAMS}
 
 
 def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) -> None:
@@ -181,13 +193,24 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) ->
 
     def timed(name: str) -> Callable[..., Any]:
         owner = owner_of(dialect, name)
+        # DefaultDialect's do_execute(cursor, statement, parameters, context) and do_execute_no_params(
+        # cursor, statement, context) are one cursor.execute() call each: made here while the class still
+        # has them (compat.plain), a frame fewer per statement. do_executemany is called as it is.
+        plain = _PLAIN_STATEMENTS.get(name)
+        with_parameters = name == "do_execute"
 
         def execute(cursor: Any, statement: str, *args: Any) -> Any:
             if not on[0]:
                 return getattr(owner, name)(dialect, cursor, statement, *args)
             started = perf_counter()
             try:
-                result = getattr(owner, name)(dialect, cursor, statement, *args)
+                method = getattr(owner, name)
+                if method is not plain or not args:
+                    result = method(dialect, cursor, statement, *args)
+                elif with_parameters:
+                    result = cursor.execute(statement, args[0])
+                else:
+                    result = cursor.execute(statement)
             except Exception as error:
                 try:
                     bump(stats.statement_errors, error_class(error))

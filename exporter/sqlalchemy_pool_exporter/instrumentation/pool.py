@@ -141,6 +141,8 @@ class PoolTap:
         current = holders.CURRENT.get
         slots = stats.holders.slots
         slot_of = stats.holders.slot
+        # Pool.connect's one call made here while the class still has it (compat.plain): a frame fewer.
+        plain, fairies = compat.PLAIN_CONNECT, compat.FAIRY
 
         def connect() -> Any:
             if not on[0]:  # uninstrumented while another layer still calls us: pass through
@@ -148,7 +150,7 @@ class PoolTap:
             t0 = perf_counter()
             add_waiter(t0)
             try:
-                fairy = owner.connect(pool)
+                fairy = fairies._checkout(pool) if owner.connect is plain else owner.connect(pool)
             except sa_exc.TimeoutError:
                 drop_waiter(t0)
                 tap.on_timeout()
@@ -212,6 +214,7 @@ class PoolTap:
         leak_warned = self.leaks.warned
         disposed = self._disposed  # a list flag: a WeakKeyDictionary's len() would be a Python call
         tap = self  # the rare paths' methods, read as attributes: fewer free variables (connect() says why)
+        plain = compat.PLAIN_RETURN_CONN  # Pool._return_conn's one call made here (compat.plain): a frame fewer
 
         def return_conn(record: Any) -> None:
             if on[0]:
@@ -229,7 +232,10 @@ class PoolTap:
                             tap._returned_late(record, entry, orphans=True)
                 except Exception as exc:
                     tap.fail("checkin", exc)
-            owner._return_conn(pool, record)
+            if owner._return_conn is plain:
+                pool._do_return_conn(record)
+            else:
+                owner._return_conn(pool, record)
 
         return return_conn
 
