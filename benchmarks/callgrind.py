@@ -108,10 +108,11 @@ class Spread:
     median: float
     low: float
     high: float
+    by_layout: tuple[float, ...] = ()  # each layout's count, in layout order (paired across variants)
 
 
 # The variants the goals compare: counted in every layout; the others in the first only.
-LAYOUT_VARIANTS = ("none", "noop", "ours", "ours_pool", "ours_holders")
+LAYOUT_VARIANTS = ("none", "noop", "ours", "ours_pool", "ours_lean", "ours_holders")
 
 
 def run_layouts(variants: list[str], *, kind: str, cycles: int, layouts: int, jobs: int = 2) -> dict[str, Spread]:
@@ -131,7 +132,7 @@ def run_layouts(variants: list[str], *, kind: str, cycles: int, layouts: int, jo
     out = {}
     for v in variants:
         values = [counts[(v, layout)] for layout in runs(v)]
-        out[v] = Spread(statistics.median(values), min(values), max(values))
+        out[v] = Spread(statistics.median(values), min(values), max(values), tuple(values))
     return out
 
 

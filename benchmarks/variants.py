@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from sqlalchemy_pool_exporter import Exporter, holder
+from sqlalchemy_pool_exporter import LEAN_BUCKETS, Exporter, holder
 from sqlalchemy_pool_exporter.instrumentation import holders
 
 _names = itertools.count(1)
@@ -124,6 +124,12 @@ def _ours_pool_only(engine: Engine) -> None:
     Exporter(CollectorRegistry()).instrument(engine, name=f"bench{next(_names)}", statements=False, transactions=False)
 
 
+def _ours_lean(engine: Engine) -> None:
+    """The lean profile (README "Series budget"): LEAN_BUCKETS and no statement metrics; transactions on."""
+    exporter = Exporter(CollectorRegistry(), buckets=LEAN_BUCKETS)
+    exporter.instrument(engine, name=f"bench{next(_names)}", statements=False)
+
+
 def _otel(engine: Engine, *, tracing: bool) -> None:
     """OpenTelemetry's SQLAlchemy instrumentation on this one engine, with the SDK's providers.
 
@@ -194,6 +200,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ours_semconv", 'sqlalchemy-pool-exporter, `names="semconv"`', _ours_semconv),
     Variant("ours_otlp", 'sqlalchemy-pool-exporter, `names="semconv"` + OTLP bridge (60 s reader)', _ours_otlp),
     Variant("ours_pool", "sqlalchemy-pool-exporter, statements=False, transactions=False", _ours_pool_only),
+    Variant("ours_lean", "sqlalchemy-pool-exporter, lean profile (`LEAN_BUCKETS`, statements=False)", _ours_lean),
     Variant("ours_holders", "sqlalchemy-pool-exporter, all metrics, holder attribution on", _ours, holder="bench"),
     Variant("hand", "hand-written prometheus_client (gauge + histogram)", _handwritten),
     Variant("otel", "OpenTelemetry SQLAlchemy, metrics", lambda e: _otel(e, tracing=False)),

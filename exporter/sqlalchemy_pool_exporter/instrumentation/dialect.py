@@ -24,6 +24,7 @@ from .. import compat
 from ..labels import error_class
 from .hooks import Hooks
 from .stats import Histogram, PoolStats, bump
+from .stats import probe as stats_probe
 
 perf_counter = time.perf_counter
 
@@ -82,8 +83,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     open_tx = stats.open_transactions
     commits, rollbacks = stats.transaction_histogram("commit"), stats.transaction_histogram("rollback")
     closes = stats.transaction_histogram("close")
-    bounds = commits.bounds
-    first = bounds[0]  # a transaction within the first bucket skips the bisect (pool.py's connect() says why)
+    probe = commits.probe  # stats.bucket(), inlined (pool.py's connect() says why)
     getframe, depth, rolled_back = sys._getframe, compat.ROLLBACK_DEPTH, compat.rolled_back
     explicit, closed = compat.EXPLICIT_ROLLBACK, compat.TRANSACTION_CLOSE
     # Where the class still has DefaultDialect's own method, its one call is made here (compat.plain):
@@ -99,7 +99,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
         if b.do_begin is not plain_begin:
             b.do_begin(dialect, dbapi_connection)
 
-    committing = (on, first, bounds, commits, fail)  # fewer free variables per COMMIT: rollback() says why
+    committing = (on, probe, commits, fail)  # fewer free variables per COMMIT: rollback() says why
 
     def commit(dbapi_connection: Any) -> None:
         # a failed COMMIT is followed by a ROLLBACK, recorded there
@@ -111,11 +111,19 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
             try:
                 started = open_tx.pop(dbapi_connection._connection_record, None)
                 if started is not None:
-                    on, first, bounds, commits, _ = committing
+                    on, probe, commits, _ = committing
                     if on[0]:
                         took = perf_counter() - started
                         # commits.observe(took), inlined
-                        commits.counts[0 if took <= first else bisect_left(bounds, took)] += 1
+                        commits.counts[
+                            0
+                            if took <= probe[0]
+                            else 1
+                            if took <= probe[1]
+                            else 2
+                            if took <= probe[2]
+                            else bisect_left(probe, took)
+                        ] += 1
                         commits.sum += took
             except _NO_RECORD:
                 pass
@@ -125,7 +133,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
     # A wrapper's frame copies in every free variable it closes over on each call (~18 Ir each on 3.11,
     # measured), and the pool's reset-on-return calls this one on every checkin with no transaction open:
     # what only an ended transaction needs travels in one tuple, unpacked on that path.
-    ending = (on, getframe, depth, rolled_back, explicit, closed, first, bounds, closes, rollbacks, fail)
+    ending = (on, getframe, depth, rolled_back, explicit, closed, probe, closes, rollbacks, fail)
 
     def rollback(dbapi_connection: Any) -> None:
         try:
@@ -138,7 +146,7 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                 try:
                     started = open_tx.pop(dbapi_connection._connection_record, None)
                     if started is not None:
-                        on, getframe, depth, rolled_back, explicit, closed, first, bounds, closes, rollbacks, _ = ending
+                        on, getframe, depth, rolled_back, explicit, closed, probe, closes, rollbacks, _ = ending
                         if on[0]:
                             took = perf_counter() - started
                             ended: CodeType | None
@@ -149,7 +157,15 @@ def wrap_transactions(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) 
                             closing = ended is closed or (ended is not explicit and not rolled_back(getframe(1)))
                             hist = closes if closing else rollbacks
                             # hist.observe(took), inlined
-                            hist.counts[0 if took <= first else bisect_left(bounds, took)] += 1
+                            hist.counts[
+                                0
+                                if took <= probe[0]
+                                else 1
+                                if took <= probe[1]
+                                else 2
+                                if took <= probe[2]
+                                else bisect_left(probe, took)
+                            ] += 1
                             hist.sum += took
                 except _NO_RECORD:
                     pass
@@ -182,8 +198,7 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) ->
     """Time each DBAPI execute on this dialect instance, by operation; count the ones that raise."""
     on = hooks.on
     by_statement: dict[str, Histogram] = {}
-    bounds = stats.bounds["statement"]
-    first = bounds[0]
+    probe = stats_probe(stats.bounds["statement"])  # stats.bucket(), inlined below
 
     def histogram_of(statement: str) -> Histogram:
         if len(by_statement) >= _STATEMENT_CACHE:
@@ -220,7 +235,16 @@ def wrap_statements(dialect: Any, stats: PoolStats, fail: Fail, hooks: Hooks) ->
             try:
                 took = perf_counter() - started
                 hist = by_statement.get(statement) or histogram_of(statement)
-                hist.counts[0 if took <= first else bisect_left(bounds, took)] += 1  # hist.observe(took), inlined
+                # hist.observe(took), inlined
+                hist.counts[
+                    0
+                    if took <= probe[0]
+                    else 1
+                    if took <= probe[1]
+                    else 2
+                    if took <= probe[2]
+                    else bisect_left(probe, took)
+                ] += 1
                 hist.sum += took
             except Exception as exc:
                 fail("statement", exc)

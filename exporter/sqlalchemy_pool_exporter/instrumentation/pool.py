@@ -130,9 +130,8 @@ class PoolTap:
         tap = self
         # Histogram.observe() inlined; the counts list is never replaced, so it can be held.
         wait_counts = wait.counts
-        wait_bounds = wait.bounds
-        # Most uncontended waits fall in the first bucket: one float comparison instead of a bisect.
-        wait_first = wait_bounds[0]
+        # Most waits fall in the first three buckets: float comparisons before a bisect (stats.bucket()).
+        wait_probe = wait.probe
         # [0]: this checkout needs more than the usual tuple (leak stacks on, or the pool was replaced); [1]: replaced.
         unusual = self._replaced_flag(pool)
         # Holder attribution (holders.py): off until a holder is ever set, then one ContextVar read
@@ -166,7 +165,16 @@ class PoolTap:
                 drop_waiter(t0)
                 t1 = perf_counter()
                 waited = t1 - t0
-                wait_counts[0 if waited <= wait_first else bisect_left(wait_bounds, waited)] += 1
+                # stats.bucket(wait_probe, waited), inlined
+                wait_counts[
+                    0
+                    if waited <= wait_probe[0]
+                    else 1
+                    if waited <= wait_probe[1]
+                    else 2
+                    if waited <= wait_probe[2]
+                    else bisect_left(wait_probe, waited)
+                ] += 1
                 wait.sum += waited
                 record = fairy._connection_record  # compat.fairy_record, spelled out: compat.py says why
                 # SQLAlchemy's own weak reference to the proxy (no new one): dead at return means
@@ -209,8 +217,7 @@ class PoolTap:
         checkouts = self.stats.checked_out
         use = self.stats.use
         use_counts = use.counts
-        use_bounds = use.bounds
-        use_first = use_bounds[0]  # a return within the first bucket skips the bisect, as in connect()
+        use_probe = use.probe  # stats.bucket(), inlined as in connect()
         leak_warned = self.leaks.warned
         disposed = self._disposed  # a list flag: a WeakKeyDictionary's len() would be a Python call
         tap = self  # the rare paths' methods, read as attributes: fewer free variables (connect() says why)
@@ -223,7 +230,15 @@ class PoolTap:
                     if entry is not None:
                         held = perf_counter() - entry[0]
                         # use.observe(held), inlined
-                        use_counts[0 if held <= use_first else bisect_left(use_bounds, held)] += 1
+                        use_counts[
+                            0
+                            if held <= use_probe[0]
+                            else 1
+                            if held <= use_probe[1]
+                            else 2
+                            if held <= use_probe[2]
+                            else bisect_left(use_probe, held)
+                        ] += 1
                         use.sum += held
                         slot = entry[3]
                         if slot is not None:
