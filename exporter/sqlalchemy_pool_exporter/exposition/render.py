@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from itertools import accumulate
+from itertools import accumulate, chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -136,16 +136,35 @@ def _percents(s: bytes) -> bytes:
     return s.replace(b"%", b"%%")
 
 
-class _PoolLines:
-    """One pool's cached series: by (key, labels), and in the order the last render walked them."""
+class _Shape(NamedTuple):
+    """One pool's series as the last render walked them, in parallel lists (one slot a series).
 
-    __slots__ = ("order", "series")
+    Parallel lists rather than a list a series: at 500 pools the render is bound by memory, not
+    instructions, and an unchanged series then costs pointer comparisons in a few arrays instead of
+    a list object and its items array of its own to load.
+    """
+
+    keys: list[str]
+    labels: list[samples.Labels]
+    les: list[tuple[str, ...] | None]  # a histogram's `le` spellings (its buckets); None for the others
+    starts: list[Any]  # gauges and counters: the line start; histograms: the _Hist
+    values: list[Any]  # the value last printed; a histogram's counts (a copy)
+    sums: list[Any]  # a histogram's sum last printed; None for the others
+    lines: list[bytes]
+
+    def prefix(self, n: int) -> _Shape:
+        return _Shape(*(found[:n] for found in self))  # type: ignore[arg-type]
+
+
+class _PoolLines:
+    """One pool's cached series: line starts by (key, labels), and the last render's _Shape."""
+
+    __slots__ = ("series", "shape")
 
     def __init__(self) -> None:
-        # Gauges and counters: [key, labels, line start, value, line]; histograms: [key, labels,
-        # _Hist, counts, sum, line].
-        self.series: dict[tuple[str, samples.Labels], list[Any]] = {}
-        self.order: list[list[Any]] = []
+        # Gauges and counters: their line start; histograms: their _Hist.
+        self.series: dict[tuple[str, samples.Labels], Any] = {}
+        self.shape = _Shape([], [], [], [], [], [], [])
 
 
 class _Layout:
@@ -284,6 +303,7 @@ def _render_lines(
 ) -> None:
     """Append our families' lines in `layout`'s format, for `sources`; restricted to the sample names `wanted`."""
     lines: dict[str, list[bytes]] = {f.key: [] for f in layout.families}
+    appends = {key: found.append for key, found in lines.items()}
     if wanted is None or layout.by_key["build_info"].names[0] in wanted:
         lines["build_info"].append(layout.build_info)
     for source in sources:
@@ -291,7 +311,10 @@ def _render_lines(
             reading = source.read()
             if reading is None:  # engine garbage-collected: its series go with it
                 continue
-            _add_pool(layout, lines, source, reading, wanted)
+            if wanted is None:
+                _add_pool(layout, appends, source, reading)
+            else:
+                _add_pool_restricted(layout, lines, source, reading, wanted)
         except Exception as exc:  # as PoolCollector.collect: count it, keep the lines already written
             source.fail("collect", exc)
     for family in layout.families:
@@ -341,91 +364,93 @@ def _self_test(view: View, fmt: Format, encoder: Encoder) -> bool:
 
 def _add_pool(
     layout: _Layout,
-    lines: dict[str, list[bytes]],
+    appends: dict[str, Callable[[bytes], None]],
     source: PoolSource,
     reading: PoolReading,
-    wanted: frozenset[str] | None,
 ) -> None:
-    if wanted is not None:
-        _add_pool_restricted(layout, lines, source, reading, wanted)
-        return
     # Each series keeps its line start and its last value and line: most series of most pools do
     # not change between two scrapes, and reusing the line skips formatting it (and the garbage).
     # The walk finds them by position in the last render's order (the samples come in the same
-    # order while a pool's series stay the same): no key tuple to build and hash. The dict serves
-    # from the first series that differs, and the order is kept again for the next render.
+    # order while a pool's series stay the same): no key tuple to build and hash. From the first
+    # series that differs (a new statement kind, a holder) it builds a new shape, the line starts
+    # found by (key, labels). A line is written before its value: a render running alongside sees
+    # a new line with an old value, at worst formats it again.
     cache = layout.series(source)
-    series, order = cache.series, cache.order
-    known = len(order)
-    kept: list[list[Any]] | None = None  # the new order, once this walk departs from the last one
+    shape = cache.shape
+    keys, labels_, les, starts, values, sums, lines = shape
+    known = len(keys)
+    fresh: _Shape | None = None  # the new shape, once this walk departs from the last one
     i = 0
-    c: list[Any]
-    # An int and a float that are equal print the same ("5.0", or Go's exponent form from 1e6 on).
-    for key, labels, value in samples.gauges(reading):
-        if not (i < known and (c := order[i])[0] is key and c[1] == labels):
-            found = series.get((key, labels))
-            if found is None:
-                found = series[(key, labels)] = [key, labels, layout.line_start(key, source, labels), None, b""]
-            c = found
-            if kept is None:
-                kept = order[:i]
-        if kept is not None:
-            kept.append(c)
-        i += 1
-        if c[3] != value:
-            c[3], c[4] = value, c[2] + _value(value) + b"\n"
-        lines[key].append(c[4])
     stats = source.stats
-    for key, labels, n in samples.counters(stats):
-        if not (i < known and (c := order[i])[0] is key and c[1] == labels):
-            found = series.get((key, labels))
+    # An int and a float that are equal print the same ("5.0", or Go's exponent form from 1e6 on).
+    for key, labels, value in chain(samples.gauges(reading), samples.counters(stats)):
+        if i < known and keys[i] is key and ((old := labels_[i]) is labels or old == labels):
+            if values[i] != value:
+                lines[i] = _scalar(starts[i], value)
+                values[i] = value
+        else:
+            if fresh is None:
+                fresh = shape.prefix(i)
+                keys, labels_, les, starts, values, sums, lines = fresh
+                known = i
+            found = cache.series.get((key, labels))
             if found is None:
-                found = series[(key, labels)] = [key, labels, layout.line_start(key, source, labels), None, b""]
-            c = found
-            if kept is None:
-                kept = order[:i]
-        if kept is not None:
-            kept.append(c)
+                found = cache.series[(key, labels)] = layout.line_start(key, source, labels)
+            keys.append(key)
+            labels_.append(labels)
+            les.append(None)
+            starts.append(found)
+            values.append(value)
+            sums.append(None)
+            lines.append(_scalar(found, value))
+        appends[key](lines[i])
         i += 1
-        if c[3] != n:
-            # Counts print as "<n>.0"; the holders' seconds totals are floats.
-            c[3] = n
-            if n.__class__ is int and n < _PLAIN_BELOW:
-                c[4] = b"%b%d.0\n" % (c[2], n)
-            else:
-                c[4] = c[2] + _value(n) + b"\n"
-        lines[key].append(c[4])
     for key, labels, hist in samples.histograms(stats):
-        if not (i < known and (c := order[i])[0] is key and c[1] == labels and c[2].les is hist.les):
-            found = series.get((key, labels))
-            if found is None or found[2].les is not hist.les:
-                h = layout.hist(key, source, labels, hist.les)
-                found = series[(key, labels)] = [key, labels, h, None, None, b""]
-            c = found
-            if kept is None:
-                kept = order[:i]
-        if kept is not None:
-            kept.append(c)
-        i += 1
+        same = i < known and keys[i] is key and ((old := labels_[i]) is labels or old == labels)
+        if not (same and les[i] is hist.les):
+            if fresh is None:
+                fresh = shape.prefix(i)
+                keys, labels_, les, starts, values, sums, lines = fresh
+                known = i
+            h = cache.series.get((key, labels))
+            if h is None or h.les is not hist.les:
+                h = cache.series[(key, labels)] = layout.hist(key, source, labels, hist.les)
+            keys.append(key)
+            labels_.append(labels)
+            les.append(hist.les)
+            starts.append(h)
+            values.append(None)
+            sums.append(None)
+            lines.append(b"")
         # The list compares with the kept copy in one C call; a copy (one C call too) is taken
         # only when it differs: one snapshot of the counts, as tuple() took before.
         total = hist.sum
-        if hist.counts != c[3] or total != c[4]:
+        if hist.counts != values[i] or total != sums[i]:
             counts = hist.counts[:]
             cumulative = list(accumulate(counts))
             n = cumulative[-1]
             if n < _PLAIN_BELOW and total.__class__ is float and -1e300 < total < 1e6:
-                line = c[2].template % (*cumulative, n, repr(total).encode())  # _add_hist's usual case, inline
+                lines[i] = starts[i].template % (*cumulative, n, repr(total).encode())  # _add_hist's usual case
             else:
                 out: list[bytes] = []
-                _add_hist(out, c[2], tuple(counts), total, None)
-                line = b"".join(out)
-            c[3], c[4], c[5] = counts, total, line
-        lines[key].append(c[5])
-    if kept is not None:
-        cache.order = kept
+                _add_hist(out, starts[i], tuple(counts), total, None)
+                lines[i] = b"".join(out)
+            values[i], sums[i] = counts, total
+        appends[key](lines[i])
+        i += 1
+    if fresh is not None:
+        cache.shape = fresh
     elif i != known:
-        cache.order = order[:i]
+        cache.shape = shape.prefix(i)
+
+
+def _scalar(start: bytes, v: float) -> bytes:
+    """A gauge's or counter's line: a count prints as "<n>.0", a float below 1e6 as repr() (floatToGoString does)."""
+    if v.__class__ is int and -_PLAIN_BELOW < v < _PLAIN_BELOW:
+        return b"%b%d.0\n" % (start, v)
+    if v.__class__ is float and -1e300 < v < 1e6:  # repr(): bytes' %r (ascii()) costs ~3k Ir more a float
+        return start + repr(v).encode() + b"\n"
+    return start + _value(v) + b"\n"
 
 
 def _add_pool_restricted(
@@ -462,8 +487,8 @@ def _add_hist(
     """
     cumulative = list(accumulate(counts))
     total = cumulative[-1]
-    if parts is None and total < _PLAIN_BELOW:
-        out.append(h.template % (*cumulative, total, _value(hist_sum)))
+    if parts is None and total < _PLAIN_BELOW and hist_sum.__class__ is float and -1e300 < hist_sum < 1e6:
+        out.append(h.template % (*cumulative, total, repr(hist_sum).encode()))  # floatToGoString's usual case
         return
     buckets, count, sum_ = parts or (True, True, True)
     if buckets:

