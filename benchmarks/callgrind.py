@@ -111,6 +111,9 @@ class Spread:
     by_layout: tuple[float, ...] = ()  # each layout's count, in layout order (paired across variants)
 
 
+# The end-to-end kinds run one valgrind at a time (run.py, growth.py say why).
+E2E_JOBS = 1
+
 # The variants the goals compare: counted in every layout; the others in the first only.
 LAYOUT_VARIANTS = ("none", "noop", "ours", "ours_pool", "ours_lean", "ours_holders")
 

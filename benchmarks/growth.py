@@ -47,10 +47,7 @@ from .run import machine
 from .scrape import busy_engine, busy_statements, multiprocess_child, one_transaction
 
 GROUPS = ("render", "merge", "e2e", "memory")
-E2E_VARIANTS = ("ours", "ours_holders")
-# Server connections the e2e rows may hold at once (PostgreSQL's default max_connections is 100):
-# two valgrind runs side by side only while both fit.
-PG_CONNECTIONS = 80
+E2E_VARIANTS = ("ours", "ours_lean", "ours_holders")
 HOLDER_SERIES = 6  # catalog.py: connections, checkouts, hold, wait, timeouts, held too long
 
 
@@ -248,7 +245,7 @@ def e2e_rows(plan: Plan) -> list[Row]:
             for name in E2E_VARIANTS
         ]
     kind = "e2e" + ",".join(map(str, plan.concurrency))
-    jobs = 2 if 2 * max(plan.concurrency) <= PG_CONNECTIONS else 1
+    jobs = callgrind.E2E_JOBS  # one valgrind at a time (benchmarks/run.py says why)
     names = ["none", *E2E_VARIANTS]
     runs = [
         callgrind.run_windows(names, kind=kind, cycles=plan.transactions, jobs=jobs, layout=layout)

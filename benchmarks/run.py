@@ -220,7 +220,11 @@ def _section_e2e(variants: list[Variant], plan: Plan, out: list[str], goals: lis
         for kind in plan.callgrind_kinds:
             if kind.startswith("e2e"):
                 c = int(kind[3:])
-                spreads[c] = callgrind.run_layouts(names, kind=kind, cycles=tx_counted, layouts=plan.layouts)
+                # One valgrind at a time: two at once on this 2-core machine change when PostgreSQL's replies
+                # arrive, hence how often the loop polls: ±1% of a transaction between identical runs.
+                spreads[c] = callgrind.run_layouts(
+                    names, kind=kind, cycles=tx_counted, layouts=plan.layouts, jobs=callgrind.E2E_JOBS
+                )
                 ir[c] = {v: spread.median for v, spread in spreads[c].items()}
             elif kind == "tx":
                 sqlite_spread = callgrind.run_layouts(
