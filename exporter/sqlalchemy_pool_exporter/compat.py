@@ -58,7 +58,8 @@ RETURN_CONN = "_return_conn"
 # statement (docs/performance.md). A function counts as SQLAlchemy's own only if its bytecode equals the
 # body written out below, compiled by this interpreter; so a SQLAlchemy release that changes a body (2.0's
 # do_rollback has no skip_autocommit_rollback, checked on 2.0.38), a dialect or pool class that overrides
-# one, or a later patch of the class gets the call as before, only a frame dearer. Checked on 2.1.9.
+# one, or a later patch of the class gets the call as before, only a frame dearer. Checked on 2.0.38 and
+# 2.1.9, Python 3.11.7, 3.12.1 and 3.13.0.
 class _Bodies:  # the bodies as SQLAlchemy 2.1 writes them; never called
     def connect(self: Any) -> Any:
         return _ConnectionFairy._checkout(self)
@@ -85,9 +86,13 @@ class _Bodies:  # the bodies as SQLAlchemy 2.1 writes them; never called
 
 
 def _instructions(code: CodeType) -> list[tuple[str, Any]]:
-    # 3.11 compiles `name.attr(...)` to LOAD_ATTR where `name` was imported into the module and to
-    # LOAD_METHOD where it was defined there: the same lookup and call.
-    return [("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname, i.argval) for i in dis.get_instructions(code)]
+    # `name.attr(...)` compiles to a method load where `name` was defined in the module and to an attribute
+    # load (3.11: LOAD_ATTR; 3.12+: LOAD_ATTR and a PUSH_NULL) where it was imported: the same lookup and call.
+    return [
+        ("LOAD_ATTR" if i.opname == "LOAD_METHOD" else i.opname, i.argval)
+        for i in dis.get_instructions(code)
+        if i.opname != "PUSH_NULL"
+    ]
 
 
 def plain(cls: type, name: str) -> Callable[..., Any] | None:
