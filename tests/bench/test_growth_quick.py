@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.growth import QUICK
+from benchmarks.growth import E2E_VARIANTS, QUICK
 from benchmarks.run import finite
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def _expected() -> list[tuple[str, str]]:
         *(("sidecar merge", f"{n} live worker") for n in QUICK.live),
         ("sidecar merge", f"{live} live + {gone} gone: the reaping scrape"),
         ("sidecar merge", f"{live} live + {gone} gone: steady"),
-        *(("app CPU per transaction", f"c={c}, {v}") for c in QUICK.concurrency for v in ("ours", "ours_holders")),
+        *(("app CPU per transaction", f"c={c}, {v}") for c in QUICK.concurrency for v in E2E_VARIANTS),
         *(("memory, pools (tracemalloc)", f"{n} busy pool") for n in QUICK.pools),
         *(("memory, holders (tracemalloc)", f"{n} holder name") for n in QUICK.holders),
     ]
