@@ -488,16 +488,17 @@ BACKLOG = 128
 
 
 def listen_backlog() -> int:
-    """The listen backlog: BACKLOG, lowered to a quarter of the open-file limit if that is less.
+    """The listen backlog: BACKLOG, lowered to an eighth of the open-file limit if that is less.
 
     asyncio accepts up to `backlog` connections in one go, before any of them reaches the guard, and
-    a connection the cap closes gives its descriptor back only on the next loop tick: at the cap,
-    a burst holds cap + backlog descriptors for a moment. With half the limit for the cap and a
-    quarter for the burst, a quarter is left for the app (files, the web config, database
-    connections); with the full 128 a `ulimit -n 256` server ran out.
+    each one the guard admits at the cap aborts an idle one, whose descriptor comes back only on a
+    later loop tick: at the cap, a burst holds cap + twice the backlog descriptors for a moment. With half
+    the limit for the cap and an eighth for the burst, a quarter is left for the app (files, the web
+    config, database connections). A quarter for the burst (128 + 64 + 64 = 256 at `ulimit -n 256`)
+    ran out now and then under load: the web config file could not be opened for a TLS handshake.
     """
     soft = _fd_limit()
-    return BACKLOG if soft is None else max(1, min(BACKLOG, soft // 4))
+    return BACKLOG if soft is None else max(1, min(BACKLOG, soft // 8))
 
 
 def within_fd_limit(max_connections: int | None) -> int | None:
