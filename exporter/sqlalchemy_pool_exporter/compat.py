@@ -56,10 +56,10 @@ RETURN_CONN = "_return_conn"
 # call; where they find SQLAlchemy's own function there they make its one call themselves instead of
 # calling it: one Python frame fewer on every checkout, return, BEGIN, COMMIT, reset on return and
 # statement (docs/performance.md). A function counts as SQLAlchemy's own only if its bytecode equals the
-# body written out below, compiled by this interpreter; so a SQLAlchemy release that changes a body (2.0's
-# do_rollback has no skip_autocommit_rollback, checked on 2.0.38), a dialect or pool class that overrides
-# one, or a later patch of the class gets the call as before, only a frame dearer. Checked on 2.0.38 and
-# 2.1.9, Python 3.11.7, 3.12.1 and 3.13.0.
+# body written out below, compiled by this interpreter; so a SQLAlchemy release that changes a body (2.0.38's
+# do_rollback has no skip_autocommit_rollback; 2.0.59's has), a dialect or pool class that overrides
+# one, or a later patch of the class gets the call as before, only a frame dearer. Checked on 2.0.38, 2.0.59
+# and 2.1.9, Python 3.11.7, 3.12.1 and 3.13.0.
 class _Bodies:  # the bodies as SQLAlchemy 2.1 writes them; never called
     def connect(self: Any) -> Any:
         return _ConnectionFairy._checkout(self)
