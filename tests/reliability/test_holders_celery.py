@@ -29,7 +29,7 @@ from celery import Celery
 
 from .cli_process import cli_env, serving
 from .conftest import DB, Cluster, Emitted
-from .test_holders_flask import by_holder, until
+from .test_holders_flask import backends, by_holder, until
 from .test_holders_flask import value as metric
 
 pytestmark = pytest.mark.reliability
@@ -185,16 +185,10 @@ def test_a_prefork_celery_worker_counts_exactly_what_its_tasks_did(
             # the two sides are read again until they agree (the deadline guards a hang only).
             deadline = time.monotonic() + 20
             while True:
-                with psycopg.connect(live_cluster.admin_dsn, autocommit=True) as conn:
-                    row = conn.execute(
-                        "SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) FROM pg_stat_activity"
-                        " WHERE application_name LIKE %s",
-                        (PREFIX + "%",),
-                    ).fetchone()
-                assert row is not None
+                row = backends(live_cluster.admin_dsn, PREFIX)
                 used = metric(done, "sqlalchemy_pool_connections", pool=pool, state="used")
                 idle = metric(done, "sqlalchemy_pool_connections", pool=pool, state="idle")
-                if (used, idle) == (row[0], row[1]) or time.monotonic() > deadline:
+                if (used, idle) == row or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
                 done = until(sidecar, emitted, lambda s: True)

@@ -188,13 +188,13 @@ def by_holder(samples: Samples, name: str, pool: str) -> dict[str, float]:
     }
 
 
-def backends(admin_dsn: str) -> tuple[int, int]:
-    """Our workers' backends as PostgreSQL counts them: (not idle, all)."""
+def backends(admin_dsn: str, prefix: str = PREFIX) -> tuple[int, int]:
+    """Our workers' backends (application_name starting with `prefix`) as PostgreSQL counts them: (not idle, all)."""
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) FROM pg_stat_activity"
             " WHERE application_name LIKE %s",
-            (PREFIX + "%",),
+            (prefix + "%",),
         ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
